@@ -1,0 +1,30 @@
+"""adjoint_jax: gradients through diffusion-model sampling, in JAX.
+
+The public surface is this module; everything else is private.
+"""
+
+import importlib.metadata
+
+from ._adjoints import AbstractAdjoint as AbstractAdjoint
+from ._adjoints import DTO as DTO
+from ._model import as_eps as as_eps
+from ._model import Scheduled as Scheduled
+from ._sample import sample as sample
+from ._samplers import AbstractReversibleSampler as AbstractReversibleSampler
+from ._samplers import AbstractSampler as AbstractSampler
+from ._samplers import DDIM as DDIM
+from ._samplers import DPMSolver1 as DPMSolver1
+from ._samplers import DPMSolver2 as DPMSolver2
+from ._samplers import SDEDPMSolver1 as SDEDPMSolver1
+from ._schedule import AbstractSchedule as AbstractSchedule
+from ._schedule import FlowMatching as FlowMatching
+from ._schedule import VPCosine as VPCosine
+from ._schedule import VPDiscrete as VPDiscrete
+from ._schedule import VPLinear as VPLinear
+from ._time_grid import time_grid as time_grid
+
+
+try:
+    __version__ = importlib.metadata.version("adjoint_jax")
+except importlib.metadata.PackageNotFoundError:  # running from a source tree
+    __version__ = "0.0.0"

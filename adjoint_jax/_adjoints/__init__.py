@@ -1,0 +1,2 @@
+from ._base import AbstractAdjoint as AbstractAdjoint
+from ._dto import DTO as DTO

@@ -1,0 +1,297 @@
+"""Noise schedules x_t = α_t x_0 + σ_t ε.
+
+Every schedule is described by `log_alpha(t)` and `log_sigma(t)`; everything else
+(`alpha`, `sigma`, the log-SNR `lam = log α − log σ` and its inverse `t_of_lam`) is
+derived from them. All methods accept scalars or arrays and are jit-safe.
+
+Numerics: for the variance-preserving (VP) schedules σ_t = sqrt(1 − α_t²) is computed
+as `sqrt(-expm1(2 log α_t))`, which keeps full relative precision as t → 0, and the
+inverse `t_of_lam` goes through the exact identity log α = −½ softplus(−2λ), so that
+`t_of_lam(lam(t)) == t` to round-off over the whole range.
+"""
+
+import abc
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import equinox as eqx
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike
+
+
+class AbstractSchedule(eqx.Module):
+    """Base class of the noise schedules.
+
+    Subclasses implement `log_alpha`, `log_sigma` and `t_of_lam`, and declare the
+    valid time range `[t_min, t_max]` (finite log-SNR at both ends).
+    """
+
+    t_min: eqx.AbstractVar[float]
+    t_max: eqx.AbstractVar[float]
+
+    @abc.abstractmethod
+    def log_alpha(self, t: ArrayLike) -> Array:
+        """log α_t."""
+
+    @abc.abstractmethod
+    def log_sigma(self, t: ArrayLike) -> Array:
+        """log σ_t."""
+
+    @abc.abstractmethod
+    def t_of_lam(self, lam: ArrayLike) -> Array:
+        """The time t at which the log-SNR `lam(t)` equals `lam` (inverse of `lam`)."""
+
+    def alpha(self, t: ArrayLike) -> Array:
+        """α_t, the signal scale."""
+        return jnp.exp(self.log_alpha(t))
+
+    def sigma(self, t: ArrayLike) -> Array:
+        """σ_t, the noise scale."""
+        return jnp.exp(self.log_sigma(t))
+
+    def lam(self, t: ArrayLike) -> Array:
+        """λ_t = log(α_t / σ_t), the half log signal-to-noise ratio (decreasing in t)."""
+        return self.log_alpha(t) - self.log_sigma(t)
+
+
+def _vp_log_sigma(log_alpha: Array) -> Array:
+    # σ² = 1 − α² = −expm1(2 log α), accurate when α → 1.
+    return 0.5 * jnp.log(-jnp.expm1(2.0 * log_alpha))
+
+
+def _vp_log_alpha_of_lam(lam: Array) -> Array:
+    # α² = 1 / (1 + e^{−2λ})  ⇒  log α = −½ softplus(−2λ).
+    return -0.5 * jnp.logaddexp(0.0, -2.0 * lam)
+
+
+def _float(t: ArrayLike) -> Array:
+    t = jnp.asarray(t)
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        t = t.astype(jnp.result_type(float))
+    return t
+
+
+class VPLinear(AbstractSchedule):
+    """The variance-preserving schedule with linear β(t) (Song et al., DDPM in
+    continuous time): β(t) = β_min + t (β_max − β_min) on t ∈ [0, 1], so
+    log α_t = −¼ t² (β_max − β_min) − ½ t β_min and σ_t² = 1 − α_t².
+
+    `t_of_lam` is closed form.
+    """
+
+    beta_min: float = eqx.field(default=0.1, static=True)
+    beta_max: float = eqx.field(default=20.0, static=True)
+    t_min: float = eqx.field(default=1e-5, static=True)
+    t_max: float = eqx.field(default=1.0, static=True)
+
+    def __check_init__(self):
+        if not (self.beta_min > 0 and self.beta_max >= self.beta_min):
+            raise ValueError(
+                "`VPLinear` needs 0 < beta_min <= beta_max; got "
+                f"beta_min={self.beta_min}, beta_max={self.beta_max}."
+            )
+        if not (0 < self.t_min < self.t_max):
+            raise ValueError(
+                f"`VPLinear` needs 0 < t_min < t_max; got t_min={self.t_min}, "
+                f"t_max={self.t_max}."
+            )
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        t = _float(t)
+        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+
+    def log_sigma(self, t: ArrayLike) -> Array:
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_of_lam(self, lam: ArrayLike) -> Array:
+        # Solve ¼ Δβ t² + ½ β_min t = L with L = −log α ≥ 0, in the cancellation-free
+        # form t = 4L / (β_min + sqrt(β_min² + 4 Δβ L)).
+        lam = _float(lam)
+        big_l = -_vp_log_alpha_of_lam(lam)
+        db = self.beta_max - self.beta_min
+        return 4.0 * big_l / (self.beta_min + jnp.sqrt(self.beta_min**2 + 4.0 * db * big_l))
+
+
+class VPCosine(AbstractSchedule):
+    """The cosine variance-preserving schedule of Nichol & Dhariwal (2021):
+    α_t = cos(π/2 · (t + s)/(1 + s)) / cos(π/2 · s/(1 + s)), σ_t² = 1 − α_t².
+
+    α vanishes at t = 1, so `t_max` defaults to 0.9946 as in DPM-Solver.
+    `t_of_lam` is closed form.
+    """
+
+    s: float = eqx.field(default=0.008, static=True)
+    t_min: float = eqx.field(default=1e-5, static=True)
+    t_max: float = eqx.field(default=0.9946, static=True)
+
+    def __check_init__(self):
+        if not self.s > 0:
+            raise ValueError(f"`VPCosine` needs s > 0; got s={self.s}.")
+        if not (0 < self.t_min < self.t_max < 1):
+            raise ValueError(
+                "`VPCosine` needs 0 < t_min < t_max < 1; got "
+                f"t_min={self.t_min}, t_max={self.t_max}."
+            )
+
+    def _log_cos0(self) -> float:
+        return math.log(math.cos(0.5 * math.pi * self.s / (1.0 + self.s)))
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        t = _float(t)
+        return jnp.log(jnp.cos(0.5 * jnp.pi * (t + self.s) / (1.0 + self.s))) - (
+            self._log_cos0()
+        )
+
+    def log_sigma(self, t: ArrayLike) -> Array:
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_of_lam(self, lam: ArrayLike) -> Array:
+        lam = _float(lam)
+        log_alpha = _vp_log_alpha_of_lam(lam)
+        c = jnp.exp(log_alpha + self._log_cos0())
+        return 2.0 * (1.0 + self.s) / jnp.pi * jnp.arccos(c) - self.s
+
+
+class VPDiscrete(AbstractSchedule):
+    """A DDPM schedule given by its discrete betas (as diffusers stores them).
+
+    With N betas, ᾱ_n = ∏_{m≤n} (1 − β_m) and the discrete step n (0-based, as in
+    diffusers' `timesteps`) sits at continuous time t_n = (n + 1)/N, where
+    log α_{t_n} = ½ log ᾱ_n exactly. Between these knots log α is interpolated
+    piecewise-linearly in t (DPM-Solver's convention), σ² = 1 − α². The model's
+    discrete timestep for a continuous t is `N t − 1`.
+
+    `t_of_lam` inverts the piecewise-linear log α exactly (λ ↦ log α is closed form),
+    so the round trip is exact to round-off.
+    """
+
+    log_alphas: Array
+    t_min: float = eqx.field(static=True)
+    t_max: float = eqx.field(static=True)
+
+    def __init__(self, betas: ArrayLike):
+        betas = np.asarray(betas, dtype=np.float64)
+        if betas.ndim != 1 or betas.shape[0] < 2:
+            raise ValueError(
+                "`VPDiscrete(betas)` needs a 1-D array of at least 2 betas; got shape "
+                f"{betas.shape}."
+            )
+        if not np.all((betas > 0) & (betas < 1)):
+            raise ValueError("`VPDiscrete(betas)` needs every beta in (0, 1).")
+        n = betas.shape[0]
+        self.log_alphas = jnp.asarray(0.5 * np.cumsum(np.log1p(-betas)))
+        self.t_min = 1.0 / n
+        self.t_max = 1.0
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.log_alphas.shape[0]
+
+    def _knots(self, dtype) -> Array:
+        n = self.num_train_timesteps
+        return jnp.arange(1, n + 1, dtype=dtype) / n
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        t = _float(t)
+        knots = self._knots(t.dtype)
+        la = self.log_alphas.astype(t.dtype)
+        # Piecewise-linear with linear extrapolation beyond the end knots.
+        idx = jnp.clip(jnp.searchsorted(knots, t, side="right") - 1, 0, knots.shape[0] - 2)
+        t0, t1 = knots[idx], knots[idx + 1]
+        l0, l1 = la[idx], la[idx + 1]
+        return l0 + (t - t0) * (l1 - l0) / (t1 - t0)
+
+    def log_sigma(self, t: ArrayLike) -> Array:
+        return _vp_log_sigma(self.log_alpha(t))
+
+    def t_of_lam(self, lam: ArrayLike) -> Array:
+        lam = _float(lam)
+        target = _vp_log_alpha_of_lam(lam)
+        knots = self._knots(lam.dtype)
+        neg_la = -self.log_alphas.astype(lam.dtype)  # increasing in t
+        idx = jnp.clip(
+            jnp.searchsorted(neg_la, -target, side="right") - 1, 0, knots.shape[0] - 2
+        )
+        t0, t1 = knots[idx], knots[idx + 1]
+        l0, l1 = neg_la[idx], neg_la[idx + 1]
+        return t0 + (-target - l0) * (t1 - t0) / (l1 - l0)
+
+    @classmethod
+    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "VPDiscrete":
+        """Builds the schedule of a diffusers scheduler config dict (e.g. the
+        `scheduler_config.json` of a pretrained pipeline), without diffusers.
+
+        **Arguments:**
+
+        - `config`: a mapping with `num_train_timesteps` (default 1000), and either
+            `trained_betas` or `beta_start`, `beta_end` and `beta_schedule` in
+            `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`.
+
+        **Returns:** a `VPDiscrete` with the same betas diffusers would build.
+        """
+        if not isinstance(config, Mapping):
+            raise TypeError(
+                "`VPDiscrete.from_diffusers_config(config)` needs a dict; got "
+                f"{type(config).__name__}."
+            )
+        trained = config.get("trained_betas")
+        if trained is not None:
+            return cls(np.asarray(trained, dtype=np.float64))
+        n = int(config.get("num_train_timesteps", 1000))
+        start = float(config.get("beta_start", 0.0001))
+        end = float(config.get("beta_end", 0.02))
+        kind = config.get("beta_schedule", "linear")
+        if kind == "linear":
+            # diffusers: torch.linspace(beta_start, beta_end, n, dtype=float32)
+            betas = np.linspace(start, end, n, dtype=np.float32)
+        elif kind == "scaled_linear":
+            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
+        elif kind == "squaredcos_cap_v2":
+            # diffusers' betas_for_alpha_bar with the cosine alpha_bar, max_beta 0.999.
+            def alpha_bar(t):
+                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = np.array(
+                [
+                    min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999)
+                    for i in range(n)
+                ],
+                dtype=np.float32,
+            )
+        else:
+            raise ValueError(
+                "`config['beta_schedule']` must be 'linear', 'scaled_linear' or "
+                f"'squaredcos_cap_v2' (or give `trained_betas`); got {kind!r}."
+            )
+        return cls(betas.astype(np.float64))
+
+
+class FlowMatching(AbstractSchedule):
+    """The rectified-flow / flow-matching interpolation α_t = 1 − t, σ_t = t.
+
+    Not variance preserving (α² + σ² ≠ 1). λ = log((1 − t)/t), so
+    `t_of_lam(λ) = sigmoid(−λ)`. Both ends have infinite log-SNR, so the valid range
+    is `[t_min, t_max]` with defaults 1e-4 and 1 − 1e-4. Use `aj.as_eps(model,
+    schedule, prediction="flow")` for a velocity-prediction network.
+    """
+
+    t_min: float = eqx.field(default=1e-4, static=True)
+    t_max: float = eqx.field(default=1.0 - 1e-4, static=True)
+
+    def __check_init__(self):
+        if not (0 < self.t_min < self.t_max < 1):
+            raise ValueError(
+                "`FlowMatching` needs 0 < t_min < t_max < 1; got "
+                f"t_min={self.t_min}, t_max={self.t_max}."
+            )
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        return jnp.log1p(-_float(t))
+
+    def log_sigma(self, t: ArrayLike) -> Array:
+        return jnp.log(_float(t))
+
+    def t_of_lam(self, lam: ArrayLike) -> Array:
+        return 1.0 / (1.0 + jnp.exp(_float(lam)))

@@ -1,0 +1,4 @@
+"""Benchmark problems and measurement tools (see `adjoint-jax compare`)."""
+
+from ._problems import GaussianProblem as GaussianProblem
+from ._problems import MLPProblem as MLPProblem

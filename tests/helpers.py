@@ -1,0 +1,73 @@
+"""Shared test helpers and the lists that enrol every sampler and adjoint in the
+shared tests: a new strategy is one line here."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+
+import adjoint_jax as aj
+
+
+# ---- the enrolment lists ------------------------------------------------------------
+ode_samplers = [aj.DPMSolver1(), aj.DPMSolver2()]
+sde_samplers = [aj.SDEDPMSolver1()]
+all_samplers = ode_samplers + sde_samplers
+
+# (adjoint, whether its gradient is the exact gradient of the discrete sampler)
+all_adjoints = [
+    (aj.DTO(), True),
+    (aj.DTO(checkpoints="steps"), True),
+    (aj.DTO(checkpoints=3), True),
+]
+
+
+def valid_pairs(samplers=None, adjoints=None):
+    """Every (sampler, adjoint) pair the library accepts."""
+    out = []
+    for smp in samplers or all_samplers:
+        for adj, exact in adjoints or all_adjoints:
+            try:
+                adj.check_sampler(smp)
+            except ValueError:
+                continue
+            out.append((smp, adj, exact))
+    return out
+
+
+# ---- numerics -----------------------------------------------------------------------
+def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
+    return eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol) is True
+
+
+def tree_norm(x):
+    return jnp.sqrt(sum(jnp.sum(leaf**2) for leaf in jtu.tree_leaves(x)))
+
+
+def tree_sub(x, y):
+    return jtu.tree_map(lambda a, b: a - b, x, y)
+
+
+def rel_err(x, ref):
+    return float(tree_norm(tree_sub(x, ref)) / tree_norm(ref))
+
+
+def slope(ns, errs):
+    """Least-squares slope of log(err) against log(1/N): the observed order."""
+    ns, errs = np.asarray(ns, float), np.asarray(errs, float)
+    return float(np.polyfit(-np.log(ns), np.log(errs), 1)[0])
+
+
+def sample_kwargs(schedule, n, sampler, adjoint, key=None, t_end=1e-3):
+    return dict(
+        schedule=schedule,
+        ts=aj.time_grid(schedule, n, t_end=t_end),
+        sampler=sampler,
+        adjoint=adjoint,
+        key=key if sampler.is_sde else None,
+    )
+
+
+def default_key():
+    return jax.random.key(0)
