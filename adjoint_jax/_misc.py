@@ -56,20 +56,26 @@ def first_dtype(x: PyTree):
     return leaves[0].dtype
 
 
-def tree_normal(key: Array, like: PyTree) -> PyTree:
-    """Standard normal noise with the structure, shapes and dtypes of `like`."""
+def tree_normal(key: Array, like: PyTree, dtype=None) -> PyTree:
+    """Standard normal noise with the structure and shapes of `like`, drawn in `dtype`
+    (default: each leaf's) and cast to each leaf's dtype."""
     leaves, treedef = jtu.tree_flatten(like)
     keys = jax.random.split(key, len(leaves))
     return jtu.tree_unflatten(
         treedef,
-        [jax.random.normal(k, leaf.shape, leaf.dtype) for k, leaf in zip(keys, leaves)],
+        [
+            jax.random.normal(k, leaf.shape, dtype or leaf.dtype).astype(leaf.dtype)
+            for k, leaf in zip(keys, leaves)
+        ],
     )
 
 
-def step_noise(key: Array, i: Array, like: PyTree) -> PyTree:
+def step_noise(key: Array, i: Array, like: PyTree, dtype=None) -> PyTree:
     """The noise of sampler step `i`: drawn from `jax.random.fold_in(key, i)` so any
-    pass (forward, recomputation, backward reconstruction) can replay it."""
-    return tree_normal(jax.random.fold_in(key, i), like)
+    pass (forward, recomputation, backward reconstruction) can replay it. Drawing it
+    in the time grid's dtype (`dtype`) makes float32 and float64 solves see the same
+    noise up to rounding."""
+    return tree_normal(jax.random.fold_in(key, i), like, dtype)
 
 
 def index_tree(tree: PyTree, i) -> PyTree:

@@ -38,7 +38,7 @@ def valid_pairs(samplers=None, adjoints=None):
 
 # ---- numerics -----------------------------------------------------------------------
 def tree_allclose(x, y, *, rtol=1e-5, atol=1e-8):
-    return eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol) is True
+    return bool(eqx.tree_equal(x, y, typematch=True, rtol=rtol, atol=atol))
 
 
 def tree_norm(x):

@@ -41,7 +41,7 @@ class SDEDPMSolver1(AbstractSampler[PyTree]):
 
     def step(self, eps: EpsFn, schedule, state, t, s, i, key):
         c = step_coeffs(schedule, t, s)
-        noise = step_noise(key, i, state)
+        noise = step_noise(key, i, state, t.dtype)
         return lincomb(
             (c.alpha_ratio, state),
             (-2.0 * c.sigma_s * c.phi1, eps(state, t)),

@@ -84,8 +84,15 @@ class GaussianProblem(eqx.Module):
 
 
 class MLPProblem(eqx.Module):
-    """A random-weight MLP ε-network ε(x, t, z) = W₃ tanh(W₂ tanh(W₁[x, z, emb(t)])),
-    nonlinear in every input; batch-aware (x of shape `(..., dim)`)."""
+    """A random-weight MLP ε-network, nonlinear in every input and batch-aware (x of
+    shape `(..., dim)`):
+
+        ε(x, t, z) = σ_t x / (α_t² s₀² + σ_t²) + W₃ tanh(W₂ tanh(W₁[x, z, emb(t)])),
+
+    i.e. the exact ε of N(0, s₀² I) data (s₀ = 0.5) plus a random MLP. The first term
+    keeps samples bounded, as a trained network's would; a bare random MLP would
+    amplify x_T by 1/α_T (≈ 150 on VP-linear) and make every figure meaningless.
+    """
 
     schedule: AbstractSchedule
     params: dict
@@ -121,6 +128,9 @@ class MLPProblem(eqx.Module):
         z = jnp.broadcast_to(z, lead + (self.cond_dim,))
         emb = jnp.broadcast_to(emb.astype(x.dtype), lead + (4,))
         h = jnp.concatenate([x, z, emb], axis=-1)
-        h = jnp.tanh(h @ params["w1"] + params["b1"])
-        h = jnp.tanh(h @ params["w2"] + params["b2"])
-        return h @ params["w3"]
+        bias = lambda b: b.reshape((1,) * len(lead) + b.shape)
+        h = jnp.tanh(h @ params["w1"] + bias(params["b1"]))
+        h = jnp.tanh(h @ params["w2"] + bias(params["b2"]))
+        a = self.schedule.alpha(t).astype(x.dtype)
+        sg = self.schedule.sigma(t).astype(x.dtype)
+        return sg * x / (0.25 * a * a + sg * sg) + h @ params["w3"]
