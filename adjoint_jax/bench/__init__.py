@@ -2,3 +2,4 @@
 
 from ._problems import GaussianProblem as GaussianProblem
 from ._problems import MLPProblem as MLPProblem
+from ._registry import parse as parse
