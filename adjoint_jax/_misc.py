@@ -32,6 +32,8 @@ def lincomb(*pairs) -> PyTree:
     the time grid. `x_k = None` terms are skipped.
     """
     pairs = [(c, x) for c, x in pairs if x is not None]
+    if not pairs:
+        return None
 
     def _leaf(*leaves):
         out = None

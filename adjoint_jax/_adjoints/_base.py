@@ -57,11 +57,11 @@ class Solve(eqx.Module):
 
     def forward(self, theta, x_T, cond, *, record: bool = False, remat: bool = False):
         """Runs the sampler; returns the final sampler state and, if `record`, the
-        stacked sampler states before each step (leading axis N)."""
+        stacked samples x_{t_1}, ..., x_{t_N} after each step (leading axis N)."""
 
         def body(state, xs):
             new = self.step(theta, cond, state, xs)
-            return new, (state if record else None)
+            return new, (self.sampler.output(new) if record else None)
 
         if remat:
             body = jax.checkpoint(body)
