@@ -6,7 +6,11 @@ The public surface is this module; everything else is private.
 import importlib.metadata
 
 from ._adjoints import AbstractAdjoint as AbstractAdjoint
+from ._adjoints import AbstractContinuousAdjoint as AbstractContinuousAdjoint
+from ._adjoints import AdjointDEIS as AdjointDEIS
 from ._adjoints import DTO as DTO
+from ._adjoints import InterpolatedAdjoint as InterpolatedAdjoint
+from ._adjoints import RecordedAdjoint as RecordedAdjoint
 from ._model import as_eps as as_eps
 from ._model import Scheduled as Scheduled
 from ._sample import sample as sample
