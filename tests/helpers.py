@@ -20,6 +20,12 @@ all_adjoints = [
     (aj.DTO(), True),
     (aj.DTO(checkpoints="steps"), True),
     (aj.DTO(checkpoints=3), True),
+    (aj.AdjointDEIS(), False),
+    (aj.AdjointDEIS(order=2), False),
+    (aj.AdjointDEIS(num_steps=7), False),
+    (aj.RecordedAdjoint(), False),
+    (aj.RecordedAdjoint(order=2), False),
+    (aj.InterpolatedAdjoint(every=3), False),
 ]
 
 
