@@ -142,93 +142,89 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
         return solve.cond_at(cond_d, i)
 
     z0 = z_of(0)
-    zeros_theta = tree_zeros_like(theta_d)
-    zeros_z = tree_zeros_like(z0)
-    zeros_x = tree_zeros_like(x_T)
-    lam0 = schedule.lam(taus[0])
+    multistep = order == 2
     init = dict(
         x=x0 if resolve else None,
         a_x=g_x0,
-        a_theta=zeros_theta,
-        a_z=None if solve.scheduled else zeros_z,
-        # multistep memory: V, W_θ, W_z and ε at the previous backward point
-        v_prev=zeros_x,
-        w_theta_prev=zeros_theta,
-        w_z_prev=zeros_z,
-        eps_prev=zeros_x,
-        lam_prev=lam0 + 1.0,  # placeholder; the first step is first order
+        a_theta=tree_zeros_like(theta_d),
+        a_z=None if solve.scheduled else tree_zeros_like(z0),
+        # Multistep memory (order 2 only): V, W_θ, W_z, ε and λ at the previous
+        # backward point. The first step is first order, so their initial values
+        # only need to be finite.
+        prev=dict(
+            v=tree_zeros_like(x_T),
+            w_theta=tree_zeros_like(theta_d),
+            w_z=tree_zeros_like(z0),
+            eps=tree_zeros_like(x_T),
+            lam=schedule.lam(taus[0]) + 1.0,
+        )
+        if multistep
+        else None,
     )
 
     def body(carry, xs):
         j, t, s, zi, ni = xs
         x = carry["x"] if resolve else state_fn(j)
-        z = z_of(zi)
         z_s = solve.cond_at(cond_s, zi)
 
         def eps_fn(xx, th, zz):
             return solve.eps(eqx.combine(th, theta_s), xx, t, eqx.combine(zz, z_s))
 
-        eps, vjp = jax.vjp(eps_fn, x, theta_d, z)
+        eps, vjp = jax.vjp(eps_fn, x, theta_d, z_of(zi))
         gx, gth, gz = vjp(carry["a_x"])
 
         c = step_coeffs(schedule, t, s)
         lam_t = schedule.lam(t)
         e_lam_s = c.sigma_s / c.alpha_s  # e^{−λ_s}
-        a2 = c.alpha_t * c.alpha_t
-        # First-order weights (V_t = α_t² gx, W_t = α_t g):
+        # Weights of V_t = α_t² a_xᵀ∂ε/∂x and W_t = α_t a_xᵀ∂ε/∂(θ, z):
+        #   first order k1 = e^{−λ_s}(e^h − 1), multistep k2 = e^{−λ_s} φ₂ / r.
         k1 = factor * e_lam_s * c.phi1
-        if order == 2:
-            r = (lam_t - carry["lam_prev"]) / c.h
-            k2 = jnp.where(j == 0, jnp.zeros_like(r), factor * e_lam_s * c.phi2 / r)
-        else:
-            k2 = jnp.zeros_like(c.h)
-
-        # a_x(s) = (α_t/α_s) a_x + (1/α_s)[k1 V_t + k2 (V_t − V_prev)]
-        v_t = lincomb((a2, gx))
-        a_x = lincomb(
-            (c.alpha_t / c.alpha_s, carry["a_x"]),
-            ((k1 + k2) / c.alpha_s, v_t),
-            (-k2 / c.alpha_s, carry["v_prev"]),
-        )
-        # a_θ(s) = a_θ + k1 W_t + k2 (W_t − W_prev), and the same for z.
+        v_t = lincomb((c.alpha_t * c.alpha_t, gx))
         w_th = lincomb((c.alpha_t, gth))
-        a_theta = tree_add(
-            carry["a_theta"],
-            lincomb((k1 + k2, w_th), (-k2, carry["w_theta_prev"])),
-        )
         w_z = lincomb((c.alpha_t, gz))
-        dz = lincomb((k1 + k2, w_z), (-k2, carry["w_z_prev"]))
+        prev = carry["prev"]
+        if multistep:
+            r = (lam_t - prev["lam"]) / c.h
+            first = j == 0
+            k2 = jnp.where(first, jnp.zeros_like(r), factor * e_lam_s * c.phi2 / r)
+            ks = jnp.where(first, jnp.zeros_like(r), c.sigma_s * c.phi2 / r)
+        else:
+            k2 = ks = None
 
+        def integral(w_now, w_prev):
+            # k1 W_t + k2 (W_t − W_prev)
+            if not multistep:
+                return lincomb((k1, w_now))
+            return lincomb((k1 + k2, w_now), (-k2, w_prev))
+
+        a_x = tree_add(
+            lincomb((c.alpha_t / c.alpha_s, carry["a_x"])),
+            lincomb((1.0 / c.alpha_s, integral(v_t, prev and prev["v"]))),
+        )
+        a_theta = tree_add(carry["a_theta"], integral(w_th, prev and prev["w_theta"]))
+        dz = integral(w_z, prev and prev["w_z"])
         new = dict(
+            x=None,
             a_x=a_x,
             a_theta=a_theta,
             a_z=None if solve.scheduled else tree_add(carry["a_z"], dz),
-            v_prev=v_t,
-            w_theta_prev=w_th,
-            w_z_prev=w_z,
-            eps_prev=eps,
-            lam_prev=lam_t,
+            prev=dict(v=v_t, w_theta=w_th, w_z=w_z, eps=eps, lam=lam_t)
+            if multistep
+            else None,
         )
-        if resolve:
-            if sampler.is_sde:
-                noise = step_noise(solve.key, ni, x, t.dtype)
-                new["x"] = lincomb(
-                    (c.alpha_ratio, x),
-                    (-2.0 * c.sigma_s * c.phi1, eps),
-                    (-c.sigma_s * jnp.sqrt(-jnp.expm1(2.0 * c.h)), noise),
-                )
-            else:
-                if order == 2:
-                    ks = jnp.where(j == 0, jnp.zeros_like(c.h), c.sigma_s * c.phi2 / r)
-                else:
-                    ks = jnp.zeros_like(c.h)
-                new["x"] = lincomb(
-                    (c.alpha_ratio, x),
-                    (-c.sigma_s * c.phi1 - ks, eps),
-                    (ks, carry["eps_prev"]),
-                )
-        else:
-            new["x"] = None
+        if resolve and sampler.is_sde:
+            noise = step_noise(solve.key, ni, x, t.dtype)
+            new["x"] = lincomb(
+                (c.alpha_ratio, x),
+                (-2.0 * c.sigma_s * c.phi1, eps),
+                (-c.sigma_s * jnp.sqrt(-jnp.expm1(2.0 * c.h)), noise),
+            )
+        elif resolve and multistep:
+            new["x"] = lincomb(
+                (c.alpha_ratio, x), (-c.sigma_s * c.phi1 - ks, eps), (ks, prev["eps"])
+            )
+        elif resolve:
+            new["x"] = lincomb((c.alpha_ratio, x), (-c.sigma_s * c.phi1, eps))
         return new, (dz if solve.scheduled else None)
 
     xs = (jnp.arange(num_back, dtype=jnp.int32), taus[:-1], taus[1:], z_idx, noise_idx)
