@@ -139,7 +139,9 @@ def test_approaches_dto_on_mlp(case):
 
 def test_sde_recorded_adjoint_approaches_dto_on_mlp():
     # Each N draws a different Brownian path, so the OTD − DTO gap of one path is
-    # noisy in N; it still shrinks steadily.
+    # noisy in N; it still shrinks steadily. AdjointDEIS' backward re-solve of the SDE
+    # path drifts on a nonlinear model (documented in its docstring): at N = 640 its
+    # gradient is still far worse than that along the recorded path.
     ns = [40, 160, 640]
     errs = []
     for n in ns:
@@ -147,6 +149,8 @@ def test_sde_recorded_adjoint_approaches_dto_on_mlp():
         g_dto = _mlp_grads(aj.SDEDPMSolver1(), aj.DTO(), n)
         errs.append(rel_err(g[0], g_dto[0]))
     assert errs[2] < errs[0] / 4, errs
+    g_deis = _mlp_grads(aj.SDEDPMSolver1(), aj.AdjointDEIS(), 640)
+    assert rel_err(g_deis[0], g_dto[0]) > 3 * errs[2]
 
 
 # ---- time-scheduled conditioning ----------------------------------------------------
