@@ -5,6 +5,7 @@ The public surface is this module; everything else is private.
 
 import importlib.metadata
 
+from . import zoo as zoo
 from ._adjoints import AbstractAdjoint as AbstractAdjoint
 from ._adjoints import AbstractContinuousAdjoint as AbstractContinuousAdjoint
 from ._adjoints import AdjointDEIS as AdjointDEIS
