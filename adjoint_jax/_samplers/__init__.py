@@ -3,4 +3,7 @@ from ._base import AbstractSampler as AbstractSampler
 from ._dpm_solver import DDIM as DDIM
 from ._dpm_solver import DPMSolver1 as DPMSolver1
 from ._dpm_solver import DPMSolver2 as DPMSolver2
+from ._leapfrog import AsyncLeapfrog as AsyncLeapfrog
+from ._mccallum_foster import McCallumFoster as McCallumFoster
+from ._reversible_heun import ReversibleHeun as ReversibleHeun
 from ._sde import SDEDPMSolver1 as SDEDPMSolver1

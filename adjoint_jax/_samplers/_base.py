@@ -88,7 +88,15 @@ class AbstractSampler(eqx.Module, Generic[_State]):
 class AbstractReversibleSampler(AbstractSampler[_State]):
     """A sampler whose step can be inverted algebraically: `step_back` recovers the
     state at `t` from the state at `s` exactly (to round-off), which lets
-    `aj.ReversibleAdjoint` compute exact gradients in O(1) memory."""
+    `aj.ReversibleAdjoint` compute exact gradients in O(1) memory.
+
+    Class attribute `step_back_cond_offset`: 0 when `step_back` for step i evaluates
+    ε with step i's conditioning, k when it re-evaluates an ε that step i − k computed
+    (with z_{i−k}), as reversible Heun does with k = 1. It only matters for
+    `aj.Scheduled` conditioning.
+    """
+
+    step_back_cond_offset: ClassVar[int] = 0
 
     @abc.abstractmethod
     def step_back(

@@ -48,8 +48,15 @@ def parse(text: str, kind: str):
     if kind not in ("sampler", "adjoint"):
         raise ValueError(f"kind must be 'sampler' or 'adjoint'; got {kind!r}")
     own = _public(aj.AbstractSampler if kind == "sampler" else aj.AbstractAdjoint)
-    # Samplers may wrap samplers (McCallumFoster(DPMSolver2())).
-    namespace = {**_public(aj.AbstractSampler), **own}
+    # Samplers may wrap samplers (McCallumFoster(DPMSolver2())); AdjointDPM's repr
+    # names its diffrax solver without the module (`AdjointDPM(solver=Tsit5())`).
+    import diffrax
+
+    solvers = {
+        n: o for n, o in vars(diffrax).items()
+        if isinstance(o, type) and issubclass(o, diffrax.AbstractSolver)
+    }
+    namespace = {**solvers, **_public(aj.AbstractSampler), **own}
     try:
         tree = ast.parse(text.strip(), mode="eval").body
         if isinstance(tree, ast.Name | ast.Attribute):
