@@ -237,35 +237,34 @@ def test_adjoint_deis_memory_is_flat_in_n():
 
 
 def test_one_model_vjp_per_backward_step():
-    calls = []
+    from adjoint_jax.bench import count_evals
+
     pb = MLPProblem.make(jax.random.key(1), dim=3, width=8, cond_dim=2)
-
-    def counting_model(p, x, t, c):
-        jax.debug.callback(lambda: calls.append(1))
-        return pb.model(p, x, t, c)
-
     n = 9
+
+    def counts(sampler, adjoint):
+        kw = sample_kwargs(pb.schedule, n, sampler, adjoint)
+        fwd = count_evals(lambda m, x: aj.sample(m, pb.params, x, None, **kw),
+                          pb.model, jnp.ones(3))
+        grad = count_evals(lambda m, x: jax.grad(lambda x: jnp.sum(
+            aj.sample(m, pb.params, x, None, **kw)))(x), pb.model, jnp.ones(3))
+        return fwd, grad
+
     for adjoint, extra in [
         (aj.AdjointDEIS(), 0),
         (aj.AdjointDEIS(order=2), 0),
         (aj.RecordedAdjoint(), 0),
         (aj.InterpolatedAdjoint(every=3), 4),  # one ε per checkpoint (3 + final)
     ]:
-        kw = sample_kwargs(pb.schedule, n, aj.DPMSolver2(), adjoint)
-        calls.clear()
-        jax.block_until_ready(aj.sample(counting_model, pb.params, jnp.ones(3), None, **kw))
-        forward = len(calls)
-        calls.clear()
-        g = jax.grad(lambda x: jnp.sum(aj.sample(counting_model, pb.params, x, None, **kw)))
-        jax.block_until_ready(g(jnp.ones(3)))
-        assert forward == n, (adjoint, forward)
-        assert len(calls) == n + extra + n, (adjoint, len(calls))  # forward + VJPs
-    m = 5
-    kw = sample_kwargs(pb.schedule, n, aj.DPMSolver1(), aj.AdjointDEIS(num_steps=m))
-    calls.clear()
-    jax.block_until_ready(jax.grad(lambda x: jnp.sum(
-        aj.sample(counting_model, pb.params, x, None, **kw)))(jnp.ones(3)))
-    assert len(calls) == n + m
+        fwd, grad = counts(aj.DPMSolver2(), adjoint)
+        assert (fwd.forward, fwd.vjp) == (n, 0), (adjoint, fwd)
+        # The forward sampler, then one VJP per backward step (whose primal call is
+        # the ε that re-solves the state): nothing else.
+        assert (grad.forward, grad.vjp) == (n + extra + n, n), (adjoint, grad)
+    _, grad = counts(aj.DPMSolver1(), aj.AdjointDEIS(num_steps=5))
+    assert (grad.forward, grad.vjp) == (n + 5, 5)
+    _, grad = counts(aj.DPMSolver1(), aj.DTO())
+    assert (grad.forward, grad.vjp) == (n, n)
 
 
 # ---- transforms and dtypes ----------------------------------------------------------

@@ -1,0 +1,137 @@
+"""Shared plumbing of the examples: command line, strategy parsing, progress bar,
+model-evaluation counting and figures. Each example is a script with a
+`run(argv) -> dict` (used by the tests) and a `__main__` block."""
+
+import argparse
+import os
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import adjoint_jax as aj
+from adjoint_jax.bench import count_evals, parse
+
+
+def parser(description: str, **defaults) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--sampler", default=defaults.get("sampler", "DPMSolver2()"),
+                   help="forward sampler, as its repr, e.g. 'DPMSolver1()', "
+                        "'McCallumFoster(DPMSolver2())'")
+    p.add_argument("--adjoint", default=defaults.get("adjoint", "DTO()"),
+                   help="gradient strategy, e.g. 'DTO()', 'AdjointDEIS(order=2)', "
+                        "'ReversibleAdjoint()'")
+    p.add_argument("--steps", type=int, default=defaults.get("steps", 20),
+                   help="sampler steps N")
+    p.add_argument("--iters", type=int, default=defaults.get("iters", 30),
+                   help="optimisation steps")
+    p.add_argument("--batch", type=int, default=defaults.get("batch", 16))
+    p.add_argument("--lr", type=float, default=defaults.get("lr", 0.05))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=defaults.get("out", "examples/out"),
+                   help="folder for the PNGs")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def strategy(args) -> tuple:
+    sampler = parse(args.sampler, "sampler")
+    adjoint = parse(args.adjoint, "adjoint")
+    adjoint.check_sampler(sampler)
+    return sampler, adjoint
+
+
+def sample_fn(d, args, sampler, adjoint, key=None) -> Callable:
+    """x_0 = sample(params, x_T, cond) with the example's schedule and grid."""
+    ts = aj.time_grid(d.schedule, args.steps, t_end=1e-3)
+
+    def f(params, x_T, cond, model=d.model):
+        return aj.sample(model, params, x_T, cond, schedule=d.schedule, ts=ts,
+                         sampler=sampler, adjoint=adjoint, key=key)
+
+    return f
+
+
+def progress(iterable, description: str, quiet: bool = False):
+    if quiet:
+        yield from iterable
+        return
+    from rich.progress import Progress
+
+    items = list(iterable)
+    with Progress() as bar:
+        task = bar.add_task(description, total=len(items))
+        for item in items:
+            yield item
+            bar.advance(task)
+
+
+def count_nfe(fn: Callable, d, *args) -> int:
+    """Model evaluations plus model VJPs made by `fn(model, *args)` (each counts as
+    one NFE, as in the AdjointDEIS paper's tables)."""
+    c = count_evals(fn, d.model, *args)
+    return c.forward + c.vjp
+
+
+def timed(fn: Callable, *args, repeats: int = 3) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def save_grid(path: str, rows: Sequence[np.ndarray], row_titles: Sequence[str],
+              labels: Sequence[str] | None = None) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    n_rows, n_cols = len(rows), min(len(rows[0]), 16)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(n_cols * 0.8, n_rows * 0.95),
+                             squeeze=False)
+    for r, (imgs, title) in enumerate(zip(rows, row_titles)):
+        for c in range(n_cols):
+            ax = axes[r][c]
+            ax.imshow(-np.asarray(imgs[c]), cmap="gray", vmin=-1, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(title, fontsize=7)
+            if labels is not None and r == 0:
+                ax.set_title(labels[c], fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def save_curve(path: str, curves: dict[str, Sequence[float]], ylabel: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig, ax = plt.subplots(figsize=(4.5, 3))
+    for name, ys in curves.items():
+        ax.plot(np.arange(len(ys)), ys, label=name)
+    ax.set_xlabel("optimisation step")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def gaussian_penalty(x_T) -> jax.Array:
+    """(‖x_T‖²/d − 1)² per sample: keeps x_T on the shell where N(0, I) samples lie."""
+    d = int(np.prod(x_T.shape[1:]))
+    return (jnp.sum(x_T**2, axis=tuple(range(1, x_T.ndim))) / d - 1.0) ** 2
