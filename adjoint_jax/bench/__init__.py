@@ -1,5 +1,11 @@
 """Benchmark problems and measurement tools (see `adjoint-jax compare`)."""
 
+from ._compare import compare as compare
+from ._compare import default_adjoints as default_adjoints
+from ._compare import default_samplers as default_samplers
+from ._compare import make_problem as make_problem
+from ._compare import Problem as Problem
+from ._compare import valid_pairs as valid_pairs
 from ._mixture import MixtureProblem as MixtureProblem
 from ._problems import GaussianProblem as GaussianProblem
 from ._problems import MLPProblem as MLPProblem

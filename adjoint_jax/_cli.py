@@ -1,0 +1,270 @@
+"""The `adjoint-jax` command line. `adjoint-jax compare` measures, for every gradient
+strategy and step budget, the gradient's accuracy, time and memory (see
+`adjoint_jax.bench.compare`)."""
+
+import argparse
+import sys
+import time
+
+
+DEFAULT_STEPS = (10, 20, 40)
+
+_COMPARE_HELP = """\
+Measure every (sampler, adjoint) pair at every number of steps N: relative L2 error and
+cosine similarity of each gradient against the continuous-time truth (where the problem
+has one) and against the exact gradient of the discrete sampler (DTO() through the same
+sampler at the same N); model evaluations forward and backward; compile time; gradient
+and sampling wall time (median of jitted runs after warm-up) and their ratio R; XLA
+temporary memory of the jitted gradient. Writes results.json, results.csv and figures
+(error_vs_steps.png, pareto.png, memory_vs_steps.png) to --out and prints a table.
+
+With no options it runs --problem gaussian --steps 10 20 40 --wrt xT over every valid
+pair of the default samplers and adjoints (a few minutes on 2 CPU cores; the time goes
+into compiling about two gradients per pair and N).
+
+Strategies are given as their repr, e.g. --samplers 'DPMSolver2()'
+'McCallumFoster(DPMSolver2())' --adjoints 'DTO()' 'AdjointDEIS(order=2)'.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Errors as one line on stderr and exit code 2, without the usage block."""
+
+    def error(self, message):
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"steps must be positive integers; got {text!r}"
+        )
+    if n < 1:
+        raise argparse.ArgumentTypeError(
+            f"steps must be positive integers; got {text!r}"
+        )
+    return n
+
+
+def _split_top_level(items):
+    """Splits each item on commas outside parentheses: 'A(), B(x=1, y=2)' → 2 items."""
+    out = []
+    for item in items:
+        depth, cur = 0, ""
+        for ch in item:
+            depth += ch in "([{"
+            depth -= ch in ")]}"
+            if ch == "," and depth == 0:
+                out.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        out.append(cur)
+    return [s.strip() for s in out if s.strip()]
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="adjoint-jax",
+        description="Gradients through diffusion-model sampling: benchmarks.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    p = sub.add_parser(
+        "compare",
+        help="gradient accuracy, time and memory of every strategy",
+        description=_COMPARE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--problem",
+        default="gaussian",
+        choices=["gaussian", "mixture", "mlp", "digits"],
+        help="gaussian: closed-form truth; mixture: sharp Gaussian mixture, "
+        "truth from a converged diffrax solve; mlp: random-weight MLP, no "
+        "continuous truth; digits: the shipped trained model (aj.zoo.digits(), "
+        "needs flax), classifier guidance, no continuous truth (default: gaussian)",
+    )
+    p.add_argument(
+        "--samplers",
+        nargs="+",
+        metavar="SAMPLER",
+        help="samplers by repr (default: every public sampler)",
+    )
+    p.add_argument(
+        "--adjoints",
+        nargs="+",
+        metavar="ADJOINT",
+        help="adjoints by repr (default: every public adjoint and the "
+        "variants DTO(checkpoints=...), order=2); every valid pair is run",
+    )
+    p.add_argument(
+        "--steps",
+        nargs="+",
+        type=_positive_int,
+        default=list(DEFAULT_STEPS),
+        metavar="N",
+        help="numbers of steps (default: 10 20 40)",
+    )
+    p.add_argument(
+        "--wrt",
+        nargs="+",
+        default=["xT"],
+        metavar="WRT",
+        help="differentiated inputs, comma- or space-separated, from xT, "
+        "cond, params, all (default: xT)",
+    )
+    p.add_argument(
+        "--batch",
+        type=_positive_int,
+        default=None,
+        help="batch size of x_T (default: 1; 64 for mlp)",
+    )
+    p.add_argument(
+        "--dim",
+        type=_positive_int,
+        default=None,
+        help="data dimension (default: 4 gaussian, 2 mixture, 16 mlp)",
+    )
+    p.add_argument(
+        "--width",
+        type=_positive_int,
+        default=None,
+        help="MLP width for --problem mlp (default: 256)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="float64",
+        choices=["float32", "float64"],
+        help="dtype of the model and the solve (the truth is always "
+        "float64; default: float64)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of x_T and the MLP weights"
+    )
+    p.add_argument(
+        "--repeats",
+        type=_positive_int,
+        default=5,
+        help="minimum timed runs per median (default: 5)",
+    )
+    p.add_argument(
+        "--out",
+        default="compare_results",
+        metavar="DIR",
+        help="output folder (default: ./compare_results)",
+    )
+    p.add_argument("--no-figures", action="store_true", help="skip the figures")
+    p.add_argument("--quiet", action="store_true", help="no progress and no table")
+    p.set_defaults(subparser=p)
+    return parser
+
+
+def _compare(args, parser) -> int:
+    import jax
+
+    # The truths are computed in float64 whatever --dtype is.
+    jax.config.update("jax_enable_x64", True)
+    import jax.numpy as jnp
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .bench import _compare as cmp
+    from .bench import _report as rep
+    from .bench._registry import parse
+
+    def fail(msg):
+        parser.error(msg.splitlines()[0] if msg else "invalid arguments")
+
+    try:
+        samplers = (
+            [parse(s, "sampler") for s in _split_top_level(args.samplers)]
+            if args.samplers
+            else None
+        )
+        adjoints = (
+            [parse(a, "adjoint") for a in _split_top_level(args.adjoints)]
+            if args.adjoints
+            else None
+        )
+    except ValueError as e:
+        fail(str(e))
+    wrt = _split_top_level(args.wrt)
+    for w in wrt:
+        if w not in cmp.WRT:
+            fail(f"unknown --wrt {w!r}; choose from: {', '.join(cmp.WRT)}")
+    strict = samplers is not None or adjoints is not None
+    try:
+        pairs = cmp.valid_pairs(samplers, adjoints, strict=strict)
+    except ValueError as e:
+        fail(str(e))
+
+    defaults = {"gaussian": (4, 1), "mixture": (2, 1), "mlp": (16, 64), "digits": (None, 8)}[
+        args.problem
+    ]
+    problem = cmp.make_problem(
+        args.problem,
+        dim=args.dim or defaults[0],
+        batch=args.batch or defaults[1],
+        dtype=jnp.dtype(args.dtype),
+        seed=args.seed,
+        width=args.width or 256,
+    )
+
+    steps = list(dict.fromkeys(args.steps))
+    total = len(pairs) * len(steps)
+    err_console = Console(stderr=True)
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        disable=args.quiet,
+        transient=True,
+    ) as progress:
+        task = progress.add_task(f"{args.problem}: preparing", total=total)
+        done = [0]
+
+        def tick(desc):
+            progress.update(task, description=desc, completed=done[0])
+            done[0] += 1
+
+        records = cmp.compare(
+            problem,
+            pairs=pairs,
+            steps=steps,
+            wrt=wrt,
+            repeats=args.repeats,
+            progress=tick,
+        )
+        progress.update(task, completed=total)
+
+    json_path, csv_path = rep.write_results(records, args.out)
+    figures = [] if args.no_figures else rep.plot_figures(records, args.out)
+    if not args.quiet:
+        # Piped output gets a wide table rather than a truncated one.
+        rep.print_table(records, Console(width=None if sys.stdout.isatty() else 200))
+        err_console.print(
+            f"{len(records)} records in {time.perf_counter() - start:.0f} s: "
+            + ", ".join([json_path, csv_path] + figures)
+        )
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the `adjoint-jax` console script."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "compare":
+        return _compare(args, args.subparser)
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

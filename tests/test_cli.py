@@ -1,0 +1,198 @@
+"""`adjoint-jax compare`: it runs, writes its files, its errors match a direct
+computation, its fitted slopes match the samplers' orders, and bad options fail with a
+one-line message."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import adjoint_jax as aj
+from adjoint_jax._cli import main
+from adjoint_jax.bench import GaussianProblem, make_problem
+
+from .helpers import rel_err
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+KEYS = {
+    "problem",
+    "sampler",
+    "adjoint",
+    "steps",
+    "wrt",
+    "rel_error",
+    "cosine",
+    "rel_error_discrete",
+    "cosine_discrete",
+    "nfe_forward",
+    "nfe_backward",
+    "grad_time_s",
+    "sample_time_s",
+    "ratio",
+    "temp_bytes",
+    "compile_time_s",
+}
+
+
+def _run(tmp_path, *argv):
+    out = str(tmp_path)
+    assert (
+        main(["compare", "--problem", "gaussian", "--out", out, "--quiet", *argv]) == 0
+    )
+    with open(os.path.join(out, "results.json")) as f:
+        return json.load(f), out
+
+
+def _direct(sampler, n, wrt):
+    """The DTO gradient and the closed-form gradient, computed here from scratch."""
+    pb = GaussianProblem.make(4)
+    inputs = make_problem("gaussian")  # only for its x_T and cond
+    x_T, cond = inputs.x_T[0], inputs.cond
+    w = jnp.array([1.0, -2.0, 0.5, 1.5])
+
+    def loss(x0):
+        return jnp.sum(w * jnp.sin(x0)) + 0.5 * jnp.sum(x0**2)
+
+    ts = aj.time_grid(pb.schedule, n, t_end=1e-3)
+    argnum = {"params": 0, "xT": 1, "cond": 2}[wrt]
+
+    def sampled(p, x, c):
+        return loss(
+            aj.sample(
+                pb.model,
+                p,
+                x,
+                c,
+                schedule=pb.schedule,
+                ts=ts,
+                sampler=sampler,
+                adjoint=aj.DTO(),
+            )
+        )
+
+    def exact(p, x, c):
+        return loss(pb.flow_map(p, x, c, pb.schedule.t_max, 1e-3))
+
+    args = (pb.params, x_T, cond)
+    return jax.grad(sampled, argnum)(*args), jax.grad(exact, argnum)(*args)
+
+
+def _cosine(a, b):
+    a = np.concatenate([np.ravel(v) for v in jax.tree.leaves(a)])
+    b = np.concatenate([np.ravel(v) for v in jax.tree.leaves(b)])
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def test_compare_writes_results_and_matches_direct_computation(tmp_path):
+    records, out = _run(
+        tmp_path,
+        "--steps",
+        "8",
+        "16",
+        "--samplers",
+        "DPMSolver2()",
+        "--adjoints",
+        "DTO()",
+        "AdjointDEIS()",
+        "--wrt",
+        "xT,params",
+        "--repeats",
+        "2",
+    )
+    for name in (
+        "results.csv",
+        "error_vs_steps.png",
+        "pareto.png",
+        "memory_vs_steps.png",
+    ):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    with open(os.path.join(out, "results.csv")) as f:
+        rows = list(csv.DictReader(f))
+    assert len(records) == len(rows) == 2 * 2 * 2  # adjoints × N × wrt
+    assert KEYS <= set(records[0]) and KEYS <= set(rows[0])
+    assert {r["adjoint"] for r in records} == {"DTO()", "AdjointDEIS()"}
+    assert {r["sampler"] for r in records} == {"DPMSolver2()"}
+
+    for r in records:
+        assert r["problem"] == "gaussian" and r["nfe_forward"] == r["steps"]
+        assert r["grad_time_s"] > 0 and r["sample_time_s"] > 0 and r["temp_bytes"] > 0
+        assert r["ratio"] == pytest.approx(r["grad_time_s"] / r["sample_time_s"])
+        if r["adjoint"] == "DTO()":
+            g, truth = _direct(aj.DPMSolver2(), r["steps"], r["wrt"])
+            assert r["rel_error"] == pytest.approx(rel_err(g, truth), rel=1e-9)
+            assert r["cosine"] == pytest.approx(_cosine(g, truth), rel=1e-9)
+            assert r["rel_error_discrete"] == 0.0 and r["nfe_backward"] == 0
+        else:
+            # AdjointDEIS re-solves the states: one VJP (and evaluation) per step.
+            assert r["nfe_backward"] == r["vjp_backward"] == r["steps"]
+            assert r["rel_error_discrete"] > 0
+
+
+def test_fitted_slopes_match_sampler_orders(tmp_path):
+    records, _ = _run(
+        tmp_path,
+        "--steps",
+        "10",
+        "20",
+        "40",
+        "--samplers",
+        "DPMSolver1()",
+        "DPMSolver2()",
+        "--adjoints",
+        "DTO()",
+        "--no-figures",
+        "--repeats",
+        "1",
+    )
+    orders = {"DPMSolver1()": 1, "DPMSolver2()": 2}
+    assert {r["sampler"] for r in records} == set(orders)
+    for r in records:
+        assert abs(r["slope"] - orders[r["sampler"]]) < 0.25, r
+        assert r["slope_discrete"] is None  # DTO against itself: no error to fit
+
+
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["--samplers", "NotASampler()"], "unknown sampler"),
+        (["--adjoints", "DTO(checkpoints=-1)"], "DTO(checkpoints=...)"),
+        (
+            ["--samplers", "DPMSolver1()", "--adjoints", "ReversibleAdjoint()"],
+            "requires a reversible sampler",
+        ),
+        (["--steps", "0"], "positive"),
+        (["--steps", "-3", "10"], "positive"),
+        (["--wrt", "theta"], "unknown --wrt"),
+        (["--problem", "nope"], "invalid choice"),
+    ],
+)
+def test_bad_options_fail_with_one_line(argv, fragment, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exc:
+        main(["compare", "--out", str(tmp_path), *argv])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert fragment in err and "Traceback" not in err
+
+
+def test_console_script_and_module_entry_point():
+    tomllib = pytest.importorskip("tomllib")
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        scripts = tomllib.load(f)["project"]["scripts"]
+    assert scripts["adjoint-jax"] == "adjoint_jax._cli:main"
+    proc = subprocess.run(
+        [sys.executable, "-m", "adjoint_jax._cli", "compare", "--steps", "0"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
