@@ -10,8 +10,14 @@ import optimistix as optx
 
 from .._misc import first_dtype, lincomb, tree_add
 from .._samplers._base import AbstractSampler
-from ._base import AbstractAdjoint, Solve, reject_differentiated
-from ._reversible import join, materialise, split_diff
+from ._base import (
+    AbstractAdjoint,
+    Solve,
+    join,
+    materialise,
+    reject_differentiated,
+    split_diff,
+)
 
 
 class AdjointDPM(AbstractAdjoint):

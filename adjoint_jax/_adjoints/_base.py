@@ -103,3 +103,25 @@ def reject_differentiated(perturbed, names: str, adjoint) -> None:
             "use `adjoint=aj.DTO()` for gradients with respect to the time grid or "
             "the schedule."
         )
+
+
+def materialise(out: PyTree, grad_obj: PyTree) -> PyTree:
+    """The output cotangent with symbolic zeros (None) made explicit."""
+    return jtu.tree_map(
+        lambda o, g: jnp.zeros_like(o) if g is None else g,
+        out,
+        grad_obj,
+        is_leaf=lambda g: g is None,
+    )
+
+
+def split_diff(tree: PyTree, wanted: bool):
+    """(differentiable part or None, the rest) of `tree`; the differentiable part is
+    its inexact arrays, when a gradient is wanted at all."""
+    if not wanted:
+        return None, tree
+    return eqx.partition(tree, eqx.is_inexact_array)
+
+
+def join(diff: PyTree, rest: PyTree) -> PyTree:
+    return rest if diff is None else eqx.combine(diff, rest)

@@ -18,7 +18,7 @@ from jaxtyping import Array, PyTree
 
 from .._misc import lincomb, step_noise, tree_add, tree_zeros_like
 from .._samplers._coeffs import step_coeffs
-from ._base import AbstractAdjoint, Solve, reject_differentiated
+from ._base import AbstractAdjoint, Solve, materialise, reject_differentiated
 
 
 class AbstractContinuousAdjoint(AbstractAdjoint):
@@ -128,10 +128,7 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
     state_fn = adjoint.states(solve, extra, x0)
     resolve = state_fn is None
 
-    g_x0 = jtu.tree_map(
-        lambda g, x: jnp.zeros_like(x) if g is None else g, g_x0, x0,
-        is_leaf=lambda v: v is None,
-    )
+    g_x0 = materialise(x0, g_x0)
 
     # Only floating-point leaves are differentiated (integer labels in `cond` or
     # integer buffers in `params` get no cotangent).
@@ -174,7 +171,7 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
         gx, gth, gz = vjp(carry["a_x"])
 
         c = step_coeffs(schedule, t, s)
-        lam_t = schedule.lam(t)
+        lam_t = c.lam_t
         e_lam_s = c.sigma_s / c.alpha_s  # e^{−λ_s}
         # Weights of V_t = α_t² a_xᵀ∂ε/∂x and W_t = α_t a_xᵀ∂ε/∂(θ, z):
         #   first order k1 = e^{−λ_s}(e^h − 1), multistep k2 = e^{−λ_s} φ₂ / r.

@@ -5,11 +5,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
-from jaxtyping import PyTree
 
 from .._misc import tree_add, tree_zeros_like
 from .._samplers._base import AbstractReversibleSampler, AbstractSampler
-from ._base import AbstractAdjoint, Solve, reject_differentiated
+from ._base import (
+    AbstractAdjoint,
+    Solve,
+    join,
+    materialise,
+    reject_differentiated,
+    split_diff,
+)
 
 
 class ReversibleAdjoint(AbstractAdjoint):
@@ -105,28 +111,6 @@ def _reversible_loop_fwd(perturbed, vjp_arg, solve_static, adjoint):
     )
     solve, state = _forward(vjp_arg, solve_static)
     return solve.sampler.output(state), state
-
-
-def materialise(out: PyTree, grad_obj: PyTree) -> PyTree:
-    """The output cotangent with symbolic zeros (None) made explicit."""
-    return jtu.tree_map(
-        lambda o, g: jnp.zeros_like(o) if g is None else g,
-        out,
-        grad_obj,
-        is_leaf=lambda g: g is None,
-    )
-
-
-def split_diff(tree: PyTree, wanted: bool):
-    """(differentiable part or None, the rest) of `tree`; the differentiable part is
-    its inexact arrays, when a gradient is wanted at all."""
-    if not wanted:
-        return None, tree
-    return eqx.partition(tree, eqx.is_inexact_array)
-
-
-def join(diff: PyTree, rest: PyTree) -> PyTree:
-    return rest if diff is None else eqx.combine(diff, rest)
 
 
 # The backward rule. With S_i the sampler's step i, the forward pass is

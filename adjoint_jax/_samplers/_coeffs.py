@@ -10,10 +10,11 @@ from .._schedule import AbstractSchedule
 
 
 class StepCoeffs(eqx.Module):
-    """For a step t → s: h = λ_s − λ_t, α_s/α_t, σ_s, φ₁ = e^h − 1 and
+    """For a step t → s: λ_t, h = λ_s − λ_t, α_s/α_t, σ_s, φ₁ = e^h − 1 and
     φ₂ = (e^h − 1 − h)/h (so that ∫_{λ_t}^{λ_s} e^{−λ}(λ − λ_t) dλ = e^{−λ_s} h φ₂)."""
 
     h: Array
+    lam_t: Array
     alpha_ratio: Array
     alpha_t: Array
     alpha_s: Array
@@ -33,6 +34,7 @@ def step_coeffs(schedule: AbstractSchedule, t: Array, s: Array) -> StepCoeffs:
     phi2 = jnp.where(small, h / 2 + h * h / 6, (phi1 - h) / h_safe)
     return StepCoeffs(
         h=h,
+        lam_t=lam_t,
         alpha_ratio=jnp.exp(la_s - la_t),
         alpha_t=jnp.exp(la_t),
         alpha_s=jnp.exp(la_s),

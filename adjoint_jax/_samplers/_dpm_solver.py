@@ -77,7 +77,7 @@ class DPMSolver2(AbstractSampler[tuple]):
         del key
         x, eps_prev, lam_prev = state
         c = step_coeffs(schedule, t, s)
-        lam_t = schedule.lam(t)
+        lam_t = c.lam_t
         e = eps(x, t)
         r = (lam_t - lam_prev) / c.h
         # Second-order correction −σ_s h φ₂ D / h = −σ_s φ₂ (ε_i − ε_{i−1})/r.
