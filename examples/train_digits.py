@@ -6,13 +6,16 @@
   penultimate layer is the embedding, on a held-out split of the same digits;
 
 then samples 50 images per class with `aj.DPMSolver2` and measures how many the
-classifier recognises as their class. `aj.zoo.digits()` loads the result.
+classifier recognises as their class. `aj.zoo.digits()` loads the result
+(`aj.zoo.digits(path=DIR)` for `--out DIR`).
 
 Float32 and deterministic given the seed (two runs write identical weights). The
 default run takes about 9.5 CPU-minutes (an estimated 5–6 minutes of wall time on 2
 idle cores); measured: 13 minutes on 2 cores shared with other jobs (load ~5). It writes
 `adjoint_jax/zoo/digits_eps.eqx`, `digits_classifier.msgpack`, `digits.json` (the
-hyperparameters and the measured accuracies) and `examples/out/digits_samples.png`.
+hyperparameters, the measured accuracies and the size and SHA-256 of both weights
+files, which `aj.zoo.digits()` verifies before loading them) and
+`examples/out/digits_samples.png`.
 
     pip install adjoint_jax[examples]
     python examples/train_digits.py
@@ -35,10 +38,13 @@ from sklearn.datasets import load_digits
 import adjoint_jax as aj
 from adjoint_jax.zoo._classifier import DigitsClassifier
 from adjoint_jax.zoo._digits import DigitsEpsNet, to_model_space, to_pixel_space
+from adjoint_jax.zoo._zoo import eps_net_spec, file_record
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ZOO_DIR = os.path.join(os.path.dirname(HERE), "adjoint_jax", "zoo")
+EPS_FILE = "digits_eps.eqx"
+CLASSIFIER_FILE = "digits_classifier.msgpack"
 
 
 def parse_args():
@@ -140,7 +146,10 @@ def train_eps(key, x, y, schedule, args, num_classes=10):
     )
     # Row `num_classes` is the null (unconditional) embedding.
     table = jax.random.normal(k_table, (num_classes + 1, args.cond_dim), jnp.float32)
-    params, static = eqx.partition((net, table), eqx.is_inexact_array)
+    # The schedule is fixed (described by digits.json), never trained.
+    params, static = eqx.partition(
+        (net, table), (eps_net_spec(net, eqx.is_inexact_array, False), True)
+    )
     sched = optax.warmup_cosine_decay_schedule(
         0.0, args.lr, min(200, args.eps_steps // 5), args.eps_steps, args.lr * 0.02
     )
@@ -196,7 +205,7 @@ def train_eps(key, x, y, schedule, args, num_classes=10):
 # ---- evaluation ---------------------------------------------------------------------
 def sample_classes(net, table, schedule, key, per_class, num_steps, num_classes=10):
     labels = jnp.repeat(jnp.arange(num_classes), per_class)
-    params, static = eqx.partition(net, eqx.is_inexact_array)
+    params, static = eqx.partition(net, eps_net_spec(net, eqx.is_inexact_array, False))
     ts = aj.time_grid(schedule, num_steps, t_end=1e-3)
     x_T = jax.random.normal(key, (labels.shape[0], 8, 8), jnp.float32)
     x0 = aj.sample(
@@ -266,8 +275,15 @@ def main():
     print("  per class:", " ".join(f"{a:.2f}" for a in per_class))
 
     os.makedirs(args.out, exist_ok=True)
-    eqx.tree_serialise_leaves(os.path.join(args.out, "digits_eps.eqx"), (net, table))
-    with open(os.path.join(args.out, "digits_classifier.msgpack"), "wb") as f:
+    # The network's arrays and the class table; not the schedule (digits.json
+    # describes it), so the file does not depend on how the schedule stores β.
+    spec = eqx.default_serialise_filter_spec
+    eqx.tree_serialise_leaves(
+        os.path.join(args.out, EPS_FILE),
+        (net, table),
+        filter_spec=(eps_net_spec(net, spec, lambda f, x: None), spec),
+    )
+    with open(os.path.join(args.out, CLASSIFIER_FILE), "wb") as f:
         f.write(flax.serialization.to_bytes(clf_vars))
     info = {
         "schedule": {"name": "VPLinear", "beta_min": 0.1, "beta_max": 20.0},
@@ -304,9 +320,16 @@ def main():
             "t_end": 1e-3,
             "spacing": "logsnr",
         },
+        # Verified by `aj.zoo.digits()` before it deserialises the weights.
+        "files": {
+            name: file_record(os.path.join(args.out, name))
+            for name in (EPS_FILE, CLASSIFIER_FILE)
+        },
     }
+    # Written after the weights: the checksums describe the files now on disk.
     with open(os.path.join(args.out, "digits.json"), "w") as f:
         json.dump(info, f, indent=2)
+        f.write("\n")
     # Rows are classes 0..9, up to ten samples each.
     cols = min(10, args.eval_per_class)
     order = np.concatenate(

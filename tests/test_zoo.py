@@ -1,6 +1,9 @@
 """The model zoo: the shipped digits ε-network (Equinox) and classifier (Flax), and
 Flax models as `model`/`params` of `aj.sample`."""
 
+import hashlib
+import importlib.resources
+import json
 import subprocess
 import sys
 
@@ -224,7 +227,239 @@ def test_flax_model_through_sample():
     np.testing.assert_allclose(float(ad), float(fd), rtol=1e-6)
 
 
-def test_missing_flax_message(monkeypatch):
+def test_missing_flax_message(monkeypatch, tmp_path):
+    # Checked on every call, before the cache.
     monkeypatch.setitem(sys.modules, "flax", None)
     with pytest.raises(ImportError, match=r"adjoint_jax\[examples\]"):
-        aj.zoo.digits.__wrapped__()
+        aj.zoo.digits()
+    with pytest.raises(ImportError, match=r"adjoint_jax\[examples\]"):
+        aj.zoo.digits(path=tmp_path)
+
+
+# ---- zoo files: checksums, `path`, error messages ----------------------------------
+ZOO_FILES = ("digits.json", "digits_eps.eqx", "digits_classifier.msgpack")
+WEIGHT_FILES = ZOO_FILES[1:]
+
+
+def _shipped(name):
+    return importlib.resources.files("adjoint_jax.zoo").joinpath(name)
+
+
+@pytest.fixture
+def zoo_copy(tmp_path):
+    """A copy of the shipped zoo files, as `train_digits.py --out DIR` lays them out."""
+    for name in ZOO_FILES:
+        (tmp_path / name).write_bytes(_shipped(name).read_bytes())
+    return tmp_path.resolve()
+
+
+def _edit_info(directory, edit):
+    file = directory / "digits.json"
+    info = json.loads(file.read_text())
+    edit(info)
+    file.write_text(json.dumps(info, indent=2))
+
+
+def _same_arrays(a, b):
+    la, lb = jtu.tree_leaves(a), jtu.tree_leaves(b)
+    return (
+        jtu.tree_structure(a) == jtu.tree_structure(b)
+        and len(la) == len(lb)
+        and all(
+            x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+            for x, y in zip(la, lb)
+        )
+    )
+
+
+def _same_models(d1, d2):
+    return (
+        _same_arrays(d1.params, d2.params)
+        and _same_arrays(d1.cond_table, d2.cond_table)
+        and _same_arrays(d1.classifier_params, d2.classifier_params)
+        and d1.info == d2.info
+    )
+
+
+def test_shipped_checksums():
+    """The shipped `digits.json` records the size and SHA-256 of both weights files."""
+    files = json.loads(_shipped("digits.json").read_text())["files"]
+    assert set(files) == set(WEIGHT_FILES)
+    for name in WEIGHT_FILES:
+        data = _shipped(name).read_bytes()
+        assert files[name] == {
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "bytes": len(data),
+        }
+    from adjoint_jax.zoo._zoo import file_record
+
+    assert file_record(str(_shipped(WEIGHT_FILES[0]))) == files[WEIGHT_FILES[0]]
+
+
+def test_load_from_path(digits, zoo_copy):
+    d = aj.zoo.digits(path=zoo_copy)
+    assert d is not digits
+    assert _same_models(d, digits)
+    # Cached per resolved directory.
+    assert aj.zoo.digits(str(zoo_copy)) is d
+    assert aj.zoo.digits(zoo_copy / "." / ".." / zoo_copy.name) is d
+    assert aj.zoo.digits() is digits
+    shipped_dir = importlib.resources.files("adjoint_jax.zoo")
+    assert aj.zoo.digits(path=shipped_dir) is digits
+    for leaf in jtu.tree_leaves(d.params):
+        assert leaf.dtype == jnp.float32
+    x = jnp.zeros((2, 8, 8), jnp.float32)
+    t = jnp.asarray(0.5, jnp.float32)
+    np.testing.assert_array_equal(
+        d.model(d.params, x, t, d.cond(jnp.array([1, 2]))),
+        digits.model(digits.params, x, t, digits.cond(jnp.array([1, 2]))),
+    )
+
+
+@pytest.mark.parametrize("name", WEIGHT_FILES)
+def test_bit_flip_fails_checksum(zoo_copy, name):
+    file = zoo_copy / name
+    data = bytearray(file.read_bytes())
+    expected = hashlib.sha256(data).hexdigest()
+    data[len(data) // 2] ^= 0x01
+    file.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="Checksum mismatch") as e:
+        aj.zoo.digits(path=zoo_copy)
+    msg = str(e.value)
+    assert str(file) in msg
+    assert expected in msg and hashlib.sha256(data).hexdigest() in msg
+    assert "corrupted or truncated" in msg
+    assert f"train_digits.py --out {zoo_copy}" in msg
+
+
+@pytest.mark.parametrize("name", WEIGHT_FILES)
+def test_truncated_file(zoo_copy, name):
+    file = zoo_copy / name
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="truncated") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(file) in str(e.value)
+    assert f"{len(data)} bytes" in str(e.value)
+    assert f"{len(data) // 3} bytes" in str(e.value)
+
+
+@pytest.mark.parametrize("name", ZOO_FILES)
+def test_missing_file(zoo_copy, name):
+    (zoo_copy / name).unlink()
+    with pytest.raises(FileNotFoundError, match="Missing file") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(zoo_copy / name) in str(e.value)
+
+
+def test_bad_directory(zoo_copy):
+    with pytest.raises(FileNotFoundError, match="No such directory") as e:
+        aj.zoo.digits(path=zoo_copy / "nowhere")
+    assert str(zoo_copy / "nowhere") in str(e.value)
+    with pytest.raises(NotADirectoryError, match="Not a directory") as e:
+        aj.zoo.digits(path=zoo_copy / "digits.json")
+    assert str(zoo_copy / "digits.json") in str(e.value)
+
+
+def test_no_checksums_warns(digits, zoo_copy):
+    """A `digits.json` from before the checksums loads, with a warning."""
+    _edit_info(zoo_copy, lambda info: info.pop("files"))
+    with pytest.warns(UserWarning, match="cannot be verified") as w:
+        d = aj.zoo.digits(path=zoo_copy)
+    [warning] = [x for x in w if "cannot be verified" in str(x.message)]
+    assert str(zoo_copy / "digits.json") in str(warning.message)
+    assert warning.filename == __file__  # points at the caller
+    assert _same_arrays(d.params, digits.params)
+    assert _same_arrays(d.classifier_params, digits.classifier_params)
+
+
+@pytest.mark.parametrize("name", WEIGHT_FILES)
+def test_garbage_with_matching_checksum(zoo_copy, name):
+    """A corrupted file whose checksum was recorded anyway: a ValueError naming the
+    file (Equinox's TreePathError and msgpack's errors are chained, not raised)."""
+    file = zoo_copy / name
+    garbage = b"definitely not a weights file " * 100
+    file.write_bytes(garbage)
+    record = {"sha256": hashlib.sha256(garbage).hexdigest(), "bytes": len(garbage)}
+    _edit_info(zoo_copy, lambda info: info["files"].update({name: record}))
+    with pytest.raises(ValueError, match="could not be deserialised") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert type(e.value) is ValueError
+    assert str(file) in str(e.value)
+    assert e.value.__cause__ is not None
+
+
+def _record_file(directory, name, data):
+    (directory / name).write_bytes(data)
+    record = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    _edit_info(directory, lambda info: info["files"].update({name: record}))
+
+
+def test_wrong_contents_with_matching_checksum(zoo_copy):
+    import flax.serialization
+
+    # Valid msgpack, but not the classifier's variables.
+    data = flax.serialization.msgpack_serialize(
+        {"params": {"head": {"bias": np.zeros(3, np.float32)}}}
+    )
+    _record_file(zoo_copy, "digits_classifier.msgpack", data)
+    with pytest.raises(ValueError, match="does not hold") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(zoo_copy / "digits_classifier.msgpack") in str(e.value)
+    assert "11 missing arrays: ['params']['conv1a']" in str(e.value)
+    assert "expected shape (10,)" in str(e.value)
+
+
+def test_trailing_bytes_with_matching_checksum(zoo_copy):
+    file = zoo_copy / "digits_eps.eqx"
+    _record_file(zoo_copy, "digits_eps.eqx", file.read_bytes() + b"\0" * 7)
+    with pytest.raises(ValueError, match="7 bytes beyond") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(file) in str(e.value)
+
+
+def test_hyperparameters_do_not_match_weights(zoo_copy):
+    _edit_info(zoo_copy, lambda info: info["eps_net"].update(channels=32))
+    with pytest.raises(ValueError, match="could not be deserialised") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(zoo_copy / "digits_eps.eqx") in str(e.value)
+    assert str(zoo_copy / "digits.json") in str(e.value)
+
+
+def test_bad_json(zoo_copy):
+    info_file = zoo_copy / "digits.json"
+    info_file.write_text('{"schedule": ')
+    with pytest.raises(ValueError, match="not valid JSON") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(info_file) in str(e.value)
+    assert isinstance(e.value.__cause__, json.JSONDecodeError)
+    info_file.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="expected an object") as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(info_file) in str(e.value)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda info: info.pop("eps_net"), "required key 'eps_net'"),
+        (lambda info: info.pop("num_classes"), "required key 'num_classes'"),
+        (lambda info: info["schedule"].pop("beta_max"), "'schedule.beta_max'"),
+        (lambda info: info["schedule"].update(name="Cosine"), "unknown schedule"),
+        (lambda info: info.update(num_classes="10"), "must be of type int"),
+        (lambda info: info["eps_net"].pop("cond_dim"), "'eps_net' hyperparameters"),
+        (
+            lambda info: info["files"].pop("digits_eps.eqx"),
+            "'files' must map 'digits_eps.eqx'",
+        ),
+        (
+            lambda info: info["files"]["digits_classifier.msgpack"].update(sha256="0"),
+            "64 hex digits",
+        ),
+    ],
+)
+def test_json_lacks_keys(zoo_copy, edit, match):
+    _edit_info(zoo_copy, edit)
+    with pytest.raises(ValueError, match=match) as e:
+        aj.zoo.digits(path=zoo_copy)
+    assert str(zoo_copy / "digits.json") in str(e.value)

@@ -3,6 +3,8 @@ benchmark's "real network" case.
 
 - `aj.zoo.digits()`: a class-conditional ε-network for the 8×8 scikit-learn digits
   (Equinox) and a digit classifier whose penultimate layer is an embedding (Flax).
+  `aj.zoo.digits(path=DIR)` loads the files that `examples/train_digits.py --out DIR`
+  writes instead; either way the weights' SHA-256 is checked against `digits.json`.
 
 Importing this module imports neither Flax nor the weights; `digits()` loads them.
 """
