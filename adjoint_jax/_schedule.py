@@ -16,9 +16,12 @@ from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike
+
+from ._misc import cast, concrete_float
 
 
 class AbstractSchedule(eqx.Module):
@@ -73,34 +76,55 @@ def _float(t: ArrayLike) -> Array:
     return t
 
 
+def _check_bounds(name: str, t_min, t_max, upper: float | None = None) -> None:
+    """`t_min` and `t_max` are static bounds (Python numbers), checked eagerly."""
+    for field, v in (("t_min", t_min), ("t_max", t_max)):
+        if (
+            isinstance(v, jax.core.Tracer)
+            or isinstance(v, bool)
+            or not isinstance(v, int | float | np.floating | np.integer)
+        ):
+            raise TypeError(
+                f"`{name}({field}=...)` must be a Python number (it is a static bound "
+                f"of the time range, never traced); got {type(v).__name__}."
+            )
+    ok = 0 < t_min < t_max and (upper is None or t_max <= upper)
+    if not ok:
+        bound = "" if upper is None else f" <= {upper}"
+        raise ValueError(
+            f"`{name}` needs 0 < t_min < t_max{bound}; got t_min={t_min}, "
+            f"t_max={t_max}."
+        )
+
+
 class VPLinear(AbstractSchedule):
     """The variance-preserving schedule with linear β(t) (Song et al., DDPM in
     continuous time): β(t) = β_min + t (β_max − β_min) on t ∈ [0, 1], so
     log α_t = −¼ t² (β_max − β_min) − ½ t β_min and σ_t² = 1 − α_t².
 
-    `t_of_lam` is closed form.
+    `beta_min` and `beta_max` are ordinary (never static) fields: they may be traced
+    and are differentiated by `aj.DTO()` (the custom-VJP strategies refuse gradients
+    with respect to the schedule). `t_of_lam` is closed form.
     """
 
-    beta_min: float = eqx.field(default=0.1, static=True)
-    beta_max: float = eqx.field(default=20.0, static=True)
+    beta_min: float | Array = 0.1
+    beta_max: float | Array = 20.0
     t_min: float = eqx.field(default=1e-5, static=True)
     t_max: float = eqx.field(default=1.0, static=True)
 
     def __check_init__(self):
-        if not (self.beta_min > 0 and self.beta_max >= self.beta_min):
+        lo, hi = concrete_float(self.beta_min), concrete_float(self.beta_max)
+        if lo is not None and hi is not None and not (0 < lo <= hi):
             raise ValueError(
                 "`VPLinear` needs 0 < beta_min <= beta_max; got "
-                f"beta_min={self.beta_min}, beta_max={self.beta_max}."
+                f"beta_min={lo}, beta_max={hi}."
             )
-        if not (0 < self.t_min < self.t_max):
-            raise ValueError(
-                f"`VPLinear` needs 0 < t_min < t_max; got t_min={self.t_min}, "
-                f"t_max={self.t_max}."
-            )
+        _check_bounds("VPLinear", self.t_min, self.t_max)
 
     def log_alpha(self, t: ArrayLike) -> Array:
         t = _float(t)
-        return -0.25 * t**2 * (self.beta_max - self.beta_min) - 0.5 * t * self.beta_min
+        b0, b1 = cast(self.beta_min, t.dtype), cast(self.beta_max, t.dtype)
+        return -0.25 * t**2 * (b1 - b0) - 0.5 * t * b0
 
     def log_sigma(self, t: ArrayLike) -> Array:
         return _vp_log_sigma(self.log_alpha(t))
@@ -110,38 +134,42 @@ class VPLinear(AbstractSchedule):
         # form t = 4L / (β_min + sqrt(β_min² + 4 Δβ L)).
         lam = _float(lam)
         big_l = -_vp_log_alpha_of_lam(lam)
-        db = self.beta_max - self.beta_min
-        return 4.0 * big_l / (self.beta_min + jnp.sqrt(self.beta_min**2 + 4.0 * db * big_l))
+        b0, b1 = cast(self.beta_min, lam.dtype), cast(self.beta_max, lam.dtype)
+        return 4.0 * big_l / (b0 + jnp.sqrt(b0**2 + 4.0 * (b1 - b0) * big_l))
 
 
 class VPCosine(AbstractSchedule):
     """The cosine variance-preserving schedule of Nichol & Dhariwal (2021):
     α_t = cos(π/2 · (t + s)/(1 + s)) / cos(π/2 · s/(1 + s)), σ_t² = 1 − α_t².
 
-    α vanishes at t = 1, so `t_max` defaults to 0.9946 as in DPM-Solver.
-    `t_of_lam` is closed form.
+    α vanishes at t = 1, so `t_max` defaults to 0.9946 as in DPM-Solver. `s` is an
+    ordinary field (traceable, differentiable with `aj.DTO()`). `t_of_lam` is closed
+    form.
     """
 
-    s: float = eqx.field(default=0.008, static=True)
+    s: float | Array = 0.008
     t_min: float = eqx.field(default=1e-5, static=True)
     t_max: float = eqx.field(default=0.9946, static=True)
 
     def __check_init__(self):
-        if not self.s > 0:
-            raise ValueError(f"`VPCosine` needs s > 0; got s={self.s}.")
-        if not (0 < self.t_min < self.t_max < 1):
+        s = concrete_float(self.s)
+        if s is not None and not s > 0:
+            raise ValueError(f"`VPCosine` needs s > 0; got s={s}.")
+        _check_bounds("VPCosine", self.t_min, self.t_max)
+        if not self.t_max < 1:
             raise ValueError(
-                "`VPCosine` needs 0 < t_min < t_max < 1; got "
-                f"t_min={self.t_min}, t_max={self.t_max}."
+                f"`VPCosine` needs t_max < 1 (α vanishes at t = 1); got {self.t_max}."
             )
 
-    def _log_cos0(self) -> float:
-        return math.log(math.cos(0.5 * math.pi * self.s / (1.0 + self.s)))
+    def _log_cos0(self, dtype) -> Array:
+        s = cast(self.s, dtype)
+        return jnp.log(jnp.cos(0.5 * jnp.pi * s / (1.0 + s)))
 
     def log_alpha(self, t: ArrayLike) -> Array:
         t = _float(t)
-        return jnp.log(jnp.cos(0.5 * jnp.pi * (t + self.s) / (1.0 + self.s))) - (
-            self._log_cos0()
+        s = cast(self.s, t.dtype)
+        return jnp.log(jnp.cos(0.5 * jnp.pi * (t + s) / (1.0 + s))) - self._log_cos0(
+            t.dtype
         )
 
     def log_sigma(self, t: ArrayLike) -> Array:
@@ -149,9 +177,10 @@ class VPCosine(AbstractSchedule):
 
     def t_of_lam(self, lam: ArrayLike) -> Array:
         lam = _float(lam)
+        s = cast(self.s, lam.dtype)
         log_alpha = _vp_log_alpha_of_lam(lam)
-        c = jnp.exp(log_alpha + self._log_cos0())
-        return 2.0 * (1.0 + self.s) / jnp.pi * jnp.arccos(c) - self.s
+        c = jnp.exp(log_alpha + self._log_cos0(lam.dtype))
+        return 2.0 * (1.0 + s) / jnp.pi * jnp.arccos(c) - s
 
 
 class VPDiscrete(AbstractSchedule):
@@ -163,8 +192,10 @@ class VPDiscrete(AbstractSchedule):
     piecewise-linearly in t (DPM-Solver's convention), σ² = 1 − α². The model's
     discrete timestep for a continuous t is `N t − 1`.
 
-    `t_of_lam` inverts the piecewise-linear log α exactly (λ ↦ log α is closed form),
-    so the round trip is exact to round-off.
+    `betas` may be traced (e.g. learned): `log_alphas` is then computed with JAX and
+    differentiated by `aj.DTO()`. Concrete betas are accumulated in float64 whatever
+    `jax_enable_x64` says. `t_of_lam` inverts the piecewise-linear log α exactly
+    (λ ↦ log α is closed form), so the round trip is exact to round-off.
     """
 
     log_alphas: Array
@@ -172,16 +203,27 @@ class VPDiscrete(AbstractSchedule):
     t_max: float = eqx.field(static=True)
 
     def __init__(self, betas: ArrayLike):
-        betas = np.asarray(betas, dtype=np.float64)
-        if betas.ndim != 1 or betas.shape[0] < 2:
+        if isinstance(betas, type):
+            raise TypeError("`VPDiscrete(betas)` needs an array of betas; got a class.")
+        traced = isinstance(betas, jax.core.Tracer)
+        shape = jnp.shape(betas) if traced else np.shape(betas)
+        if len(shape) != 1 or shape[0] < 2:
             raise ValueError(
                 "`VPDiscrete(betas)` needs a 1-D array of at least 2 betas; got shape "
-                f"{betas.shape}."
+                f"{shape}."
             )
-        if not np.all((betas > 0) & (betas < 1)):
-            raise ValueError("`VPDiscrete(betas)` needs every beta in (0, 1).")
-        n = betas.shape[0]
-        self.log_alphas = jnp.asarray(0.5 * np.cumsum(np.log1p(-betas)))
+        msg = "`VPDiscrete(betas)` needs every beta in (0, 1)."
+        if traced:
+            betas = _float(betas)
+            bad = jnp.any((betas <= 0) | (betas >= 1) | ~jnp.isfinite(betas))
+            log_alphas = 0.5 * jnp.cumsum(jnp.log1p(-betas))
+            self.log_alphas = eqx.error_if(log_alphas, bad, msg)
+        else:
+            betas = np.asarray(betas, dtype=np.float64)
+            if not np.all((betas > 0) & (betas < 1)):
+                raise ValueError(msg)
+            self.log_alphas = np.asarray(0.5 * np.cumsum(np.log1p(-betas)))
+        n = shape[0]
         self.t_min = 1.0 / n
         self.t_max = 1.0
 
@@ -196,9 +238,11 @@ class VPDiscrete(AbstractSchedule):
     def log_alpha(self, t: ArrayLike) -> Array:
         t = _float(t)
         knots = self._knots(t.dtype)
-        la = self.log_alphas.astype(t.dtype)
+        la = cast(self.log_alphas, t.dtype)
         # Piecewise-linear with linear extrapolation beyond the end knots.
-        idx = jnp.clip(jnp.searchsorted(knots, t, side="right") - 1, 0, knots.shape[0] - 2)
+        idx = jnp.clip(
+            jnp.searchsorted(knots, t, side="right") - 1, 0, knots.shape[0] - 2
+        )
         t0, t1 = knots[idx], knots[idx + 1]
         l0, l1 = la[idx], la[idx + 1]
         return l0 + (t - t0) * (l1 - l0) / (t1 - t0)
@@ -210,7 +254,7 @@ class VPDiscrete(AbstractSchedule):
         lam = _float(lam)
         target = _vp_log_alpha_of_lam(lam)
         knots = self._knots(lam.dtype)
-        neg_la = -self.log_alphas.astype(lam.dtype)  # increasing in t
+        neg_la = -cast(self.log_alphas, lam.dtype)  # increasing in t
         idx = jnp.clip(
             jnp.searchsorted(neg_la, -target, side="right") - 1, 0, knots.shape[0] - 2
         )
@@ -281,10 +325,11 @@ class FlowMatching(AbstractSchedule):
     t_max: float = eqx.field(default=1.0 - 1e-4, static=True)
 
     def __check_init__(self):
-        if not (0 < self.t_min < self.t_max < 1):
+        _check_bounds("FlowMatching", self.t_min, self.t_max)
+        if not self.t_max < 1:
             raise ValueError(
-                "`FlowMatching` needs 0 < t_min < t_max < 1; got "
-                f"t_min={self.t_min}, t_max={self.t_max}."
+                "`FlowMatching` needs t_max < 1 (α vanishes at t = 1); got "
+                f"t_max={self.t_max}."
             )
 
     def log_alpha(self, t: ArrayLike) -> Array:

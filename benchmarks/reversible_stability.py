@@ -149,7 +149,7 @@ def _run(sampler, pb, params, x_T, ts, n):
 
     def back(k, st):
         i = n - 1 - k
-        return sampler.step_back(eps, sch, st, ts[i], ts[i + 1], i, None)
+        return sampler.step_back(eps, eps, sch, st, ts[i], ts[i + 1], i, None)
 
     return sampler.output(final), sampler.output(jax.lax.fori_loop(0, n, back, final))
 

@@ -1,5 +1,7 @@
+from ._base import AbstractMultistepSampler as AbstractMultistepSampler
 from ._base import AbstractReversibleSampler as AbstractReversibleSampler
 from ._base import AbstractSampler as AbstractSampler
+from ._base import AbstractSDESampler as AbstractSDESampler
 from ._dpm_solver import DDIM as DDIM
 from ._dpm_solver import DPMSolver1 as DPMSolver1
 from ._dpm_solver import DPMSolver2 as DPMSolver2

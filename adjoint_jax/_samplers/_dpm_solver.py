@@ -7,11 +7,29 @@ from jaxtyping import Array, PyTree
 
 from .._misc import lincomb
 from .._schedule import AbstractSchedule
-from ._base import AbstractSampler, EpsFn
+from ._base import AbstractMultistepSampler, EpsFn
 from ._coeffs import step_coeffs
 
 
-class DPMSolver1(AbstractSampler[PyTree]):
+def multistep_update(schedule, x, e, e_prev, t, s, r, first):
+    """DPM-Solver's exponential multistep update t → s (either direction), the one
+    formula behind `DPMSolver1`, `DPMSolver2`, `McCallumFoster`'s base steps and the
+    continuous adjoint's state re-solve. With h = λ_s − λ_t and D = (e − e_prev)/r
+    (≈ h ∂ε/∂λ, from the earlier ε at λ_t − r·h):
+
+        x_s = (α_s/α_t) x − σ_s (e^h − 1) e − σ_s φ₂ D,   φ₂ = (e^h − 1 − h)/h
+
+    (∫_{λ_t}^{λ_s} e^{−λ}(λ − λ_t) dλ = e^{−λ_s} h φ₂). Without `e_prev`, or where
+    `first` is true, it is DPM-Solver-1: x_s = (α_s/α_t) x − σ_s (e^h − 1) e.
+    """
+    c = step_coeffs(schedule, t, s)
+    if e_prev is None:
+        return lincomb((c.alpha_ratio, x), (-c.sigma_s * c.phi1, e))
+    c2 = jnp.where(first, jnp.zeros_like(c.h), c.sigma_s * c.phi2 / r)
+    return lincomb((c.alpha_ratio, x), (-c.sigma_s * c.phi1 - c2, e), (c2, e_prev))
+
+
+class DPMSolver1(AbstractMultistepSampler[PyTree]):
     """DPM-Solver-1, the first-order exponential integrator of the probability-flow
     ODE in the log-SNR λ; identical to DDIM (η = 0). `aj.DDIM` is an alias.
 
@@ -29,6 +47,7 @@ class DPMSolver1(AbstractSampler[PyTree]):
     order: ClassVar[int] = 1
     is_sde: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
+    memory: ClassVar[int] = 0
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> PyTree:
         del schedule, ts
@@ -36,8 +55,11 @@ class DPMSolver1(AbstractSampler[PyTree]):
 
     def step(self, eps: EpsFn, schedule, state, t, s, i, key):
         del i, key
-        c = step_coeffs(schedule, t, s)
-        return lincomb((c.alpha_ratio, state), (-c.sigma_s * c.phi1, eps(state, t)))
+        return self.update(schedule, state, eps(state, t), None, t, s, None, True)
+
+    def update(self, schedule, x, e, e_prev, t, s, r, first):
+        del e_prev, r, first
+        return multistep_update(schedule, x, e, None, t, s, None, True)
 
     def output(self, state: PyTree) -> PyTree:
         return state
@@ -48,7 +70,7 @@ DPMSolver1.__init__.__doc__ = """**Arguments:** None."""
 DDIM = DPMSolver1
 
 
-class DPMSolver2(AbstractSampler[tuple]):
+class DPMSolver2(AbstractMultistepSampler[tuple]):
     """DPM-Solver-2 in its multistep form (Lu et al. 2022, "DPM-Solver-2M" with the
     Taylor coefficient): second order with one model evaluation per step.
 
@@ -66,6 +88,7 @@ class DPMSolver2(AbstractSampler[tuple]):
     order: ClassVar[int] = 2
     is_sde: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
+    memory: ClassVar[int] = 1
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array):
         # The previous-ε slot is a placeholder the first step multiplies by zero; its
@@ -76,18 +99,13 @@ class DPMSolver2(AbstractSampler[tuple]):
     def step(self, eps: EpsFn, schedule, state, t, s, i, key):
         del key
         x, eps_prev, lam_prev = state
-        c = step_coeffs(schedule, t, s)
-        lam_t = c.lam_t
+        lam_t, lam_s = schedule.lam(t), schedule.lam(s)
         e = eps(x, t)
-        r = (lam_t - lam_prev) / c.h
-        # Second-order correction −σ_s h φ₂ D / h = −σ_s φ₂ (ε_i − ε_{i−1})/r.
-        c2 = jnp.where(i == 0, jnp.zeros_like(r), c.sigma_s * c.phi2 / r)
-        x_next = lincomb(
-            (c.alpha_ratio, x),
-            (-c.sigma_s * c.phi1 - c2, e),
-            (c2, eps_prev),
-        )
-        return (x_next, e, lam_t)
+        r = (lam_t - lam_prev) / (lam_s - lam_t)
+        return (self.update(schedule, x, e, eps_prev, t, s, r, i == 0), e, lam_t)
+
+    def update(self, schedule, x, e, e_prev, t, s, r, first):
+        return multistep_update(schedule, x, e, e_prev, t, s, r, first)
 
     def output(self, state) -> PyTree:
         return state[0]

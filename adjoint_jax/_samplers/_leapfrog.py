@@ -109,8 +109,8 @@ class AsyncLeapfrog(AbstractReversibleSampler[tuple]):
         x_s = lincomb((a, x), (k, f))
         return (x_s, v_s)
 
-    def step_back(self, eps: EpsFn, schedule, state, t, s, i, key):
-        del key
+    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, key):
+        del eps_prev, key
         x_s, v_s = state
         b, kb = rho_coeffs(schedule, s, t)
         t_m, la_m, h = _midpoint(schedule, t, s)

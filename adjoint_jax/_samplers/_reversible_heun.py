@@ -92,8 +92,8 @@ class ReversibleHeun(AbstractReversibleSampler[tuple]):
 
     **Conditioning:** ε̂_s is evaluated at the end of step i, with step i's
     conditioning, and reused by step i + 1. `step_back` of step i therefore
-    re-evaluates ε̂_t with step i − 1's conditioning (step 0's for i = 0); with
-    `aj.Scheduled` conditioning `aj.ReversibleAdjoint` passes it that one.
+    re-evaluates ε̂_t with step i − 1's conditioning (step 0's for i = 0): its
+    `eps_prev`.
 
     ??? cite "References"
 
@@ -112,8 +112,6 @@ class ReversibleHeun(AbstractReversibleSampler[tuple]):
     order: ClassVar[int] = 2
     is_sde: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
-    # Step i reuses the ε̂ that step i − 1 evaluated (with z_{i−1}).
-    step_back_cond_offset: ClassVar[int] = 1
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
         del schedule, ts
@@ -130,12 +128,14 @@ class ReversibleHeun(AbstractReversibleSampler[tuple]):
         x_s = lincomb((a, x), (0.5 * k, eh), (0.5 * k, eh_s))
         return (x_s, xh_s, eh_s)
 
-    def step_back(self, eps: EpsFn, schedule, state, t, s, i, key):
-        del key
+    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, key):
+        del eps, key
         x_s, xh_s, eh_s = state
         b, kb = rho_coeffs(schedule, s, t)  # α_t/α_s and α_t (ρ_t − ρ_s)
         xh = lincomb((2.0 * b, x_s), (-b, xh_s), (kb, eh_s))
-        eh = eps(xh, t)
+        # ε̂_t was evaluated by step i − 1 (by step 0 itself when i = 0), with that
+        # step's conditioning.
+        eh = eps_prev(xh, t)
         x = lincomb((b, x_s), (0.5 * kb, eh), (0.5 * kb, eh_s))
         return (x, xh, zero_on_first(i, eh))
 
