@@ -6,21 +6,24 @@ The public surface is this module; everything else is private.
 import importlib.metadata
 
 from . import zoo as zoo
+from ._adjoints import DTO as DTO
 from ._adjoints import AbstractAdjoint as AbstractAdjoint
 from ._adjoints import AbstractContinuousAdjoint as AbstractContinuousAdjoint
+from ._adjoints import AbstractCustomAdjoint as AbstractCustomAdjoint
 from ._adjoints import AdjointDEIS as AdjointDEIS
 from ._adjoints import AdjointDPM as AdjointDPM
-from ._adjoints import DTO as DTO
 from ._adjoints import InterpolatedAdjoint as InterpolatedAdjoint
 from ._adjoints import RecordedAdjoint as RecordedAdjoint
 from ._adjoints import ReversibleAdjoint as ReversibleAdjoint
-from ._model import as_eps as as_eps
 from ._model import Scheduled as Scheduled
+from ._model import as_eps as as_eps
 from ._sample import sample as sample
+from ._samplers import DDIM as DDIM
+from ._samplers import AbstractMultistepSampler as AbstractMultistepSampler
 from ._samplers import AbstractReversibleSampler as AbstractReversibleSampler
 from ._samplers import AbstractSampler as AbstractSampler
+from ._samplers import AbstractSDESampler as AbstractSDESampler
 from ._samplers import AsyncLeapfrog as AsyncLeapfrog
-from ._samplers import DDIM as DDIM
 from ._samplers import DPMSolver1 as DPMSolver1
 from ._samplers import DPMSolver2 as DPMSolver2
 from ._samplers import McCallumFoster as McCallumFoster

@@ -1,4 +1,5 @@
-"""Small internal helpers: pytree arithmetic, dtype handling, value checks."""
+"""Small internal helpers: pytree arithmetic, dtype handling, value checks and the
+inspection of JAX tracers."""
 
 from collections.abc import Callable
 
@@ -6,6 +7,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
 
@@ -22,6 +24,32 @@ def check_value(pred: Array, msg: str, carrier):
             raise ValueError(msg)
         return carrier
     return eqx.error_if(carrier, pred, msg)
+
+
+def floats_to_arrays(tree: PyTree) -> PyTree:
+    """`tree` with its Python float leaves (a schedule's β, a sampler's coupling)
+    replaced by NumPy float64 scalars. Applied at the `jit` boundary of `aj.sample`,
+    so that compiled code is never keyed on a hyperparameter's value: changing β or
+    the coupling reuses the compilation, and the value can be traced."""
+    return jtu.tree_map(
+        lambda v: np.asarray(v, np.float64) if type(v) is float else v, tree
+    )
+
+
+def concrete_float(value) -> float | None:
+    """`float(value)` if `value` is concrete (not traced), else None."""
+    if isinstance(value, jax.core.Tracer):
+        return None
+    try:
+        return float(np.asarray(value))
+    except TypeError:
+        return None
+
+
+def cast(value, dtype) -> Array:
+    """`value` as an array of `dtype` (a hyperparameter stored in float64, used in
+    the dtype of the computation)."""
+    return jnp.asarray(value).astype(dtype)
 
 
 def lincomb(*pairs) -> PyTree:
@@ -51,6 +79,39 @@ def tree_add(x: PyTree, y: PyTree) -> PyTree:
 
 def tree_zeros_like(x: PyTree) -> PyTree:
     return jtu.tree_map(jnp.zeros_like, x)
+
+
+def accumulator_dtype(dtype):
+    """The dtype in which cotangents of an input of `dtype` are summed over steps:
+    at least float32, so that bfloat16/float16 parameters do not lose the sum of N
+    per-step contributions to their 8- or 11-bit mantissa."""
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.float32) if jnp.finfo(dtype).bits < 32 else dtype
+
+
+def acc_zeros(x: PyTree) -> PyTree:
+    """Zeros shaped like `x` in the accumulation dtype (see `accumulator_dtype`)."""
+    if x is None:
+        return None
+    return jtu.tree_map(lambda v: jnp.zeros(v.shape, accumulator_dtype(v.dtype)), x)
+
+
+def tree_acc(acc: PyTree, term: PyTree) -> PyTree:
+    """`acc + term` leaf by leaf, with `term` cast to the accumulator's dtype."""
+    if acc is None:
+        return None
+    return jtu.tree_map(lambda a, t: a + t.astype(a.dtype), acc, term)
+
+
+def cast_like(x: PyTree, like: PyTree) -> PyTree:
+    """`x` with every leaf cast to the dtype of the matching leaf of `like`; `None`
+    leaves of `x` stay `None`."""
+    return jtu.tree_map(
+        lambda u, v: None if u is None else u.astype(v.dtype),
+        x,
+        like,
+        is_leaf=lambda u: u is None,
+    )
 
 
 def first_dtype(x: PyTree):
@@ -86,3 +147,56 @@ def index_tree(tree: PyTree, i) -> PyTree:
 
 def fn_name(fn: Callable) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
+
+
+def describe_class_error(arg: str, value, example: str) -> str | None:
+    """The message for a class passed where an instance is expected (`aj.DTO` for
+    `aj.DTO()`), or None if `value` is not a class."""
+    if isinstance(value, type):
+        return (
+            f"`{arg}` must be an instance such as `{example}`; got the class "
+            f"`{value.__module__.split('.')[0]}.{value.__name__}` itself (add the "
+            "parentheses: `" + value.__name__ + "()`)."
+        )
+    return None
+
+
+# ---- tracer inspection --------------------------------------------------------------
+# Two questions about the inputs of `aj.sample`, answered by looking at their tracers:
+# is the call being staged out by an enclosing `jit` (then `sample` adds no `jit` of
+# its own), and is it being differentiated in forward mode (which the custom-VJP
+# strategies cannot do; they say so in their own words instead of JAX's generic
+# error). Tracers wrap the values of the enclosing transformation: a JVP or
+# linearize tracer its `primal`, a batching tracer its `val`.
+try:
+    from jax._src.interpreters.ad import JVPTracer as _JVPTracer
+    from jax._src.interpreters.partial_eval import (
+        DynamicJaxprTracer as _StagingTracer,
+    )
+except ImportError:  # pragma: no cover - a JAX without these private names
+    _JVPTracer = _StagingTracer = ()
+
+
+def _inner(tracer):
+    for name in ("primal", "val"):
+        inner = getattr(tracer, name, None)
+        if inner is not None:
+            return inner
+    return None
+
+
+def is_staged(tree: PyTree) -> bool:
+    """True if some leaf of `tree` is (or wraps) a tracer of an enclosing `jit`."""
+    for leaf in jtu.tree_leaves(tree):
+        while isinstance(leaf, jax.core.Tracer):
+            if isinstance(leaf, _StagingTracer):
+                return True
+            leaf = _inner(leaf)
+    return False
+
+
+def is_forward_mode(tree: PyTree) -> bool:
+    """True if some leaf of `tree` is differentiated in forward mode at the innermost
+    level (`jax.jvp`, `jax.jacfwd`; not `jax.grad`, whose tracers are linearize
+    tracers, nor the outer `jvp` of a Hessian-vector product)."""
+    return any(isinstance(leaf, _JVPTracer) for leaf in jtu.tree_leaves(tree))

@@ -1,6 +1,8 @@
 from ._adjoint_deis import AdjointDEIS as AdjointDEIS
 from ._adjoint_dpm import AdjointDPM as AdjointDPM
 from ._base import AbstractAdjoint as AbstractAdjoint
+from ._base import AbstractCustomAdjoint as AbstractCustomAdjoint
+from ._base import Differentiated as Differentiated
 from ._continuous import AbstractContinuousAdjoint as AbstractContinuousAdjoint
 from ._dto import DTO as DTO
 from ._interpolated import InterpolatedAdjoint as InterpolatedAdjoint

@@ -74,12 +74,13 @@ class AdjointDEIS(AbstractContinuousAdjoint):
             raise ValueError(
                 f"`adjoint={self!r}` with `sampler={sampler!r}`: a separate backward "
                 "grid (num_steps) cannot replay the SDE's per-step noise; use "
-                "num_steps=None."
+                f"`adjoint=aj.AdjointDEIS(order={self.order})` (the forward grid)."
             )
 
     def forward(self, solve: Solve, theta, x_T, cond):
         state, _ = solve.forward(theta, x_T, cond)
-        return solve.sampler.output(state), None
+        x0 = solve.sampler.output(state)
+        return x0, (x0, None)
 
     def backward_grid(self, solve: Solve):
         if self.num_steps is None:
@@ -89,8 +90,8 @@ class AdjointDEIS(AbstractContinuousAdjoint):
         taus = solve.schedule.t_of_lam(lams)
         return taus.at[0].set(solve.ts[-1]).at[-1].set(solve.ts[0])
 
-    def states(self, solve, residuals, x0):
-        del solve, residuals, x0
+    def states(self, solve, extra, x0):
+        del solve, extra, x0
         return None
 
 

@@ -8,19 +8,19 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
 
-from .._misc import first_dtype, lincomb, tree_add
-from .._samplers._base import AbstractSampler
-from ._base import (
-    AbstractAdjoint,
-    Solve,
-    join,
-    materialise,
-    reject_differentiated,
-    split_diff,
+from .._misc import (
+    acc_zeros,
+    accumulator_dtype,
+    describe_class_error,
+    first_dtype,
+    lincomb,
+    tree_acc,
 )
+from .._samplers._base import AbstractSampler
+from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
 
 
-class AdjointDPM(AbstractAdjoint):
+class AdjointDPM(AbstractCustomAdjoint):
     """AdjointDPM (Pan et al., ICLR 2024): the gradient of the probability-flow ODE
     by its continuous adjoint, in the exponentially reparameterised variables, solved
     by a diffrax ODE solver with step-size control. O(1) memory in the number of
@@ -66,9 +66,15 @@ class AdjointDPM(AbstractAdjoint):
     adaptive steps times the solver's stages (6 for Tsit5), one model VJP each. With
     few forward steps the tolerance sets the cost; with many, every interval still
     takes at least one step (random MLP, rtol = 1e-6: about 40 VJPs per interval at
-    N = 6, 15 at N = 200). Sharp data make the backward solve longer. Raise
-    `max_steps` (per interval) if a solve needs more steps; diffrax then raises an
-    error rather than return a wrong gradient.
+    N = 6, 15 at N = 200). Sharp data make the backward solve longer. If an interval
+    needs more than `max_steps` steps the gradient raises an error saying so (raise
+    `max_steps` or loosen the tolerances) rather than return a wrong gradient.
+
+    **Precision:** the backward solve runs in at least float32: with a float16 or
+    bfloat16 state, y, the adjoint and the quadratures are carried in float32 (the
+    model still sees x in the state's dtype). A NaN or inf from the model (or in
+    x_0 or the output cotangent) makes the gradient NaN, as with `aj.DTO()`, rather
+    than stall the step-size controller.
 
     Only deterministic (ODE) samplers; gradients with respect to the time grid or the
     schedule are not available (use `aj.DTO`).
@@ -94,17 +100,37 @@ class AdjointDPM(AbstractAdjoint):
     """
 
     solver: diffrax.AbstractSolver = diffrax.Tsit5()
-    rtol: float = eqx.field(default=1e-6, static=True)
-    atol: float = eqx.field(default=1e-6, static=True)
+    rtol: float | None = eqx.field(default=None, static=True)
+    atol: float | None = eqx.field(default=None, static=True)
     max_steps: int = eqx.field(default=4096, static=True)
 
     def __check_init__(self):
+        msg = describe_class_error("AdjointDPM(solver)", self.solver, "diffrax.Tsit5()")
+        if msg:
+            raise TypeError(msg)
         if not isinstance(self.solver, diffrax.AbstractSolver):
             raise TypeError(
                 "`AdjointDPM(solver=...)` needs a diffrax solver such as "
                 f"`diffrax.Tsit5()`; got {type(self.solver).__name__}."
             )
-        if not (self.rtol > 0 and self.atol > 0):
+        if not isinstance(self.solver, diffrax.AbstractAdaptiveSolver) or (
+            self.solver.term_structure is not diffrax.AbstractTerm
+        ):
+            raise ValueError(
+                f"`AdjointDPM(solver={type(self.solver).__name__}())` cannot solve the "
+                "adjoint ODE: it needs an adaptive ODE solver (one with an error "
+                "estimate, for the step-size controller), such as `diffrax.Tsit5()`, "
+                "`diffrax.Dopri5()`, `diffrax.Dopri8()` or `diffrax.Heun()`."
+            )
+        if any(
+            v is not None and (isinstance(v, bool) or not isinstance(v, int | float))
+            for v in (self.rtol, self.atol)
+        ):
+            raise TypeError(
+                f"`AdjointDPM(rtol=..., atol=...)` must be numbers or None; got "
+                f"rtol={self.rtol!r}, atol={self.atol!r}."
+            )
+        if not all(v is None or v > 0 for v in (self.rtol, self.atol)):
             raise ValueError(
                 f"`AdjointDPM` needs rtol > 0 and atol > 0; got rtol={self.rtol}, "
                 f"atol={self.atol}."
@@ -122,13 +148,24 @@ class AdjointDPM(AbstractAdjoint):
             raise ValueError(
                 f"`adjoint={self!r}` solves the adjoint of the probability-flow ODE "
                 f"and cannot differentiate the stochastic `sampler={sampler!r}`; use "
-                "an ODE sampler, or `adjoint=aj.DTO()` / `aj.AdjointDEIS()` for "
-                "the SDE."
+                "an ODE sampler, or for the SDE `adjoint=aj.DTO()` (exact) or "
+                "`adjoint=aj.RecordedAdjoint()` (its continuous adjoint)."
             )
 
-    def loop(self, solve: Solve, theta, x_T, cond):
-        solve_arrays, solve_static = eqx.partition(solve, eqx.is_inexact_array)
-        return _adjoint_dpm_loop((theta, x_T, cond, solve_arrays), solve_static, self)
+    def forward_mode_error(self) -> str:
+        return (
+            f"`adjoint={self!r}` solves the adjoint ODE backward with diffrax "
+            "(reverse mode only): it has no forward-mode (jvp) rule."
+            + FORWARD_MODE_HINT
+        )
+
+    def forward(self, solve: Solve, theta, x_T, cond):
+        state, _ = solve.forward(theta, x_T, cond)
+        x0 = solve.sampler.output(state)
+        return x0, x0
+
+    def backward(self, solve, residuals, ct_x0, diff, x_T):
+        return _adjoint_dpm_backward(self, solve, residuals, ct_x0, diff, x_T)
 
 
 AdjointDPM.__init__.__doc__ = """**Arguments:**
@@ -136,35 +173,13 @@ AdjointDPM.__init__.__doc__ = """**Arguments:**
 - `solver`: the diffrax solver of the backward (adjoint) ODE; it must be adaptive
     (have an error estimate), e.g. `diffrax.Tsit5()` (default), `diffrax.Dopri5()`,
     `diffrax.Dopri8()`.
-- `rtol`, `atol`: the tolerances of its PID step-size controller (default 1e-6).
+- `rtol`, `atol`: the tolerances of its PID step-size controller. `None` (default)
+    means 1e-6 when the backward solve runs in float64 and 1e-4 in float32 (the
+    tightest that float32 round-off reliably lets the controller meet).
     In float32 do not go below about 1e-5.
 - `max_steps`: the most adaptive steps per interval of the backward solve
     (default 4096).
 """
-
-
-def _final(vjp_arg, solve_static):
-    theta, x_T, cond, solve_arrays = vjp_arg
-    solve = eqx.combine(solve_arrays, solve_static)
-    state, _ = solve.forward(theta, x_T, cond)
-    return solve.sampler.output(state)
-
-
-@eqx.filter_custom_vjp
-def _adjoint_dpm_loop(vjp_arg, solve_static, adjoint):
-    del adjoint
-    return _final(vjp_arg, solve_static)
-
-
-@_adjoint_dpm_loop.def_fwd
-def _adjoint_dpm_loop_fwd(perturbed, vjp_arg, solve_static, adjoint):
-    reject_differentiated(
-        perturbed[3],
-        "the time grid `ts`, the schedule or the sampler's fields",
-        adjoint,
-    )
-    x0 = _final(vjp_arg, solve_static)
-    return x0, x0
 
 
 # The backward rule. Along the probability-flow ODE in (y, ρ), y' = F(y, ρ; θ, z)
@@ -179,98 +194,123 @@ def _adjoint_dpm_loop_fwd(perturbed, vjp_arg, solve_static, adjoint):
 # ∂L/∂x_T = a(ρ_start)/α_start. y is re-solved backward from the sampled x_0.
 # For a scheduled z, z_i acts only on (ρ_{i+1}, ρ_i): solving interval by interval
 # with g_z reset to 0 on each gives ∂L/∂z_i.
-@_adjoint_dpm_loop.def_bwd
-def _adjoint_dpm_loop_bwd(x0, grad_obj, perturbed, vjp_arg, solve_static, adjoint):
-    theta, x_T, cond, solve_arrays = vjp_arg
-    solve = eqx.combine(solve_arrays, solve_static)
+def _all_finite(tree) -> jax.Array:
+    leaves = jtu.tree_leaves(tree)
+    if not leaves:
+        return jnp.array(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
+
+
+def _finite_or_zero(tree):
+    """(tree with non-finite entries zeroed, how many there were)."""
+    leaves = jtu.tree_leaves(tree)
+    bad = sum((jnp.sum(~jnp.isfinite(v)) for v in leaves), jnp.array(0))
+    clean = jtu.tree_map(
+        lambda v: jnp.where(jnp.isfinite(v), v, jnp.zeros_like(v)), tree
+    )
+    return clean, bad
+
+
+def _adjoint_dpm_backward(
+    adjoint: AdjointDPM, solve: Solve, x0, g, diff: Differentiated, x_T
+):
     sch, ts = solve.schedule, solve.ts
-    dtype = first_dtype(x_T)
-    want_theta = any(jtu.tree_leaves(perturbed[0]))
-    want_cond = any(jtu.tree_leaves(perturbed[2]))
-    theta_d, theta_rest = split_diff(theta, want_theta)
+    state_dtype = first_dtype(x_T)
+    # The backward solve runs in at least float32 (see the class docstring).
+    dtype = accumulator_dtype(state_dtype)
+    theta_d = diff.theta
 
     rho = lambda t: jnp.exp(-sch.lam(t)).astype(dtype)
     alpha = lambda t: jnp.exp(sch.log_alpha(t))
 
     def vector_field(r, state, args):
-        y, a, _, _ = state
+        y, a, _, _, _ = state
         th_d, z_d, z_rest = args
         t = sch.t_of_lam(-jnp.log(r))
         al = alpha(t)
 
         def f(yy, tt_d, zz_d):
-            x = lincomb((al, yy))
-            return solve.model(join(tt_d, theta_rest), x, t, join(zz_d, z_rest))
+            x = jtu.tree_map(lambda v: v.astype(state_dtype), lincomb((al, yy)))
+            out = solve.eps(diff.theta_with(tt_d), x, t, diff.cond_with(zz_d, z_rest))
+            return jtu.tree_map(lambda v: v.astype(dtype), out)
 
         out, f_vjp = jax.vjp(f, y, th_d, z_d)
         g_y, g_th, g_z = f_vjp(a)
         neg = lambda tree: jtu.tree_map(lambda v: -v.astype(dtype), tree)
-        return out, neg(g_y), neg(g_th), neg(g_z)
+        # A NaN/inf from the model must not stall the step-size controller (it would
+        # reject every step and end in a misleading "max_steps" error): it is
+        # zeroed here and counted in the last slot, and the interval's result is
+        # then NaN.
+        (out, g_y, g_th, g_z), bad = _finite_or_zero(
+            (out, neg(g_y), neg(g_th), neg(g_z))
+        )
+        return out, g_y, g_th, g_z, bad.astype(dtype)
 
     term = diffrax.ODETerm(vector_field)
     # Step-size control on (y, a_y) only, a seminorm (Kidger et al. 2021): a_θ and a_z
     # are quadratures along them. Cheaper, and the steps (so ∂L/∂x_T) do not depend
     # on which arguments are differentiated.
+    default_tol = 1e-6 if jnp.finfo(dtype).bits >= 64 else 1e-4
+    rtol = default_tol if adjoint.rtol is None else adjoint.rtol
+    atol = default_tol if adjoint.atol is None else adjoint.atol
     controller = diffrax.PIDController(
-        rtol=adjoint.rtol, atol=adjoint.atol, norm=lambda e: optx.rms_norm(e[:2])
+        rtol=rtol, atol=atol, norm=lambda e: optx.rms_norm(e[:2])
+    )
+    msg = (
+        f"`adjoint={adjoint!r}`: the backward solve of an interval needed more than "
+        f"max_steps={adjoint.max_steps} steps. Raise `max_steps`, or loosen "
+        "`rtol`/`atol` (in float32 no tighter than about 1e-4)."
     )
 
     def solve_interval(state, r0, r1, args):
+        finite_in = _all_finite(state)
+        state, _ = _finite_or_zero(state)
         sol = diffrax.diffeqsolve(
             term,
             adjoint.solver,
             t0=r0,
             t1=r1,
             dt0=None,
-            y0=state,
+            y0=state + (jnp.zeros((), dtype),),
             args=args,
             stepsize_controller=controller,
             max_steps=adjoint.max_steps,
+            throw=False,
         )
-        return jtu.tree_map(lambda v: v[0], sol.ys)
+        out = jtu.tree_map(lambda v: v[0], sol.ys)
+        nan = ~finite_in | (out[-1] > 0)
+        ok = sol.result == diffrax.RESULTS.successful
+        out = eqx.error_if(out, ~ok & ~nan, msg)
+        return jtu.tree_map(lambda v: jnp.where(nan, jnp.nan, v), out[:-1])
 
-    g = materialise(x0, grad_obj)
+    to = lambda tree: jtu.tree_map(lambda v: v.astype(dtype), tree)
     a_end = alpha(ts[-1])
-    y = lincomb((1.0 / a_end, x0))
-    a = lincomb((a_end, g))
-    # The quadratures a_θ, a_z are integrated in the state's dtype (diffrax needs one
-    # dtype; parameters may be stored in another) and cast back at the end.
-    zeros = lambda tree: jtu.tree_map(lambda v: jnp.zeros(v.shape, dtype), tree)
-    g_theta = None if theta_d is None else zeros(theta_d)
+    y = to(lincomb((1.0 / a_end, x0)))
+    a = to(lincomb((a_end, g)))
 
     # One diffeqsolve per forward step, constant conditioning included: a scheduled
     # z_i acts on its own interval only, and with constant z the computation is the
     # same (same steps; a_z restarts from 0 on each interval and is summed), so the
-    # two agree to round-off. Each interval restarts the step-size controller.
+    # two agree to round-off. Each interval restarts the step-size controller. The
+    # quadratures a_θ, a_z are integrated in the solve's dtype (diffrax needs one
+    # dtype; parameters may be stored in another; the engine casts them back).
+    zeros = lambda tree: jtu.tree_map(lambda v: jnp.zeros(v.shape, dtype), tree)
+
     def body(carry, xs):
         y_, a_, g_theta_, g_sum = carry
-        t, s, _, z_i = xs
-        z = z_i if solve.scheduled else cond
-        z_d, z_rest = split_diff(z, want_cond)
-        g_z = None if z_d is None else zeros(z_d)
+        t, s, i = xs
+        z_d, z_rest = diff.cond_at(solve, i), diff.cond_rest_at(solve, i)
         y_, a_, g_theta_, g_z = solve_interval(
-            (y_, a_, g_theta_, g_z), rho(s), rho(t), (theta_d, z_d, z_rest)
+            (y_, a_, g_theta_, zeros(z_d)), rho(s), rho(t), (theta_d, z_d, z_rest)
         )
         if solve.scheduled:
             return (y_, a_, g_theta_, None), g_z
-        g_sum = None if g_sum is None else tree_add(g_sum, g_z)
-        return (y_, a_, g_theta_, g_sum), None
+        return (y_, a_, g_theta_, tree_acc(g_sum, g_z)), None
 
-    cond_d0 = None if solve.scheduled else split_diff(cond, want_cond)[0]
-    g_sum0 = None if cond_d0 is None else zeros(cond_d0)
+    g_sum0 = None if solve.scheduled else acc_zeros(diff.cond)
+    xs = (ts[:-1], ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
     (_, a, g_theta, g_sum), g_z = jax.lax.scan(
-        body, (y, a, g_theta, g_sum0), solve.step_inputs(cond), reverse=True
+        body, (y, a, zeros(theta_d), g_sum0), xs, reverse=True
     )
-    g_cond = g_z if solve.scheduled else g_sum
-
     g_x_T = lincomb((1.0 / alpha(ts[0]), a))
-    no_grad = lambda tree: jtu.tree_map(lambda _: None, tree)
-    cast_like = lambda g, like: jtu.tree_map(lambda u, v: u.astype(v.dtype), g, like)
-    theta_f = eqx.filter(theta, eqx.is_inexact_array)
-    cond_f = eqx.filter(cond, eqx.is_inexact_array)
-    return (
-        no_grad(theta_f) if g_theta is None else cast_like(g_theta, theta_f),
-        g_x_T,
-        no_grad(cond_f) if g_cond is None else cast_like(g_cond, cond_f),
-        no_grad(solve_arrays),
-    )
+    return g_theta, g_x_T, g_z if solve.scheduled else g_sum

@@ -1,6 +1,24 @@
-"""The adjoint interface, and the pieces of a solve that every adjoint shares."""
+"""The adjoint interface, the pieces of a solve that every adjoint shares, and the one
+custom-VJP engine that every custom-gradient strategy plugs into.
+
+A custom-gradient strategy (`AbstractCustomAdjoint`) supplies two methods:
+
+- `forward(solve, theta, x_T, cond) -> (x_0, residuals)`: run the sampler and keep
+    what the backward pass needs;
+- `backward(solve, residuals, ct_x0, diff, x_T) -> (ct_theta, ct_x_T, ct_cond)`:
+    the cotangents of the differentiated inputs (`diff` says which leaves of θ and of
+    the conditioning are being differentiated; the others need no work).
+
+The engine (`custom_vjp_loop`) does everything else once: it closure-converts the
+model (so closed-over jit/vmap/grad tracers become explicit inputs, differentiated
+like `params`), packs the differentiable inputs and the rest, refuses loudly to
+differentiate what no custom strategy can (the time grid, the schedule, the
+sampler's fields), materialises symbolic-zero output cotangents, and casts every
+cotangent back to its primal's dtype.
+"""
 
 import abc
+import dataclasses
 
 import equinox as eqx
 import jax
@@ -8,8 +26,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import index_tree
-from .._model import ModelCall
+from .._misc import cast_like, index_tree
+from .._model import ModelCall, closure_convert
 from .._samplers._base import AbstractSampler
 from .._schedule import AbstractSchedule
 
@@ -18,7 +36,7 @@ class Solve(eqx.Module):
     """Everything about one call of `aj.sample` except the differentiable inputs.
 
     The differentiable inputs travel separately as `theta` (a pair: the arrays of the
-    model object, and `params`), `x_T` and `cond` (the constant conditioning pytree,
+    model callable, and `params`), `x_T` and `cond` (the constant conditioning pytree,
     or the stacked values of an `aj.Scheduled`; `scheduled` says which).
     """
 
@@ -41,6 +59,10 @@ class Solve(eqx.Module):
         """ε_θ(x, z, t)."""
         return self.model(theta, x, t, z)
 
+    def eps_fn(self, theta, z):
+        """`eps(x, t)` with θ and the conditioning value z bound in."""
+        return lambda x, t: self.model(theta, x, t, z)
+
     def step_inputs(self, cond: PyTree):
         """The per-step scan inputs (t_i, t_{i+1}, i, z_i or None)."""
         n = self.num_steps
@@ -52,7 +74,7 @@ class Solve(eqx.Module):
         t, s, i, z = xs
         if not self.scheduled:
             z = cond
-        eps = lambda x, tt: self.model(theta, x, tt, z)
+        eps = self.eps_fn(theta, z)
         return self.sampler.step(eps, self.schedule, state, t, s, i, self.key)
 
     def forward(self, theta, x_T, cond, *, record: bool = False, remat: bool = False):
@@ -93,16 +115,60 @@ class AbstractAdjoint(eqx.Module):
         """Raises a `ValueError` naming both this strategy and `sampler` if the
         combination makes no sense."""
 
+    @abc.abstractmethod
+    def forward_mode_error(self) -> str | None:
+        """`None` if forward-mode differentiation (`jax.jvp`, `jax.jacfwd`) works
+        through this strategy; otherwise the reason, in the strategy's own words,
+        ending with the way to get forward-mode derivatives (`aj.DTO()`)."""
 
-def reject_differentiated(perturbed, names: str, adjoint) -> None:
-    """Custom-VJP strategies give no gradient for the time grid or the schedule;
-    differentiating them would be silently wrong, so refuse loudly."""
-    if any(jtu.tree_leaves(perturbed)):
-        raise ValueError(
-            f"`adjoint={adjoint!r}` cannot differentiate with respect to {names}; "
-            "use `adjoint=aj.DTO()` for gradients with respect to the time grid or "
-            "the schedule."
-        )
+
+FORWARD_MODE_HINT = (
+    " For forward-mode derivatives (jax.jvp, jax.jacfwd, Hessian-vector products by "
+    "jvp-of-grad) use `adjoint=aj.DTO()` (or `aj.DTO(checkpoints='steps')`)."
+)
+
+
+class Differentiated(eqx.Module):
+    """Which leaves of θ and of the conditioning are being differentiated: `theta`
+    and `cond` hold those leaves (None elsewhere, or None altogether when nothing is
+    differentiated), `theta_rest` and `cond_rest` the others. A backward pass
+    returns cotangents shaped like `theta` and `cond`."""
+
+    theta: PyTree
+    theta_rest: PyTree
+    cond: PyTree
+    cond_rest: PyTree
+
+    @staticmethod
+    def split(theta, theta_perturbed, cond, cond_perturbed) -> "Differentiated":
+        theta_d, theta_rest = _split(theta, theta_perturbed)
+        cond_d, cond_rest = _split(cond, cond_perturbed)
+        return Differentiated(theta_d, theta_rest, cond_d, cond_rest)
+
+    def theta_with(self, theta_d: PyTree) -> PyTree:
+        """θ with its differentiated leaves replaced by `theta_d`."""
+        return _join(theta_d, self.theta_rest)
+
+    def cond_with(self, cond_d: PyTree, cond_rest: PyTree | None = None) -> PyTree:
+        """The conditioning with its differentiated leaves replaced by `cond_d`
+        (for one step of a scheduled conditioning pass that step's `cond_rest`)."""
+        return _join(cond_d, self.cond_rest if cond_rest is None else cond_rest)
+
+    def cond_rest_at(self, solve: Solve, i) -> PyTree:
+        return solve.cond_at(self.cond_rest, i)
+
+    def cond_at(self, solve: Solve, i) -> PyTree:
+        return solve.cond_at(self.cond, i)
+
+
+def _split(tree, perturbed):
+    if not any(jtu.tree_leaves(perturbed)):
+        return None, tree
+    return eqx.partition(tree, perturbed)
+
+
+def _join(diff: PyTree, rest: PyTree) -> PyTree:
+    return rest if diff is None else eqx.combine(diff, rest)
 
 
 def materialise(out: PyTree, grad_obj: PyTree) -> PyTree:
@@ -115,13 +181,106 @@ def materialise(out: PyTree, grad_obj: PyTree) -> PyTree:
     )
 
 
-def split_diff(tree: PyTree, wanted: bool):
-    """(differentiable part or None, the rest) of `tree`; the differentiable part is
-    its inexact arrays, when a gradient is wanted at all."""
-    if not wanted:
-        return None, tree
-    return eqx.partition(tree, eqx.is_inexact_array)
+class AbstractCustomAdjoint(AbstractAdjoint):
+    """Base of the strategies with a backward pass of their own (continuous adjoints,
+    the reversible adjoint, AdjointDPM). They plug into one custom-VJP engine by
+    supplying `forward` and `backward`; a new one is a file with those two methods
+    (plus `check_sampler` and `forward_mode_error`).
+
+    Gradients with respect to the time grid, the schedule or the sampler's fields
+    are refused with an error (use `aj.DTO()`); everything else the output depends
+    on (`params`, `x_T`, `cond`, the arrays of an Equinox `model`, and any array the
+    model closes over, traced or not) is differentiated.
+    """
+
+    def loop(self, solve: Solve, theta, x_T, cond):
+        return custom_vjp_loop(self, solve, theta, x_T, cond)
+
+    @abc.abstractmethod
+    def forward(self, solve: Solve, theta, x_T, cond) -> tuple[PyTree, PyTree]:
+        """Runs the sampler; returns `(x_0, residuals)` with whatever the backward
+        pass needs (any pytree of arrays)."""
+
+    @abc.abstractmethod
+    def backward(
+        self,
+        solve: Solve,
+        residuals: PyTree,
+        ct_x0: PyTree,
+        diff: Differentiated,
+        x_T: PyTree,
+    ) -> tuple[PyTree, PyTree, PyTree]:
+        """The cotangents `(ct_theta, ct_x_T, ct_cond)` given the output cotangent
+        `ct_x0` (shaped like x_0, zeros made explicit). `ct_theta` and `ct_cond` are
+        shaped like `diff.theta` and `diff.cond` (None leaves stay None; the stacked
+        per-step values when `solve.scheduled`), in any floating dtype (the engine
+        casts them to the inputs' dtypes)."""
 
 
-def join(diff: PyTree, rest: PyTree) -> PyTree:
-    return rest if diff is None else eqx.combine(diff, rest)
+def custom_vjp_loop(adjoint: AbstractCustomAdjoint, solve: Solve, theta, x_T, cond):
+    # Closure conversion first: after it, every array the output depends on is an
+    # explicit input (θ's first slot holds the model's closed-over arrays).
+    model, theta = closure_convert(
+        solve.model, theta, x_T, solve.ts[0], solve.cond_at(cond, 0)
+    )
+    solve = dataclasses.replace(solve, model=model)
+    solve_arrays, solve_static = eqx.partition(solve, eqx.is_array)
+    return _custom_loop((theta, x_T, cond, solve_arrays), solve_static, adjoint)
+
+
+@eqx.filter_custom_vjp
+def _custom_loop(inputs, solve_static, adjoint):
+    # Not differentiated: just the sampler (every strategy has its forward value),
+    # nothing kept for a backward pass.
+    del adjoint
+    theta, x_T, cond, solve_arrays = inputs
+    solve = eqx.combine(solve_arrays, solve_static)
+    state, _ = solve.forward(theta, x_T, cond)
+    return solve.sampler.output(state)
+
+
+def _refuse_undifferentiable(perturbed_solve, adjoint) -> None:
+    """Custom strategies give no gradient for the time grid, the schedule or the
+    sampler's fields; returning zero would be silently wrong, so refuse loudly."""
+    names = [
+        name
+        for name, part in (
+            ("the time grid `ts`", perturbed_solve.ts),
+            ("the schedule's parameters", perturbed_solve.schedule),
+            ("the sampler's fields", perturbed_solve.sampler),
+        )
+        if any(jtu.tree_leaves(part))
+    ]
+    if names:
+        raise ValueError(
+            f"`adjoint={adjoint!r}` cannot differentiate with respect to "
+            f"{' or '.join(names)}; use `adjoint=aj.DTO()` for gradients with respect "
+            "to the time grid, the schedule or the sampler."
+        )
+
+
+@_custom_loop.def_fwd
+def _custom_loop_fwd(perturbed, inputs, solve_static, adjoint):
+    _refuse_undifferentiable(perturbed[3], adjoint)
+    theta, x_T, cond, solve_arrays = inputs
+    solve = eqx.combine(solve_arrays, solve_static)
+    return adjoint.forward(solve, theta, x_T, cond)
+
+
+@_custom_loop.def_bwd
+def _custom_loop_bwd(residuals, grad_obj, perturbed, inputs, solve_static, adjoint):
+    theta, x_T, cond, solve_arrays = inputs
+    solve = eqx.combine(solve_arrays, solve_static)
+    ct_x0 = materialise(x_T, grad_obj)  # x_0 has x_T's structure and dtypes
+    diff = Differentiated.split(theta, perturbed[0], cond, perturbed[2])
+    ct_theta, ct_x_T, ct_cond = adjoint.backward(solve, residuals, ct_x0, diff, x_T)
+    none_like = lambda tree: jtu.tree_map(lambda _: None, tree)
+    floats = lambda tree: eqx.filter(tree, eqx.is_inexact_array)
+    return (
+        none_like(floats(theta))
+        if diff.theta is None
+        else cast_like(ct_theta, diff.theta),
+        cast_like(ct_x_T, x_T),
+        none_like(floats(cond)) if diff.cond is None else cast_like(ct_cond, diff.cond),
+        none_like(floats(solve_arrays)),
+    )

@@ -1,7 +1,7 @@
 """The continuous adjoint of the diffusion ODE/SDE solved by the AdjointDEIS
-exponential integrators: the engine shared by `AdjointDEIS`, `RecordedAdjoint` and
-`InterpolatedAdjoint`, which differ only in where the backward pass gets the states
-x_t (re-solved backward, cached, or interpolated between cached checkpoints).
+exponential integrators: the backward pass shared by `AdjointDEIS`,
+`RecordedAdjoint` and `InterpolatedAdjoint`, which differ only in where it gets the
+states x_t (re-solved backward, cached, or interpolated between cached checkpoints).
 
 Notation: the forward grid is t_0 = T > t_1 > ... > t_N = t_end. The backward pass
 walks a grid τ_0 = t_end < τ_1 < ... < τ_M = T, one step t → s with t = τ_j (nearer
@@ -16,12 +16,21 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import lincomb, step_noise, tree_add, tree_zeros_like
+from .._misc import (
+    acc_zeros,
+    accumulator_dtype,
+    lincomb,
+    tree_acc,
+    tree_add,
+    tree_zeros_like,
+)
+from .._samplers._base import AbstractSDESampler
 from .._samplers._coeffs import step_coeffs
-from ._base import AbstractAdjoint, Solve, materialise, reject_differentiated
+from .._samplers._dpm_solver import multistep_update
+from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
 
 
-class AbstractContinuousAdjoint(AbstractAdjoint):
+class AbstractContinuousAdjoint(AbstractCustomAdjoint):
     """Base of the strategies that solve the continuous adjoint equations with
     AdjointDEIS-k (k = `order`) instead of differentiating the sampler.
 
@@ -34,34 +43,33 @@ class AbstractContinuousAdjoint(AbstractAdjoint):
     def __check_init__(self):
         if self.order not in (1, 2):
             raise ValueError(
-                f"`{type(self).__name__}(order=...)` must be 1 or 2; got {self.order!r}."
+                f"`{type(self).__name__}(order=...)` must be 1 or 2; got "
+                f"{self.order!r}."
             )
 
     @abc.abstractmethod
     def forward(self, solve: Solve, theta, x_T, cond) -> tuple[PyTree, PyTree]:
-        """Runs the sampler; returns `(x_0, residuals)` with whatever the backward pass
-        needs besides x_0 (nothing, the trajectory, or checkpoints)."""
+        """Runs the sampler; returns `(x_0, (x_0, extra))` with whatever else the
+        backward pass needs (nothing, the trajectory, or checkpoints)."""
 
     @abc.abstractmethod
     def backward_grid(self, solve: Solve) -> Array:
         """The increasing backward grid τ_0 = ts[-1] < ... < τ_M = ts[0]."""
 
     @abc.abstractmethod
-    def states(self, solve: Solve, residuals: PyTree, x0: PyTree):
+    def states(self, solve: Solve, extra: PyTree, x0: PyTree):
         """`None` to re-solve the states backward alongside the adjoint, or a
         function `j -> x(τ_j)` (j a traced int) giving the state at backward point j."""
 
-    def loop(self, solve: Solve, theta, x_T, cond):
-        # ts and the schedule travel in the differentiated argument (only there can
-        # `perturbed` tell us they are being differentiated, which we refuse loudly).
-        rest = Solve(solve.model, None, None, solve.sampler, solve.key, solve.scheduled)
-        return _otd((theta, x_T, cond, solve.ts, solve.schedule), rest, self)
+    def forward_mode_error(self) -> str:
+        return (
+            f"`adjoint={self!r}` obtains the gradient by solving the continuous "
+            "adjoint equation backward in time, which is reverse mode only: it has no "
+            "forward-mode (jvp) rule." + FORWARD_MODE_HINT
+        )
 
-
-def _unpack(diff, rest: Solve):
-    theta, x_T, cond, ts, schedule = diff
-    solve = Solve(rest.model, schedule, ts, rest.sampler, rest.key, rest.scheduled)
-    return solve, theta, x_T, cond
+    def backward(self, solve, residuals, ct_x0, diff, x_T):
+        return _continuous_backward(self, solve, residuals, ct_x0, diff, x_T)
 
 
 def _z_index(solve: Solve, taus: Array) -> Array:
@@ -75,21 +83,9 @@ def _z_index(solve: Solve, taus: Array) -> Array:
     return jnp.clip(i, 0, solve.num_steps - 1).astype(jnp.int32)
 
 
-@eqx.filter_custom_vjp
-def _otd(diff, rest: Solve, adjoint: AbstractContinuousAdjoint):
-    # Not differentiated: just the sampler, nothing kept for a backward pass.
-    del adjoint
-    solve, theta, x_T, cond = _unpack(diff, rest)
-    state, _ = solve.forward(theta, x_T, cond)
-    return solve.sampler.output(state)
-
-
-@_otd.def_fwd
-def _otd_fwd(perturbed, diff, rest, adjoint):
-    reject_differentiated(perturbed[3:], "`ts` or the schedule", adjoint)
-    solve, theta, x_T, cond = _unpack(diff, rest)
-    x0, residuals = adjoint.forward(solve, theta, x_T, cond)
-    return x0, (x0, residuals)
+def _up(tree: PyTree) -> PyTree:
+    """Cotangents of low-precision parameters in their accumulation dtype."""
+    return jtu.tree_map(lambda v: v.astype(accumulator_dtype(v.dtype)), tree)
 
 
 # The backward rule. With f(x, z, t) = f(t) x + (g²(t)/2σ_t) ε_θ(x, z, t) the
@@ -108,17 +104,21 @@ def _otd_fwd(perturbed, diff, rest, adjoint):
 # a_xᵀ∂ε/∂x, a_xᵀ∂ε/∂θ, a_xᵀ∂ε/∂z at once.
 # For the diffusion SDE the drift carries g²/σ instead of g²/2σ: by Theorem 2 the
 # adjoint is the same ODE with the ε-terms doubled (`factor = 2`).
-# States: re-solved with the same exponential integrator run backward,
-#     x_s = (α_s/α_t) x_t − σ_s[(e^h − 1) ε_t + φ₂ (ε_t − ε_prev)/r]        (ODE),
-#     x_s = (α_s/α_t) x_t − 2σ_s (e^h − 1) ε_t − σ_s √(1 − e^{2h}) ξ_i      (SDE),
-# the latter the explicit inverse of the forward SDE step with its noise ξ_i replayed.
-@_otd.def_bwd
-def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
-    solve, theta, x_T, cond = _unpack(diff, rest)
+# States: re-solved with the same exponential integrator run backward (DPM-Solver-k,
+# `multistep_update`), or, for an SDE sampler, with its own inverse step and the
+# noise replayed (`AbstractSDESampler.invert_step`).
+def _continuous_backward(
+    adjoint: AbstractContinuousAdjoint,
+    solve: Solve,
+    residuals,
+    g_x0,
+    diff: Differentiated,
+    x_T,
+):
     x0, extra = residuals
     schedule, sampler = solve.schedule, solve.sampler
     factor = 2.0 if sampler.is_sde else 1.0
-    order = adjoint.order
+    multistep = adjoint.order == 2
     taus = adjoint.backward_grid(solve)
     num_back = taus.shape[0] - 1
     z_idx = _z_index(solve, taus)
@@ -127,31 +127,22 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
     noise_idx = (solve.num_steps - 1 - jnp.arange(num_back)).astype(jnp.int32)
     state_fn = adjoint.states(solve, extra, x0)
     resolve = state_fn is None
-
-    g_x0 = materialise(x0, g_x0)
-
-    # Only floating-point leaves are differentiated (integer labels in `cond` or
-    # integer buffers in `params` get no cotangent).
-    theta_d, theta_s = eqx.partition(theta, eqx.is_inexact_array)
-    cond_d, cond_s = eqx.partition(cond, eqx.is_inexact_array)
-
-    def z_of(i):
-        return solve.cond_at(cond_d, i)
-
-    z0 = z_of(0)
-    multistep = order == 2
+    # Only the differentiated leaves of θ and z get a VJP (and an accumulator, in at
+    # least float32 whatever the parameters' dtype).
+    theta_d = diff.theta
+    z0 = diff.cond_at(solve, 0)
     init = dict(
         x=x0 if resolve else None,
         a_x=g_x0,
-        a_theta=tree_zeros_like(theta_d),
-        a_z=None if solve.scheduled else tree_zeros_like(z0),
+        a_theta=acc_zeros(theta_d),
+        a_z=None if solve.scheduled else acc_zeros(z0),
         # Multistep memory (order 2 only): V, W_θ, W_z, ε and λ at the previous
         # backward point. The first step is first order, so their initial values
         # only need to be finite.
         prev=dict(
             v=tree_zeros_like(x_T),
-            w_theta=tree_zeros_like(theta_d),
-            w_z=tree_zeros_like(z0),
+            w_theta=acc_zeros(theta_d),
+            w_z=acc_zeros(z0),
             eps=tree_zeros_like(x_T),
             lam=schedule.lam(taus[0]) + 1.0,
         )
@@ -162,13 +153,14 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
     def body(carry, xs):
         j, t, s, zi, ni = xs
         x = carry["x"] if resolve else state_fn(j)
-        z_s = solve.cond_at(cond_s, zi)
+        z_rest = diff.cond_rest_at(solve, zi)
 
         def eps_fn(xx, th, zz):
-            return solve.eps(eqx.combine(th, theta_s), xx, t, eqx.combine(zz, z_s))
+            return solve.eps(diff.theta_with(th), xx, t, diff.cond_with(zz, z_rest))
 
-        eps, vjp = jax.vjp(eps_fn, x, theta_d, z_of(zi))
+        eps, vjp = jax.vjp(eps_fn, x, theta_d, diff.cond_at(solve, zi))
         gx, gth, gz = vjp(carry["a_x"])
+        gth, gz = _up(gth), _up(gz)
 
         c = step_coeffs(schedule, t, s)
         lam_t = c.lam_t
@@ -184,9 +176,6 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
             r = (lam_t - prev["lam"]) / c.h
             first = j == 0
             k2 = jnp.where(first, jnp.zeros_like(r), factor * e_lam_s * c.phi2 / r)
-            ks = jnp.where(first, jnp.zeros_like(r), c.sigma_s * c.phi2 / r)
-        else:
-            k2 = ks = None
 
         def integral(w_now, w_prev):
             # k1 W_t + k2 (W_t − W_prev)
@@ -198,30 +187,26 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
             lincomb((c.alpha_t / c.alpha_s, carry["a_x"])),
             lincomb((1.0 / c.alpha_s, integral(v_t, prev and prev["v"]))),
         )
-        a_theta = tree_add(carry["a_theta"], integral(w_th, prev and prev["w_theta"]))
         dz = integral(w_z, prev and prev["w_z"])
         new = dict(
             x=None,
             a_x=a_x,
-            a_theta=a_theta,
-            a_z=None if solve.scheduled else tree_add(carry["a_z"], dz),
+            a_theta=tree_acc(
+                carry["a_theta"], integral(w_th, prev and prev["w_theta"])
+            ),
+            a_z=None if solve.scheduled else tree_acc(carry["a_z"], dz),
             prev=dict(v=v_t, w_theta=w_th, w_z=w_z, eps=eps, lam=lam_t)
             if multistep
             else None,
         )
-        if resolve and sampler.is_sde:
-            noise = step_noise(solve.key, ni, x, t.dtype)
-            new["x"] = lincomb(
-                (c.alpha_ratio, x),
-                (-2.0 * c.sigma_s * c.phi1, eps),
-                (-c.sigma_s * jnp.sqrt(-jnp.expm1(2.0 * c.h)), noise),
-            )
+        if resolve and isinstance(sampler, AbstractSDESampler):
+            # The SDE's own inverse step, with step i's noise replayed.
+            new["x"] = sampler.invert_step(schedule, x, eps, t, s, ni, solve.key)
         elif resolve and multistep:
-            new["x"] = lincomb(
-                (c.alpha_ratio, x), (-c.sigma_s * c.phi1 - ks, eps), (ks, prev["eps"])
-            )
+            # DPM-Solver-2 run backward, the memory being the previous point's ε.
+            new["x"] = multistep_update(schedule, x, eps, prev["eps"], t, s, r, first)
         elif resolve:
-            new["x"] = lincomb((c.alpha_ratio, x), (-c.sigma_s * c.phi1, eps))
+            new["x"] = multistep_update(schedule, x, eps, None, t, s, None, True)
         return new, (dz if solve.scheduled else None)
 
     xs = (jnp.arange(num_back, dtype=jnp.int32), taus[:-1], taus[1:], z_idx, noise_idx)
@@ -235,8 +220,4 @@ def _otd_bwd(residuals, g_x0, perturbed, diff, rest: Solve, adjoint):
         )
     else:
         g_cond = final["a_z"]
-    # ts and the schedule are never differentiated here (`_otd_fwd` refuses it).
-    no_grad = jtu.tree_map(
-        jnp.zeros_like, eqx.filter(diff[3:], eqx.is_inexact_array)
-    )
-    return (final["a_theta"], final["a_x"], g_cond) + tuple(no_grad)
+    return final["a_theta"], final["a_x"], g_cond

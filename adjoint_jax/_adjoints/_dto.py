@@ -1,11 +1,14 @@
 """Discretise-then-optimise: plain reverse-mode autodiff through the sampler."""
 
+import functools
+
 import equinox as eqx
 import equinox.internal as eqxi
+import jax
 import jax.numpy as jnp
 
 from .._samplers._base import AbstractSampler
-from ._base import AbstractAdjoint, Solve
+from ._base import FORWARD_MODE_HINT, AbstractAdjoint, Solve
 
 
 class DTO(AbstractAdjoint):
@@ -49,6 +52,15 @@ class DTO(AbstractAdjoint):
     def check_sampler(self, sampler: AbstractSampler) -> None:
         del sampler  # every sampler can be differentiated through
 
+    def forward_mode_error(self) -> str | None:
+        if self.checkpoints is None or self.checkpoints == "steps":
+            return None  # plain autodiff (with `jax.checkpoint`): jvp works
+        return (
+            f"`adjoint={self!r}` uses binomial checkpointing, whose custom reverse "
+            "pass has no forward-mode (jvp) rule and cannot itself be differentiated "
+            "(no grad-of-grad)." + FORWARD_MODE_HINT
+        )
+
     def loop(self, solve: Solve, theta, x_T, cond):
         if self.checkpoints is None or self.checkpoints == "steps":
             state, _ = solve.forward(
@@ -73,7 +85,27 @@ class DTO(AbstractAdjoint):
             kind="checkpointed",
             checkpoints=min(self.checkpoints, n),
         )
-        return solve.sampler.output(state)
+        return _no_second_order(self.forward_mode_error(), solve.sampler.output(state))
+
+
+# Identity whose backward pass refuses to be differentiated: binomial checkpointing's
+# reverse pass cannot be differentiated again (grad-of-grad, jvp-of-grad), and JAX's
+# own error for that ("Reverse-mode differentiation does not work for lax.while_loop
+# ...") names neither the strategy nor the fix.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _no_second_order(msg, x):
+    return x
+
+
+def _no_second_order_fwd(msg, x):
+    return x, None
+
+
+def _no_second_order_bwd(msg, _, ct):
+    return (eqxi.nondifferentiable(ct, msg=msg),)
+
+
+_no_second_order.defvjp(_no_second_order_fwd, _no_second_order_bwd)
 
 
 DTO.__init__.__doc__ = """**Arguments:**

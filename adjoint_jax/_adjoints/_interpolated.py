@@ -50,7 +50,9 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
         if sampler.is_sde:
             raise ValueError(
                 f"`adjoint={self!r}` cannot be used with `sampler={sampler!r}`: an SDE "
-                "path cannot be interpolated; use aj.RecordedAdjoint or aj.AdjointDEIS."
+                "path cannot be interpolated; use "
+                f"`adjoint=aj.RecordedAdjoint(order={self.order})` (the recorded path) "
+                "or `adjoint=aj.DTO()`."
             )
 
     def _segments(self, solve: Solve):
@@ -98,14 +100,14 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
         eps0 = eps_at(solve.sampler.output(state0), 0, 0)
         (state, _), recs = jax.lax.scan(segment, (state0, eps0), (starts, ends))
         x0 = solve.sampler.output(state)
-        return x0, recs
+        return x0, (x0, recs)
 
     def backward_grid(self, solve: Solve):
         return solve.ts[::-1]
 
-    def states(self, solve: Solve, residuals, x0):
+    def states(self, solve: Solve, extra, x0):
         sch, ts, n, k = solve.schedule, solve.ts, solve.num_steps, self.every
-        x_starts, eps_starts, eps_ends = residuals
+        x_starts, eps_starts, eps_ends = extra
         num_seg, starts, ends = self._segments(solve)
 
         def x_at(j):

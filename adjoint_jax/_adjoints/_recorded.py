@@ -36,16 +36,17 @@ class RecordedAdjoint(AbstractContinuousAdjoint):
 
     def forward(self, solve: Solve, theta, x_T, cond):
         state, xs = solve.forward(theta, x_T, cond, record=True)
-        return solve.sampler.output(state), xs
+        x0 = solve.sampler.output(state)
+        return x0, (x0, xs)
 
     def backward_grid(self, solve: Solve):
         return solve.ts[::-1]
 
-    def states(self, solve: Solve, residuals, x0):
+    def states(self, solve: Solve, extra, x0):
         del x0
         n = solve.num_steps
         # Backward point j is t_{N−j}, recorded after forward step N − 1 − j.
-        return lambda j: jtu.tree_map(lambda v: v[n - 1 - j], residuals)
+        return lambda j: jtu.tree_map(lambda v: v[n - 1 - j], extra)
 
 
 RecordedAdjoint.__init__.__doc__ = """**Arguments:**

@@ -1,24 +1,21 @@
 """Exact gradients of a reversible sampler in O(1) memory: the forward states are
 recovered algebraically from the last one during the backward pass."""
 
-import equinox as eqx
+import warnings
+
 import jax
 import jax.numpy as jnp
-import jax.tree_util as jtu
 
-from .._misc import tree_add, tree_zeros_like
-from .._samplers._base import AbstractReversibleSampler, AbstractSampler
-from ._base import (
-    AbstractAdjoint,
-    Solve,
-    join,
-    materialise,
-    reject_differentiated,
-    split_diff,
+from .._misc import acc_zeros, first_dtype, tree_acc
+from .._samplers._base import (
+    AbstractMultistepSampler,
+    AbstractReversibleSampler,
+    AbstractSampler,
 )
+from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
 
 
-class ReversibleAdjoint(AbstractAdjoint):
+class ReversibleAdjoint(AbstractCustomAdjoint):
     """The exact gradient of a reversible sampler (`aj.ReversibleHeun`,
     `aj.AsyncLeapfrog`, `aj.McCallumFoster`) in O(1) memory in the number of steps.
 
@@ -40,6 +37,16 @@ class ReversibleAdjoint(AbstractAdjoint):
     N ≤ 640 on sharp data, `McCallumFoster` loses a factor 1/coupling per step; see
     each sampler's docstring and `benchmarks/reversible_stability.py`.
 
+    **Precision.** In float32 (random MLP, N = 24, `tests/test_robustness.py`) it is
+    within 1e-6–6e-6 of `aj.DTO` for asynchronous leapfrog and
+    `McCallumFoster(DPMSolver1())`, within 5e-6–6e-5 for
+    `McCallumFoster(DPMSolver2())` (its reversible ε memory amplifies round-off; see
+    its docstring) and 5e-5–2e-3 for reversible Heun, whose discrete gradient is
+    itself ill-conditioned there. A float16 or bfloat16 *state* is unsafe (errors of
+    1–100%: the states are rebuilt in that precision) and warns at trace time; a
+    16-bit *model* under a float32 state is fine, with errors at the model's own
+    round-off (about 1e-2 for bfloat16).
+
     **Memory:** O(1) in N: one sampler state, its cotangent and one step's VJP
     residuals. Compiled temporary memory of the jitted gradient (MLP of width 256,
     batch 64, reversible Heun): 2,643,408 bytes at N = 16, 2,643,856 at N = 128
@@ -51,7 +58,9 @@ class ReversibleAdjoint(AbstractAdjoint):
     activations.
 
     Gradients with respect to the time grid or the schedule are not available
-    (differentiating them raises an error; use `aj.DTO`).
+    (differentiating them raises an error; use `aj.DTO`). Second-order derivatives
+    (jvp-of-grad, grad-of-grad) work and are exact; first-order forward mode
+    (`jax.jvp`, `jax.jacfwd`) is not available.
 
     ??? cite "References"
 
@@ -72,45 +81,50 @@ class ReversibleAdjoint(AbstractAdjoint):
     """
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
-        if not isinstance(sampler, AbstractReversibleSampler):
-            raise ValueError(
-                f"`adjoint={self!r}` requires a reversible sampler (aj.ReversibleHeun, "
-                "aj.AsyncLeapfrog, aj.McCallumFoster); got `sampler="
-                f"{sampler!r}`. Wrap it as `aj.McCallumFoster({sampler!r})`, or use "
+        if isinstance(sampler, AbstractReversibleSampler):
+            return
+        if isinstance(sampler, AbstractMultistepSampler) and not sampler.is_sde:
+            fix = (
+                f"Wrap it as `aj.McCallumFoster({sampler!r})`, or use "
                 "`adjoint=aj.DTO()`."
             )
+        else:
+            fix = (
+                "A stochastic sampler has no algebraic inverse; use `adjoint=aj.DTO()` "
+                "(exact; `aj.DTO(checkpoints=k)` for O(k) memory) or "
+                "`aj.RecordedAdjoint()`."
+            )
+        raise ValueError(
+            f"`adjoint={self!r}` requires a reversible sampler (aj.ReversibleHeun, "
+            f"aj.AsyncLeapfrog, aj.McCallumFoster); got `sampler={sampler!r}`. {fix}"
+        )
 
-    def loop(self, solve: Solve, theta, x_T, cond):
-        solve_arrays, solve_static = eqx.partition(solve, eqx.is_inexact_array)
-        return _reversible_loop((theta, x_T, cond, solve_arrays), solve_static, self)
+    def forward_mode_error(self) -> str:
+        return (
+            f"`adjoint={self!r}` computes the gradient by walking the reversible "
+            "sampler backward (reverse mode only): it has no forward-mode (jvp) rule."
+            + FORWARD_MODE_HINT
+        )
+
+    def forward(self, solve: Solve, theta, x_T, cond):
+        dtype = first_dtype(x_T)
+        if jnp.finfo(dtype).bits < 32:
+            warnings.warn(
+                f"ReversibleAdjoint with a {jnp.dtype(dtype).name} state: the states "
+                "are rebuilt backward in that precision, and the gradient can be off "
+                "by tens of percent (float16/bfloat16 round-off amplified over the "
+                "steps). Keep x_T in float32 (the model may still compute in "
+                f"{jnp.dtype(dtype).name}), or use `adjoint=aj.DTO()`.",
+                stacklevel=2,
+            )
+        state, _ = solve.forward(theta, x_T, cond)  # a scan keeping the last state only
+        return solve.sampler.output(state), state
+
+    def backward(self, solve, residuals, ct_x0, diff, x_T):
+        return _reversible_backward(solve, residuals, ct_x0, diff, x_T)
 
 
 ReversibleAdjoint.__init__.__doc__ = """**Arguments:** None."""
-
-
-def _forward(vjp_arg, solve_static):
-    theta, x_T, cond, solve_arrays = vjp_arg
-    solve = eqx.combine(solve_arrays, solve_static)
-    state, _ = solve.forward(theta, x_T, cond)  # a lax.scan keeping the last state only
-    return solve, state
-
-
-@eqx.filter_custom_vjp
-def _reversible_loop(vjp_arg, solve_static, adjoint):
-    del adjoint
-    solve, state = _forward(vjp_arg, solve_static)
-    return solve.sampler.output(state)
-
-
-@_reversible_loop.def_fwd
-def _reversible_loop_fwd(perturbed, vjp_arg, solve_static, adjoint):
-    reject_differentiated(
-        perturbed[3],
-        "the time grid `ts`, the schedule or the sampler's fields",
-        adjoint,
-    )
-    solve, state = _forward(vjp_arg, solve_static)
-    return solve.sampler.output(state), state
 
 
 # The backward rule. With S_i the sampler's step i, the forward pass is
@@ -130,66 +144,36 @@ def _reversible_loop_fwd(perturbed, vjp_arg, solve_static, adjoint):
 # gives all three products. So the scan carries (s_{i+1}, ā_{i+1}) and the running
 # sums; no forward state is stored. The result is the gradient of the discrete
 # sampler, the same as DTO's, up to the round-off of the reconstruction.
-@_reversible_loop.def_bwd
-def _reversible_loop_bwd(state_N, grad_obj, perturbed, vjp_arg, solve_static, adjoint):
-    del adjoint
-    theta, x_T, cond, solve_arrays = vjp_arg
-    solve = eqx.combine(solve_arrays, solve_static)
+def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
     sampler, schedule, key = solve.sampler, solve.schedule, solve.key
-    want_theta = any(jtu.tree_leaves(perturbed[0]))
-    want_cond = any(jtu.tree_leaves(perturbed[2]))
-
+    theta = diff.theta_with(diff.theta)
+    cond = diff.cond_with(diff.cond)
     out, out_vjp = jax.vjp(sampler.output, state_N)
-    (ct_state,) = out_vjp(materialise(out, grad_obj))
-
-    theta_d, theta_rest = split_diff(theta, want_theta)
-    cond_d, cond_rest = split_diff(cond, want_cond)
+    (ct_state,) = out_vjp(ct_x0)
 
     def body(carry, xs):
         state_next, ct_next, ct_theta, ct_cond = carry
-        t, s, i, z_i = xs
-        z_d, z_rest = (
-            (cond_d, cond_rest) if not solve.scheduled else split_diff(z_i, want_cond)
-        )
-        z_full = join(z_d, z_rest)
-        z_back = z_full
-        offset = sampler.step_back_cond_offset
-        if solve.scheduled and offset:
-            # E.g. reversible Heun reuses in step i the ε̂ that step i − 1 evaluated
-            # (with z_{i−1}); undoing step i re-evaluates exactly that ε̂.
-            z_back = solve.cond_at(cond, jnp.maximum(i - offset, 0))
-        eps = lambda x, tt: solve.model(theta, x, tt, z_back)
-        state = sampler.step_back(eps, schedule, state_next, t, s, i, key)
+        t, s, i = xs
+        eps = solve.eps_fn(theta, solve.cond_at(cond, i))
+        eps_prev = solve.eps_fn(theta, solve.cond_at(cond, jnp.maximum(i - 1, 0)))
+        state = sampler.step_back(eps, eps_prev, schedule, state_next, t, s, i, key)
+        z_rest = diff.cond_rest_at(solve, i)
 
         def step(st, th_d, zz_d):
-            th, zz = join(th_d, theta_rest), join(zz_d, z_rest)
-            e = lambda x, tt: solve.model(th, x, tt, zz)
+            e = solve.eps_fn(diff.theta_with(th_d), diff.cond_with(zz_d, z_rest))
             return sampler.step(e, schedule, st, t, s, i, key)
 
-        _, step_vjp = jax.vjp(step, state, theta_d, z_d)
+        _, step_vjp = jax.vjp(step, state, diff.theta, diff.cond_at(solve, i))
         ct_state_i, ct_theta_i, ct_z_i = step_vjp(ct_next)
-        ct_theta = None if ct_theta is None else tree_add(ct_theta, ct_theta_i)
+        ct_theta = tree_acc(ct_theta, ct_theta_i)
         if solve.scheduled:
             return (state, ct_state_i, ct_theta, ct_cond), ct_z_i
-        ct_cond = None if ct_cond is None else tree_add(ct_cond, ct_z_i)
-        return (state, ct_state_i, ct_theta, ct_cond), None
+        return (state, ct_state_i, ct_theta, tree_acc(ct_cond, ct_z_i)), None
 
-    ct_cond0 = None if (solve.scheduled or cond_d is None) else tree_zeros_like(cond_d)
-    ct_theta0 = None if theta_d is None else tree_zeros_like(theta_d)
-    init = (state_N, ct_state, ct_theta0, ct_cond0)
-    (_, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(
-        body, init, solve.step_inputs(cond), reverse=True
-    )
-    if solve.scheduled:
-        ct_cond = ct_z
+    ct_cond0 = None if solve.scheduled else acc_zeros(diff.cond)
+    init = (state_N, ct_state, acc_zeros(diff.theta), ct_cond0)
+    xs = (solve.ts[:-1], solve.ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
+    (_, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
     _, init_vjp = jax.vjp(lambda x: sampler.init(x, schedule, solve.ts), x_T)
     (ct_x_T,) = init_vjp(ct_state0)
-    no_grad = lambda tree: jtu.tree_map(lambda _: None, tree)
-    return (
-        no_grad(eqx.filter(theta, eqx.is_inexact_array))
-        if ct_theta is None
-        else ct_theta,
-        ct_x_T,
-        no_grad(eqx.filter(cond, eqx.is_inexact_array)) if ct_cond is None else ct_cond,
-        no_grad(solve_arrays),
-    )
+    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond
