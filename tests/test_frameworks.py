@@ -72,7 +72,14 @@ def test_every_adjoint(framework):
         return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(params, x_T, cond)
 
     dto = {}
-    for adjoint, exact in all_adjoints:
+    # One strategy of each kind: plain autodiff, checkpointed, the continuous-adjoint
+    # engine, the reversible one and diffrax's (every strategy and sampler is in the
+    # cross-strategy matrix of tests/test_matrix.py).
+    kinds = [aj.DTO, aj.AdjointDEIS, aj.RecordedAdjoint, aj.ReversibleAdjoint,
+             aj.AdjointDPM]
+    chosen = [next((a, e) for a, e in all_adjoints if type(a) is k) for k in kinds]
+    chosen.append((aj.DTO(checkpoints=3), True))
+    for adjoint, exact in chosen:
         sampler = _sampler_for(adjoint)
         if repr(sampler) not in dto:
             dto[repr(sampler)] = grads(sampler, aj.DTO())
