@@ -15,8 +15,17 @@ from ._adjoints import AdjointDPM as AdjointDPM
 from ._adjoints import InterpolatedAdjoint as InterpolatedAdjoint
 from ._adjoints import RecordedAdjoint as RecordedAdjoint
 from ._adjoints import ReversibleAdjoint as ReversibleAdjoint
+from ._diffusers import DiffusersSetup as DiffusersSetup
+from ._diffusers import diffusers_model as diffusers_model
+from ._diffusers import diffusers_sampler as diffusers_sampler
+from ._diffusers import diffusers_schedule as diffusers_schedule
+from ._diffusers import diffusers_timesteps as diffusers_timesteps
+from ._diffusers import discrete_timestep_model as discrete_timestep_model
+from ._diffusers import from_diffusers as from_diffusers
+from ._model import AbstractPredictor as AbstractPredictor
 from ._model import Scheduled as Scheduled
 from ._model import as_eps as as_eps
+from ._model import cfg as cfg
 from ._sample import sample as sample
 from ._samplers import DDIM as DDIM
 from ._samplers import AbstractMultistepSampler as AbstractMultistepSampler
@@ -26,6 +35,7 @@ from ._samplers import AbstractSDESampler as AbstractSDESampler
 from ._samplers import AsyncLeapfrog as AsyncLeapfrog
 from ._samplers import DPMSolver1 as DPMSolver1
 from ._samplers import DPMSolver2 as DPMSolver2
+from ._samplers import DPMSolverPP as DPMSolverPP
 from ._samplers import McCallumFoster as McCallumFoster
 from ._samplers import ReversibleHeun as ReversibleHeun
 from ._samplers import SDEDPMSolver1 as SDEDPMSolver1

@@ -1,6 +1,7 @@
 """Model conventions: ε-prediction, conversion from other parameterisations, and
 time-scheduled conditioning."""
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -8,6 +9,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import PyTree
 
 from ._misc import first_dtype, fn_name
@@ -39,43 +41,64 @@ class Scheduled(eqx.Module):
 _PREDICTIONS = ("eps", "x0", "v", "flow")
 
 
-class _AsEps(eqx.Module):
+class AbstractPredictor(eqx.Module):
+    """A model that gives both the noise prediction ε and the data prediction x̂_0
+    from one evaluation: `predict(params, x, t, cond) -> (eps, x0)`; calling it gives
+    ε. `aj.sample` asks a predictor for x̂_0 directly instead of deriving it from ε as
+    (x − σ ε)/α, which is what a step from α = 0 (pure noise: t = 1 of a flow model,
+    or of a zero-terminal-SNR schedule) needs. `aj.as_eps` and `aj.cfg` return
+    predictors.
+    """
+
+    @abc.abstractmethod
+    def predict(self, params, x, t, cond) -> tuple[PyTree, PyTree | None]:
+        """(ε, x̂_0), each with the structure of `x`; x̂_0 may be None when the model
+        has no data prediction of its own (it is then derived from ε)."""
+
+    def __call__(self, params, x, t, cond):
+        return self.predict(params, x, t, cond)[0]
+
+
+class _AsEps(AbstractPredictor):
     model: Callable
     schedule: AbstractSchedule
     prediction: str = eqx.field(static=True)
 
-    def __call__(self, params, x, t, cond):
+    # With x = α x0 + σ ε, each parameterisation gives both predictions in closed
+    # form, finite wherever the network's own output is (x0 and v at σ = 0, v and flow
+    # at α = 0):
+    #   eps:  x0 = (x − σ ε)/α;
+    #   x0:   ε = (x − α x0)/σ;
+    #   v:    v = α ε − σ x0  ⇒  ε = (α v + σ x)/(α² + σ²), x0 = (α x − σ v)/(α² + σ²);
+    #   flow: u = α' x0 + σ' ε  ⇒  with D = α σ' − α' σ,
+    #         ε = (α u − α' x)/D, x0 = (σ' x − σ u)/D   (α', σ' by forward-mode AD).
+    def predict(self, params, x, t, cond):
         out = self.model(params, x, t, cond)
-        if self.prediction == "eps":
-            return out
+        out = jtu.tree_map(lambda o, xx: o.astype(xx.dtype), out, x)
         sch = self.schedule
         alpha, sigma = sch.alpha(t), sch.sigma(t)
-        if self.prediction == "x0":
-            # x = α x0 + σ ε  ⇒  ε = (x − α x0)/σ.
-            return jtu.tree_map(
-                lambda xx, o: (
-                    (xx - alpha.astype(xx.dtype) * o) / sigma.astype(xx.dtype)
-                ),
-                x,
-                out,
-            )
-        if self.prediction == "v":
-            # v = α ε − σ x0 and x = α x0 + σ ε  ⇒  ε = (α v + σ x)/(α² + σ²).
-            def _v(xx, o):
-                a, s = alpha.astype(xx.dtype), sigma.astype(xx.dtype)
-                return (a * o + s * xx) / (a * a + s * s)
+        if self.prediction == "flow":
+            _, dalpha = jax.jvp(sch.alpha, (t,), (jnp.ones_like(t),))
+            _, dsigma = jax.jvp(sch.sigma, (t,), (jnp.ones_like(t),))
 
-            return jtu.tree_map(_v, x, out)
-        # flow: u = dx/dt = α' x0 + σ' ε  ⇒  ε = (α u − α' x)/(α σ' − α' σ).
-        _, dalpha = jax.jvp(sch.alpha, (t,), (jnp.ones_like(t),))
-        _, dsigma = jax.jvp(sch.sigma, (t,), (jnp.ones_like(t),))
-
-        def _f(xx, o):
+        def both(xx, o):
             a, s = alpha.astype(xx.dtype), sigma.astype(xx.dtype)
+            if self.prediction == "eps":
+                return o, (xx - s * o) / a
+            if self.prediction == "x0":
+                return (xx - a * o) / s, o
+            if self.prediction == "v":
+                norm = a * a + s * s
+                return (a * o + s * xx) / norm, (a * xx - s * o) / norm
             da, ds = dalpha.astype(xx.dtype), dsigma.astype(xx.dtype)
-            return (a * o - da * xx) / (a * ds - da * s)
+            det = a * ds - da * s
+            return (a * o - da * xx) / det, (ds * xx - s * o) / det
 
-        return jtu.tree_map(_f, x, out)
+        pairs = jtu.tree_map(both, x, out)
+        is_pair = lambda v: isinstance(v, tuple)
+        eps = jtu.tree_map(lambda p: p[0], pairs, is_leaf=is_pair)
+        x0 = jtu.tree_map(lambda p: p[1], pairs, is_leaf=is_pair)
+        return eps, x0
 
 
 def as_eps(model: Callable, schedule: AbstractSchedule, prediction: str) -> Callable:
@@ -95,7 +118,9 @@ def as_eps(model: Callable, schedule: AbstractSchedule, prediction: str) -> Call
     - `schedule`: the schedule the network was trained with.
     - `prediction`: one of `"eps"`, `"x0"`, `"v"`, `"flow"`.
 
-    **Returns:** a callable `eps_model(params, x, t, cond)` (an `eqx.Module`).
+    **Returns:** a callable `eps_model(params, x, t, cond)` (an `eqx.Module`, an
+    `aj.AbstractPredictor`: `aj.sample` also takes its data prediction directly,
+    which lets a sampler start at α = 0, e.g. a flow model from t = 1).
     """
     if prediction not in _PREDICTIONS:
         raise ValueError(
@@ -111,13 +136,91 @@ def as_eps(model: Callable, schedule: AbstractSchedule, prediction: str) -> Call
     return _AsEps(model, schedule, prediction)
 
 
+class _CFG(AbstractPredictor):
+    model: Callable
+    guidance_scale: Any
+    null_cond: PyTree
+
+    # ε = ε(z_null) + w (ε(z) − ε(z_null)), and the same combination of the data
+    # predictions (x = α x̂_0 + σ ε is linear, so the two stay consistent).
+    def predict(self, params, x, t, cond):
+        if cond is None:
+            raise ValueError(
+                "`aj.cfg` needs a conditioning `cond` (the null conditioning is its "
+                "`null_cond`); got cond=None."
+            )
+        null = jtu.tree_map(
+            lambda n, c: jnp.broadcast_to(jnp.asarray(n).astype(c.dtype), jnp.shape(c)),
+            self.null_cond,
+            cond,
+        )
+        both = jtu.tree_map(lambda c, n: jnp.stack([c, n]), cond, null)
+        if isinstance(self.model, AbstractPredictor):
+            call = lambda c: self.model.predict(params, x, t, c)
+        else:
+            call = lambda c: (self.model(params, x, t, c), None)
+        # One batched evaluation of the conditional and the unconditional branch.
+        eps2, x02 = jax.vmap(call)(both)
+        w = jnp.asarray(self.guidance_scale)
+
+        def mix(v):
+            c, n = v[0], v[1]
+            return n + w.astype(v.dtype) * (c - n)
+
+        eps = jtu.tree_map(mix, eps2)
+        return eps, None if x02 is None else jtu.tree_map(mix, x02)
+
+
+def cfg(model: Callable, guidance_scale, null_cond: PyTree) -> "AbstractPredictor":
+    """Classifier-free guidance (Ho & Salimans 2022) as a model of the same signature:
+    `cfg(model, w, null_cond)(params, x, t, cond) = ε(z_null) + w (ε(z) − ε(z_null))`,
+    with ε(z) = `model(params, x, t, cond)` and ε(z_null) = `model(params, x, t,
+    null_cond)`.
+
+    **Arguments:**
+
+    - `model`: the ε-model (or any `aj.AbstractPredictor`, e.g. `aj.as_eps(...)`;
+        then the data predictions are combined the same way).
+    - `guidance_scale`: w (w = 1: the conditional model; w = 0: the unconditional
+        one; 3–8 typical for text-to-image). It may be traced and is differentiable:
+        `jax.grad` with respect to it works with every strategy.
+    - `null_cond`: the unconditional conditioning (e.g. the empty prompt's
+        embedding), broadcast to the shape of `cond`; differentiable too.
+
+    **Returns:** an `aj.AbstractPredictor` (an `eqx.Module`). Both branches are
+    evaluated in one batched call (`jax.vmap` over the pair (cond, null_cond), x and t
+    shared), so a network pays one batched evaluation, not two.
+
+    !!! Example
+
+        ```python
+        guided = aj.cfg(model, 4.0, null_embedding)
+        x0 = aj.sample(guided, params, x_T, prompt_embedding, schedule=..., ts=...,
+                       sampler=aj.DPMSolverPP())
+        ```
+    """
+    if not callable(model):
+        raise TypeError(f"`cfg(model, ...)` needs a callable model; got {model!r}.")
+    if isinstance(guidance_scale, int | float) and not isinstance(guidance_scale, bool):
+        guidance_scale = np.asarray(guidance_scale, np.float64)  # an array leaf
+    if jnp.ndim(guidance_scale) != 0:
+        raise ValueError(
+            "`cfg(..., guidance_scale)` must be a scalar; got shape "
+            f"{jnp.shape(guidance_scale)}."
+        )
+    return _CFG(model, guidance_scale, null_cond)
+
+
 class ModelCall(eqx.Module):
-    """Internal: ε(θ, x, t, z) with θ = (the arrays of the model callable, `params`).
+    """Internal: the model's predictions (ε, x̂_0 or None) at (θ, x, t, z), with
+    θ = (the arrays of the model callable, `params`). x̂_0 comes from the model itself
+    when it is an `aj.AbstractPredictor` (such as `aj.as_eps(...)`), else it is None
+    and the sampler's model wrapper derives it from ε.
 
     This is the one place where the model is called, so the dtype policy lives here:
 
     - the model sees `x` in the sampler state's dtype (x_T's) and `t` cast to it;
-    - its output is cast, leaf by leaf, to the dtype of `x` (so a bfloat16 network
+    - its outputs are cast, leaf by leaf, to the dtype of `x` (so a bfloat16 network
         under a float32 state, or a float64 one under float32 under x64, just works;
         `check_model_output` refuses non-floating outputs eagerly).
 
@@ -134,17 +237,57 @@ class ModelCall(eqx.Module):
         arrays, params = theta
         model = eqx.combine(arrays, self.static)
         t = jnp.asarray(t).astype(first_dtype(x))
-        out = model(params, x, t, z)
-        return jtu.tree_map(lambda o, xx: o.astype(xx.dtype), out, x)
+        eps, x0 = model(params, x, t, z)
+        cast = lambda tree: jtu.tree_map(lambda o, xx: o.astype(xx.dtype), tree, x)
+        return cast(eps), None if x0 is None else cast(x0)
 
 
 class _Call(eqx.Module):
-    """The user's model behind a uniform `(params, x, t, z)` call."""
+    """The user's model behind a uniform `(params, x, t, z) -> (ε, x̂_0 or None)`."""
 
     model: Callable
 
     def __call__(self, params, x, t, z):
-        return self.model(params, x, t, z)
+        if isinstance(self.model, AbstractPredictor):
+            return self.model.predict(params, x, t, z)
+        return self.model(params, x, t, z), None
+
+
+class StepModel:
+    """The model as a sampler sees it during one step: θ, the step's conditioning and
+    the schedule bound in.
+
+    - `eps(x, t)`: ε;
+    - `eps.x0(x, t)`: the data prediction x̂_0 (the model's own when it is an
+        `aj.AbstractPredictor`, else (x − σ_t ε)/α_t);
+    - `eps.predict(x, t)`: both, from one evaluation.
+
+    A plain function `eps(x, t)` can stand in for it wherever a sampler only needs ε
+    (tests and benchmarks call samplers that way).
+    """
+
+    def __init__(self, model: "ModelCall", schedule: AbstractSchedule, theta, z):
+        self._model, self._schedule, self._theta, self._z = model, schedule, theta, z
+
+    def predict(self, x, t, derive: bool = True):
+        """(ε, x̂_0); with `derive=False`, x̂_0 is None unless the model gives its
+        own (a sampler that only needs x̂_0 at α = 0, where an ε-model is refused,
+        then adds no operations for it)."""
+        eps, x0 = self._model(self._theta, x, t, self._z)
+        if x0 is None and derive:
+            alpha, sigma = self._schedule.alpha(t), self._schedule.sigma(t)
+            x0 = jtu.tree_map(
+                lambda xx, e: (xx - sigma.astype(xx.dtype) * e) / alpha.astype(xx.dtype),
+                x,
+                eps,
+            )
+        return eps, x0
+
+    def __call__(self, x, t):
+        return self._model(self._theta, x, t, self._z)[0]
+
+    def x0(self, x, t):
+        return self.predict(x, t)[1]
 
 
 def split_model(model: Callable) -> tuple[ModelCall, PyTree]:
@@ -175,13 +318,14 @@ def closure_convert(
     return ModelCall(new_static), (new_arrays, params)
 
 
-def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z) -> None:
+def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z) -> bool:
     """Eagerly (shapes only) checks that the model returns ε with the structure and
-    shapes of `x` and floating dtypes; raises errors that name `model`."""
+    shapes of `x` and floating dtypes; raises errors that name `model`. Returns
+    whether the model gives its own data prediction x̂_0."""
     arrays, params = theta
     raw = eqx.combine(arrays, model_call.static)
     t = jnp.asarray(t).astype(first_dtype(x))
-    out = eqx.filter_eval_shape(raw, params, x, t, z)
+    out, x0 = eqx.filter_eval_shape(raw, params, x, t, z)
     x_struct = jax.eval_shape(lambda: x)
     shapes = lambda tree: jtu.tree_map(lambda a: a.shape, tree)
     if jtu.tree_structure(out) != jtu.tree_structure(x_struct) or any(
@@ -200,3 +344,4 @@ def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z) -
                 f"return floating-point arrays (they are cast to the state's dtype, "
                 f"here {xx.dtype})."
             )
+    return x0 is not None

@@ -10,15 +10,17 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
-from ._adjoints._base import AbstractAdjoint, Solve
+from ._adjoints._base import AbstractAdjoint, AbstractCustomAdjoint, Solve
 from ._adjoints._dto import DTO
 from ._misc import (
     check_value,
     describe_class_error,
     floats_to_arrays,
     index_tree,
+    is_concrete,
     is_forward_mode,
     is_staged,
 )
@@ -38,6 +40,7 @@ def sample(
     sampler: AbstractSampler,
     adjoint: AbstractAdjoint = DTO(),
     key: Array | None = None,
+    noise: PyTree = None,
 ) -> PyTree:
     """Samples x_0 from x_T with a diffusion model, differentiably.
 
@@ -57,12 +60,27 @@ def sample(
     - `schedule`: the noise schedule, e.g. `aj.VPLinear()`. Its parameters may be
         traced; `aj.DTO()` differentiates them.
     - `ts`: the strictly decreasing, finite time grid, `len(ts) = N + 1 >= 2`, inside
-        `[schedule.t_min, schedule.t_max]`; see `aj.time_grid`.
+        `[schedule.t_min, schedule.t_max]`, except that it may end exactly at 0
+        (σ = 0: the last step is the data prediction) and start exactly at
+        `schedule.alpha_zero_time` (α = 0, e.g. t = 1 of `aj.FlowMatching()`; the
+        model must then give its data prediction: wrap it with `aj.as_eps`). See
+        `aj.time_grid` and `aj.diffusers_timesteps`. The strategies that solve a
+        continuous adjoint need such endpoints in a concrete `ts` (not a traced
+        argument).
     - `sampler`: the forward discretisation, e.g. `aj.DPMSolver1()`.
     - `adjoint`: how the gradient is obtained, e.g. `aj.DTO()` (default, exact) or
         `aj.AdjointDEIS(order=1)` (continuous adjoint, O(1) memory).
-    - `key`: a PRNG key; required by SDE samplers (step i uses
-        `jax.random.fold_in(key, i)`), ignored otherwise.
+    - `key`: a PRNG key for stochastic samplers (`aj.SDEDPMSolver1()`,
+        `aj.DDIM(eta > 0)`): step i's noise for the j-th of x_T's L leaves is
+        `jax.random.normal(jax.random.split(jax.random.fold_in(key, i), L)[j],
+        shape, ts.dtype)`, cast to the leaf's dtype. Ignored by deterministic
+        samplers.
+    - `noise`: instead of `key`, the stochastic sampler's per-step standard normal
+        noises: a pytree like `x_T` whose leaves have a leading axis of length
+        N = len(ts) − 1 (step i uses `noise[i]`). Differentiable: `aj.DTO()` returns
+        ∂L/∂noise exactly; `aj.AdjointDEIS` and `aj.RecordedAdjoint` return it from
+        their continuous adjoint (the noise's scale times the adjoint at the end of
+        its step); the other strategies do not apply to stochastic samplers.
 
     **Returns:** x_0, with the structure and dtypes of `x_T`.
 
@@ -137,7 +155,16 @@ def sample(
                 f"{dt}."
             )
 
-    ts = jnp.asarray(ts)
+    # A concrete grid (also one closed over inside the user's `jit`) is checked, and
+    # its endpoints read, with NumPy: eagerly, and statically for the strategies.
+    # Only a traced `ts` gets runtime checks.
+    # (`jnp` operations inside a `jit` are traced even on constants, so NumPy.)
+    xp = np if is_concrete(ts) else jnp
+    if xp is np:
+        ts = np.asarray(ts)
+        ts = ts.astype(jax.dtypes.canonicalize_dtype(ts.dtype))
+    else:
+        ts = jnp.asarray(ts)
     if ts.ndim != 1 or ts.shape[0] < 2:
         raise ValueError(
             f"`ts` must be a 1-D array with len(ts) >= 2 (N + 1 times for N steps); "
@@ -164,48 +191,107 @@ def sample(
                     f"shape {jnp.shape(leaf)}."
                 )
 
-    if sampler.is_sde and key is None:
-        raise ValueError(
-            f"`sampler={sampler!r}` is stochastic and needs `key=jax.random.key(...)`."
-        )
-    if not sampler.is_sde:
+    if sampler.is_sde:
+        if (key is None) == (noise is None):
+            raise ValueError(
+                f"`sampler={sampler!r}` is stochastic and needs either "
+                "`key=jax.random.key(...)` or `noise=...` (one noise per step); got "
+                + ("neither." if key is None else "both.")
+            )
+    else:
         key = None
+        if noise is not None:
+            raise ValueError(
+                f"`noise=...` is for stochastic samplers; `sampler={sampler!r}` is "
+                "deterministic."
+            )
+    if noise is not None:
+        noise = _check_noise(noise, x_T, num_steps)
 
     model_call, model_arrays = split_model(model)
     theta = (model_arrays, params)
     cond0 = index_tree(cond_values, 0) if scheduled else cond_values
-    check_model_output(model, model_call, theta, x_T, ts[0], cond0)
+    has_x0 = check_model_output(model, model_call, theta, x_T, ts[0], cond0)
 
     # ---- value checks: eager when concrete, `eqx.error_if` under tracing -----------
     ts = check_value(
-        ~jnp.all(jnp.isfinite(ts)),
+        ~xp.all(xp.isfinite(ts)),
         "`ts` contains NaN or inf; it must be a finite, strictly decreasing grid "
         "(see `aj.time_grid`).",
         ts,
     )
     ts = check_value(
-        jnp.any(ts[1:] >= ts[:-1]), "`ts` must be strictly decreasing.", ts
+        xp.any(ts[1:] >= ts[:-1]), "`ts` must be strictly decreasing.", ts
     )
+    alpha_zero = schedule.alpha_zero_time
+    inside = (ts >= schedule.t_min) & (ts <= schedule.t_max)
+    ends_zero = ts[-1] == 0
+    starts_zero = ts[0] == (np.nan if alpha_zero is None else alpha_zero)
+    inside = xp.concatenate(
+        [inside[:1] | starts_zero, inside[1:-1], inside[-1:] | ends_zero]
+    )
+    extra = "" if alpha_zero is None else f", its first may be {alpha_zero} (α = 0)"
     ts = check_value(
-        (ts[0] > schedule.t_max) | (ts[-1] < schedule.t_min),
+        ~xp.all(inside),
         f"`ts` must lie in [schedule.t_min, schedule.t_max] = [{schedule.t_min}, "
-        f"{schedule.t_max}].",
+        f"{schedule.t_max}] (its last point may be 0, σ = 0{extra}).",
         ts,
     )
+    static_ends = is_concrete((ends_zero, starts_zero))
+    for flag, able, what in (
+        (ends_zero, sampler.steps_to_sigma_zero, "end at σ = 0 (t = 0)"),
+        (starts_zero, sampler.steps_from_alpha_zero, "start at α = 0"),
+    ):
+        if not able:
+            ts = check_value(
+                flag,
+                f"`sampler={sampler!r}` cannot take a grid that {what}: end the grid "
+                "at t > 0 (e.g. `schedule.t_min`) and start it below "
+                "`alpha_zero_time`, or use `aj.DPMSolverPP()`, `aj.DDIM(eta)` or "
+                "`aj.DPMSolver1()`/`aj.DPMSolver2()`, which can.",
+                ts,
+            )
+    if not has_x0:
+        ts = check_value(
+            starts_zero,
+            f"`ts` starts at α = 0 (t = {alpha_zero}), where x = σ ε carries no "
+            "information about the data, so an ε-prediction model cannot give the "
+            "first step: pass the network with its own parameterisation through "
+            "`aj.as_eps(model, schedule, prediction='flow' | 'v' | 'x0')`.",
+            ts,
+        )
+    if isinstance(adjoint, AbstractCustomAdjoint) and not static_ends:
+        ts = check_value(
+            ends_zero | starts_zero,
+            f"`adjoint={adjoint!r}` differentiates the steps at a grid's endpoints "
+            "(t = 0, or α = 0) exactly and needs to know them when the solve is "
+            "traced: pass `ts` as a concrete array (close over it instead of "
+            "passing it as an argument of your `jit`), or use `adjoint=aj.DTO()`.",
+            ts,
+        )
 
     # ---- forward mode: the strategies that have none say so in their own words -----
     reverse_only = adjoint.forward_mode_error()
-    inputs = (params, x_T, cond_values, model_arrays, ts, schedule)
+    inputs = (params, x_T, cond_values, noise, model_arrays, ts, schedule)
     if reverse_only is not None and is_forward_mode(inputs):
         raise TypeError(reverse_only)
 
-    solve = Solve(model_call, schedule, ts, sampler, key, scheduled)
+    solve = Solve(
+        model_call,
+        schedule,
+        jnp.asarray(ts),
+        sampler,
+        key,
+        scheduled,
+        starts_at_alpha_zero=bool(starts_zero) if static_ends else False,
+        ends_at_sigma_zero=bool(ends_zero) if static_ends else False,
+    )
     try:
         if is_staged(inputs):
             # Inside the user's own `jit`: it is what compiles; adding one of ours
             # would only add a cache entry per traced model callable.
-            return adjoint.loop(solve, theta, x_T, cond_values)
-        return _jitted_loop(adjoint, solve, theta, x_T, cond_values)
+            return adjoint.loop(solve, theta, x_T, cond_values, noise)
+        return _jitted_loop(adjoint, solve, theta, x_T, cond_values, noise)
     except TypeError as e:
         # Forward mode through a model that closes over the JVP-traced value: JAX's
         # own error ("can't apply forward-mode autodiff (jvp) to a custom_vjp
@@ -213,6 +299,29 @@ def sample(
         if reverse_only is not None and "forward-mode" in str(e):
             raise TypeError(reverse_only) from e
         raise
+
+
+def _check_noise(noise, x_T, num_steps: int):
+    """The explicit noise, checked against x_T (structure, a leading axis of N on
+    every leaf, floating dtype) and cast to x_T's dtypes."""
+    x_struct = jax.eval_shape(lambda: x_T)
+    if jtu.tree_structure(noise) != jtu.tree_structure(x_struct):
+        raise ValueError(
+            "`noise` must have the structure of `x_T` (one array per leaf, with a "
+            f"leading axis of length N = {num_steps}); got structure "
+            f"{jtu.tree_structure(noise)} for x_T's {jtu.tree_structure(x_struct)}."
+        )
+    for n, x in zip(jtu.tree_leaves(noise), jtu.tree_leaves(x_struct)):
+        if jnp.shape(n) != (num_steps, *x.shape):
+            raise ValueError(
+                f"`noise` leaves must have shape (N, *x.shape) = {(num_steps, *x.shape)}"
+                f" (step i uses noise[i]); got {jnp.shape(n)}."
+            )
+        if not jnp.issubdtype(jnp.result_type(n), jnp.floating):
+            raise TypeError(
+                f"`noise` must be floating-point; got dtype {jnp.result_type(n)}."
+            )
+    return jtu.tree_map(lambda n, x: jnp.asarray(n).astype(x.dtype), noise, x_struct)
 
 
 # ---- the compiled loop of eager calls ------------------------------------------------
@@ -414,17 +523,19 @@ def _by_identity(leaf) -> bool:
 def _run(key, dynamic):
     treedef, keyed = key
     leaves = [k.get() if isinstance(k, _Ref) else k for k in keyed]
-    adjoint, solve, theta, x_T, cond = eqx.combine(
+    adjoint, solve, theta, x_T, cond, noise = eqx.combine(
         dynamic, jtu.tree_unflatten(treedef, leaves)
     )
-    return adjoint.loop(solve, theta, x_T, cond)
+    return adjoint.loop(solve, theta, x_T, cond, noise)
 
 
-def _jitted_loop(adjoint, solve, theta, x_T, cond):
+def _jitted_loop(adjoint, solve, theta, x_T, cond, noise):
     solve = dataclasses.replace(
         solve, schedule=floats_to_arrays(solve.schedule), model=_open(solve.model)
     )
-    dynamic, static = eqx.partition((adjoint, solve, theta, x_T, cond), eqx.is_array)
+    dynamic, static = eqx.partition(
+        (adjoint, solve, theta, x_T, cond, noise), eqx.is_array
+    )
     leaves, treedef = jtu.tree_flatten(static)
     keyed = tuple(_Ref(v) if _by_identity(v) else v for v in leaves)
     key = (treedef, keyed)

@@ -28,11 +28,19 @@ class AbstractSchedule(eqx.Module):
     """Base class of the noise schedules.
 
     Subclasses implement `log_alpha`, `log_sigma` and `t_of_lam`, and declare the
-    valid time range `[t_min, t_max]` (finite log-SNR at both ends).
+    range `[t_min, t_max]` of times with finite log-SNR, and `alpha_zero_time`.
+
+    **Endpoints.** Every schedule has σ = 0 exactly at t = 0 (the data), so a time
+    grid may *end* at t = 0: the last step is then the data prediction (diffusers'
+    `set_alpha_to_one`, `final_sigmas_type="zero"`). A grid may *start* at
+    `alpha_zero_time` when it is not `None`: a time where α = 0 exactly (pure noise:
+    t = 1 of `FlowMatching`, or of a zero-terminal-SNR `VPDiscrete`). Both points
+    have infinite log-SNR; samplers that cannot step to or from them say so.
     """
 
     t_min: eqx.AbstractVar[float]
     t_max: eqx.AbstractVar[float]
+    alpha_zero_time: eqx.AbstractVar[float | None]
 
     @abc.abstractmethod
     def log_alpha(self, t: ArrayLike) -> Array:
@@ -111,6 +119,7 @@ class VPLinear(AbstractSchedule):
     beta_max: float | Array = 20.0
     t_min: float = eqx.field(default=1e-5, static=True)
     t_max: float = eqx.field(default=1.0, static=True)
+    alpha_zero_time: None = eqx.field(default=None, static=True, repr=False)
 
     def __check_init__(self):
         lo, hi = concrete_float(self.beta_min), concrete_float(self.beta_max)
@@ -150,6 +159,7 @@ class VPCosine(AbstractSchedule):
     s: float | Array = 0.008
     t_min: float = eqx.field(default=1e-5, static=True)
     t_max: float = eqx.field(default=0.9946, static=True)
+    alpha_zero_time: None = eqx.field(default=None, static=True, repr=False)
 
     def __check_init__(self):
         s = concrete_float(self.s)
@@ -188,19 +198,28 @@ class VPDiscrete(AbstractSchedule):
 
     With N betas, ᾱ_n = ∏_{m≤n} (1 − β_m) and the discrete step n (0-based, as in
     diffusers' `timesteps`) sits at continuous time t_n = (n + 1)/N, where
-    log α_{t_n} = ½ log ᾱ_n exactly. Between these knots log α is interpolated
+    log α_{t_n} = ½ log ᾱ_n exactly, and t = 0 has ᾱ = 1 (σ = 0: diffusers'
+    `set_alpha_to_one` final step). Between these knots log α is interpolated
     piecewise-linearly in t (DPM-Solver's convention), σ² = 1 − α². The model's
-    discrete timestep for a continuous t is `N t − 1`.
+    discrete timestep for a continuous t is `N t − 1` (`aj.discrete_timesteps` wraps
+    a model that wants it).
 
-    `betas` may be traced (e.g. learned): `log_alphas` is then computed with JAX and
-    differentiated by `aj.DTO()`. Concrete betas are accumulated in float64 whatever
-    `jax_enable_x64` says. `t_of_lam` inverts the piecewise-linear log α exactly
-    (λ ↦ log α is closed form), so the round trip is exact to round-off.
+    **Zero terminal SNR.** The last beta may be exactly 1 (diffusers'
+    `rescale_betas_zero_snr`): then ᾱ = 0 at t = 1 (`alpha_zero_time = 1.0`, pure
+    noise), and on the last segment ᾱ itself is interpolated linearly (log α would
+    be −∞ over the whole segment).
+
+    `betas` may be traced (e.g. learned; then all of them must lie in (0, 1)):
+    `log_alphas` is computed with JAX and differentiated by `aj.DTO()`. Concrete betas
+    are accumulated in float64 whatever `jax_enable_x64` says. `t_of_lam` inverts the
+    interpolation exactly (λ ↦ log α is closed form), so the round trip is exact to
+    round-off.
     """
 
     log_alphas: Array
     t_min: float = eqx.field(static=True)
     t_max: float = eqx.field(static=True)
+    alpha_zero_time: float | None = eqx.field(static=True, repr=False)
 
     def __init__(self, betas: ArrayLike):
         if isinstance(betas, type):
@@ -212,18 +231,25 @@ class VPDiscrete(AbstractSchedule):
                 "`VPDiscrete(betas)` needs a 1-D array of at least 2 betas; got shape "
                 f"{shape}."
             )
-        msg = "`VPDiscrete(betas)` needs every beta in (0, 1)."
+        msg = (
+            "`VPDiscrete(betas)` needs every beta in (0, 1) (the last one may be "
+            "exactly 1: zero terminal SNR)."
+        )
+        n = shape[0]
         if traced:
             betas = _float(betas)
             bad = jnp.any((betas <= 0) | (betas >= 1) | ~jnp.isfinite(betas))
             log_alphas = 0.5 * jnp.cumsum(jnp.log1p(-betas))
             self.log_alphas = eqx.error_if(log_alphas, bad, msg)
+            self.alpha_zero_time = None
         else:
             betas = np.asarray(betas, dtype=np.float64)
-            if not np.all((betas > 0) & (betas < 1)):
+            inner, last = betas[:-1], betas[-1]
+            if not (np.all((inner > 0) & (inner < 1)) and 0 < last <= 1):
                 raise ValueError(msg)
-            self.log_alphas = np.asarray(0.5 * np.cumsum(np.log1p(-betas)))
-        n = shape[0]
+            with np.errstate(divide="ignore"):
+                self.log_alphas = np.asarray(0.5 * np.cumsum(np.log1p(-betas)))
+            self.alpha_zero_time = 1.0 if last == 1.0 else None
         self.t_min = 1.0 / n
         self.t_max = 1.0
 
@@ -231,21 +257,26 @@ class VPDiscrete(AbstractSchedule):
     def num_train_timesteps(self) -> int:
         return self.log_alphas.shape[0]
 
-    def _knots(self, dtype) -> Array:
+    def _knots(self, dtype) -> tuple[Array, Array]:
+        """Knot times 0, 1/N, ..., 1 and log α there (0 at t = 0; −∞ at t = 1 under
+        zero terminal SNR)."""
         n = self.num_train_timesteps
-        return jnp.arange(1, n + 1, dtype=dtype) / n
+        knots = jnp.arange(n + 1, dtype=dtype) / n
+        la = jnp.concatenate([jnp.zeros((1,), dtype), cast(self.log_alphas, dtype)])
+        return knots, la
 
     def log_alpha(self, t: ArrayLike) -> Array:
         t = _float(t)
-        knots = self._knots(t.dtype)
-        la = cast(self.log_alphas, t.dtype)
-        # Piecewise-linear with linear extrapolation beyond the end knots.
-        idx = jnp.clip(
-            jnp.searchsorted(knots, t, side="right") - 1, 0, knots.shape[0] - 2
-        )
+        knots, la = self._knots(t.dtype)
+        idx = jnp.clip(jnp.searchsorted(knots, t, side="right") - 1, 0, knots.shape[0] - 2)
         t0, t1 = knots[idx], knots[idx + 1]
         l0, l1 = la[idx], la[idx + 1]
-        return l0 + (t - t0) * (l1 - l0) / (t1 - t0)
+        w = (t - t0) / (t1 - t0)
+        # A segment ending at ᾱ = 0 interpolates ᾱ linearly: log α = l0 + ½ log(1 − w).
+        to_zero = jnp.isneginf(l1)
+        linear = l0 + w * (jnp.where(to_zero, l0, l1) - l0)
+        w_zero = jnp.where(to_zero, w, 0.0)
+        return jnp.where(to_zero, l0 + 0.5 * jnp.log1p(-w_zero), linear)
 
     def log_sigma(self, t: ArrayLike) -> Array:
         return _vp_log_sigma(self.log_alpha(t))
@@ -253,83 +284,83 @@ class VPDiscrete(AbstractSchedule):
     def t_of_lam(self, lam: ArrayLike) -> Array:
         lam = _float(lam)
         target = _vp_log_alpha_of_lam(lam)
-        knots = self._knots(lam.dtype)
-        neg_la = -cast(self.log_alphas, lam.dtype)  # increasing in t
+        knots, la = self._knots(lam.dtype)
+        neg_la = -la  # increasing in t, from 0 (possibly to +∞)
         idx = jnp.clip(
             jnp.searchsorted(neg_la, -target, side="right") - 1, 0, knots.shape[0] - 2
         )
         t0, t1 = knots[idx], knots[idx + 1]
         l0, l1 = neg_la[idx], neg_la[idx + 1]
-        return t0 + (-target - l0) * (t1 - t0) / (l1 - l0)
+        to_zero = jnp.isposinf(l1)
+        linear = t0 + (-target - l0) * (t1 - t0) / (jnp.where(to_zero, l0 + 1.0, l1) - l0)
+        # On a segment ending at ᾱ = 0: ᾱ = (1 − w) ᾱ0, so w = 1 − exp(2 (target + l0)).
+        zero = t0 - jnp.expm1(2.0 * (target + l0)) * (t1 - t0)
+        return jnp.where(to_zero, zero, linear)
 
     @classmethod
     def from_diffusers_config(cls, config: Mapping[str, Any]) -> "VPDiscrete":
-        """Builds the schedule of a diffusers scheduler config dict (e.g. the
-        `scheduler_config.json` of a pretrained pipeline), without diffusers.
+        """The schedule of a diffusers scheduler config (e.g. the
+        `scheduler_config.json` of a pretrained pipeline, or
+        `dict(pipe.scheduler.config)`), without diffusers.
 
         **Arguments:**
 
         - `config`: a mapping with `num_train_timesteps` (default 1000), and either
             `trained_betas` or `beta_start`, `beta_end` and `beta_schedule` in
-            `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`.
+            `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`;
+            `rescale_betas_zero_snr=True` is honoured (ᾱ = 0 exactly at t = 1). When
+            the config names its scheduler (`_class_name`), its other keys are checked
+            too: those that change the numbers and are not reproduced raise an error
+            naming them.
 
-        **Returns:** a `VPDiscrete` with the same betas diffusers would build.
+        **Returns:** a `VPDiscrete` with diffusers' betas, computed in float64.
+
+        The schedule alone does not say how the network is called: its
+        `prediction_type` and integer timesteps are handled by `aj.diffusers_model`,
+        the grid of `set_timesteps` by `aj.diffusers_timesteps`, and all of it at
+        once by `aj.from_diffusers`.
         """
+        from . import _diffusers
+
         if not isinstance(config, Mapping):
             raise TypeError(
-                "`VPDiscrete.from_diffusers_config(config)` needs a dict; got "
+                "`VPDiscrete.from_diffusers_config(config)` needs a mapping; got "
                 f"{type(config).__name__}."
             )
-        trained = config.get("trained_betas")
-        if trained is not None:
-            return cls(np.asarray(trained, dtype=np.float64))
-        n = int(config.get("num_train_timesteps", 1000))
-        start = float(config.get("beta_start", 0.0001))
-        end = float(config.get("beta_end", 0.02))
-        kind = config.get("beta_schedule", "linear")
-        if kind == "linear":
-            # diffusers: torch.linspace(beta_start, beta_end, n, dtype=float32)
-            betas = np.linspace(start, end, n, dtype=np.float32)
-        elif kind == "scaled_linear":
-            betas = np.linspace(start**0.5, end**0.5, n, dtype=np.float32) ** 2
-        elif kind == "squaredcos_cap_v2":
-            # diffusers' betas_for_alpha_bar with the cosine alpha_bar, max_beta 0.999.
-            def alpha_bar(t):
-                return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
-
-            betas = np.array(
-                [
-                    min(1 - alpha_bar((i + 1) / n) / alpha_bar(i / n), 0.999)
-                    for i in range(n)
-                ],
-                dtype=np.float32,
-            )
-        else:
-            raise ValueError(
-                "`config['beta_schedule']` must be 'linear', 'scaled_linear' or "
-                f"'squaredcos_cap_v2' (or give `trained_betas`); got {kind!r}."
-            )
-        return cls(betas.astype(np.float64))
+        name = config.get("_class_name")
+        if name is not None:
+            name = _diffusers._name(config, None)
+            if name not in _diffusers._VP:
+                raise ValueError(
+                    f"{name} is a flow-matching scheduler; use `aj.FlowMatching()` "
+                    "(or `aj.diffusers_schedule`)."
+                )
+            _diffusers._check_keys(config, name)
+        return cls(_diffusers.betas_from_config(config))
 
 
 class FlowMatching(AbstractSchedule):
-    """The rectified-flow / flow-matching interpolation α_t = 1 − t, σ_t = t.
+    """The rectified-flow / flow-matching interpolation α_t = 1 − t, σ_t = t
+    (diffusers' σ is this t).
 
     Not variance preserving (α² + σ² ≠ 1). λ = log((1 − t)/t), so
-    `t_of_lam(λ) = sigmoid(−λ)`. Both ends have infinite log-SNR, so the valid range
-    is `[t_min, t_max]` with defaults 1e-4 and 1 − 1e-4. Use `aj.as_eps(model,
-    schedule, prediction="flow")` for a velocity-prediction network.
+    `t_of_lam(λ) = sigmoid(−λ)`. Both ends have infinite log-SNR: the finite range is
+    `[t_min, t_max]` (defaults 1e-4 and 1 − 1e-4), and a grid may also start exactly
+    at t = 1 (`alpha_zero_time`, pure noise, where every flow model starts) and end at
+    t = 0. Use `aj.as_eps(model, schedule, prediction="flow")` for a velocity network:
+    it also supplies the data prediction that a step from t = 1 needs.
     """
 
     t_min: float = eqx.field(default=1e-4, static=True)
     t_max: float = eqx.field(default=1.0 - 1e-4, static=True)
+    alpha_zero_time: float = eqx.field(default=1.0, static=True, repr=False)
 
     def __check_init__(self):
         _check_bounds("FlowMatching", self.t_min, self.t_max)
         if not self.t_max < 1:
             raise ValueError(
-                "`FlowMatching` needs t_max < 1 (α vanishes at t = 1); got "
-                f"t_max={self.t_max}."
+                "`FlowMatching` needs t_max < 1 (α vanishes at t = 1, which a grid may "
+                f"still start from: `ts[0] = 1.0`); got t_max={self.t_max}."
             )
 
     def log_alpha(self, t: ArrayLike) -> Array:
@@ -337,6 +368,14 @@ class FlowMatching(AbstractSchedule):
 
     def log_sigma(self, t: ArrayLike) -> Array:
         return jnp.log(_float(t))
+
+    # Directly, not as exp(log ·): exact, and with derivatives that stay finite at
+    # t = 1 and t = 0 (the velocity parameterisation needs α' and σ' at t = 1).
+    def alpha(self, t: ArrayLike) -> Array:
+        return 1.0 - _float(t)
+
+    def sigma(self, t: ArrayLike) -> Array:
+        return _float(t)
 
     def t_of_lam(self, lam: ArrayLike) -> Array:
         return 1.0 / (1.0 + jnp.exp(_float(lam)))

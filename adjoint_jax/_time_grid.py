@@ -24,14 +24,20 @@ def time_grid(
 
     - `schedule`: the noise schedule (needed for log-SNR spacing and the defaults).
     - `num_steps`: the number of sampler steps N ≥ 1.
-    - `t_start`: the first (noisiest) time; defaults to `schedule.t_max`.
-    - `t_end`: the last time, in `[schedule.t_min, t_start)`.
+    - `t_start`: the first (noisiest) time; defaults to `schedule.t_max`. It may be
+        `schedule.alpha_zero_time` (α = 0, e.g. t = 1 of `aj.FlowMatching()`), with
+        `spacing="time"` or `"quadratic"` (the log-SNR is −∞ there).
+    - `t_end`: the last time, in `[schedule.t_min, t_start)`, or exactly 0 (σ = 0, the
+        data): then the first N − 1 steps are spaced from `t_start` to
+        `schedule.t_min` and the last step goes from there to 0.
     - `spacing`: `"logsnr"` (uniform in λ, DPM-Solver's recommendation for
         exponential integrators), `"time"` (uniform in t) or `"quadratic"` (uniform in
         √t, DDIM's "quad" spacing: finer near the data).
 
     **Returns:** an array of shape `(num_steps + 1,)`, strictly decreasing, with
     `ts[0] == t_start` and `ts[-1] == t_end` exactly.
+
+    For the exact grid a diffusers scheduler would use, see `aj.diffusers_timesteps`.
 
     !!! Example
 
@@ -52,12 +58,32 @@ def time_grid(
         t_start = schedule.t_max
     t_start = float(t_start)
     t_end = float(t_end)
-    if not (schedule.t_min <= t_end < t_start <= schedule.t_max):
+    alpha_zero = schedule.alpha_zero_time
+    start_ok = schedule.t_min < t_start <= schedule.t_max or (
+        alpha_zero is not None and t_start == alpha_zero
+    )
+    end_ok = t_end == 0.0 or schedule.t_min <= t_end < t_start
+    if not (start_ok and end_ok):
+        extra = "" if alpha_zero is None else f" (or t_start = {alpha_zero}, α = 0)"
         raise ValueError(
             "`time_grid` needs schedule.t_min <= t_end < t_start <= schedule.t_max "
-            f"= [{schedule.t_min}, {schedule.t_max}]; got t_start={t_start}, "
-            f"t_end={t_end}."
+            f"= [{schedule.t_min}, {schedule.t_max}]{extra}, or t_end = 0 (σ = 0); got "
+            f"t_start={t_start}, t_end={t_end}."
         )
+    if spacing == "logsnr" and alpha_zero is not None and t_start == alpha_zero:
+        raise ValueError(
+            f"`time_grid`: log-SNR spacing cannot start at t_start={t_start}, where "
+            "α = 0 and the log-SNR is −∞; use `spacing='time'` (or 'quadratic'), or "
+            "`aj.diffusers_timesteps` for a diffusers scheduler's grid."
+        )
+    if t_end == 0.0:
+        if num_steps == 1:
+            return jnp.asarray([t_start, 0.0], jnp.result_type(float))
+        inner = time_grid(
+            schedule, num_steps - 1, t_start=t_start, t_end=schedule.t_min,
+            spacing=spacing,
+        )
+        return jnp.concatenate([inner, jnp.zeros((1,), inner.dtype)])
     dtype = jnp.result_type(float)
     a = jnp.asarray(t_start, dtype)
     b = jnp.asarray(t_end, dtype)

@@ -18,6 +18,7 @@ from .._misc import (
 )
 from .._samplers._base import AbstractSampler
 from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
+from ._endpoints import endpoint_backward, endpoint_forward
 
 
 class AdjointDPM(AbstractCustomAdjoint):
@@ -159,13 +160,21 @@ class AdjointDPM(AbstractCustomAdjoint):
             + FORWARD_MODE_HINT
         )
 
-    def forward(self, solve: Solve, theta, x_T, cond):
-        state, _ = solve.forward(theta, x_T, cond)
-        x0 = solve.sampler.output(state)
-        return x0, x0
+    # On a grid that starts at α = 0 or ends at σ = 0 the adjoint ODE is solved over
+    # the interior grid and the endpoint steps are differentiated exactly (see
+    # `_endpoints.py`): ρ = σ/α is 0 or ∞ there.
+    def forward(self, solve: Solve, theta, x_T, cond, noise):
+        def interior(sub, theta, state0, cond, noise):
+            return sub.forward(theta, None, cond, noise, state0=state0)[0], None
+
+        return endpoint_forward(solve, theta, x_T, cond, noise, interior)
 
     def backward(self, solve, residuals, ct_x0, diff, x_T):
-        return _adjoint_dpm_backward(self, solve, residuals, ct_x0, diff, x_T)
+        def interior(sub, residuals, g, sub_diff):
+            x_end, _ = residuals
+            return _adjoint_dpm_backward(self, sub, x_end, g, sub_diff, x_T)
+
+        return endpoint_backward(solve, residuals, ct_x0, diff, x_T, interior)
 
 
 AdjointDPM.__init__.__doc__ = """**Arguments:**
@@ -313,4 +322,4 @@ def _adjoint_dpm_backward(
         body, (y, a, zeros(theta_d), g_sum0), xs, reverse=True
     )
     g_x_T = lincomb((1.0 / alpha(ts[0]), a))
-    return g_theta, g_x_T, g_z if solve.scheduled else g_sum
+    return g_theta, g_x_T, g_z if solve.scheduled else g_sum, None

@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import cast_like, index_tree
-from .._model import ModelCall, closure_convert
+from .._misc import cast_like, index_tree, step_noise
+from .._model import ModelCall, StepModel, closure_convert
 from .._samplers._base import AbstractSampler
 from .._schedule import AbstractSchedule
 
@@ -36,8 +36,10 @@ class Solve(eqx.Module):
     """Everything about one call of `aj.sample` except the differentiable inputs.
 
     The differentiable inputs travel separately as `theta` (a pair: the arrays of the
-    model callable, and `params`), `x_T` and `cond` (the constant conditioning pytree,
-    or the stacked values of an `aj.Scheduled`; `scheduled` says which).
+    model callable, and `params`), `x_T`, `cond` (the constant conditioning pytree,
+    or the stacked values of an `aj.Scheduled`; `scheduled` says which) and `noise`
+    (the stacked per-step noises given as `aj.sample(..., noise=...)`, or None: then
+    stochastic samplers draw step i's from `fold_in(key, i)`).
     """
 
     model: ModelCall
@@ -46,40 +48,102 @@ class Solve(eqx.Module):
     sampler: AbstractSampler
     key: Array | None
     scheduled: bool = eqx.field(static=True)
+    # Whether the grid starts at α = 0 / ends at σ = 0 (known when `ts` is concrete;
+    # see `aj.sample`).
+    starts_at_alpha_zero: bool = eqx.field(default=False, static=True)
+    ends_at_sigma_zero: bool = eqx.field(default=False, static=True)
+    # The index of this solve's first step in the sampler's count (0 unless it is a
+    # `sub` solve): samplers and key-drawn noise see global step indices.
+    first_index: int = eqx.field(default=0, static=True)
 
     @property
     def num_steps(self) -> int:
         return self.ts.shape[0] - 1
 
+    def interior(self) -> tuple[int, int]:
+        """(a, b): the steps a, ..., b − 1 that touch no endpoint of infinite log-SNR
+        (a = 1 after a first step from α = 0, b = N − 1 before a last step to σ = 0)."""
+        n = self.num_steps
+        return int(self.starts_at_alpha_zero), n - int(self.ends_at_sigma_zero)
+
+    def sub(self, a: int, b: int) -> "Solve":
+        """The solve of steps a, ..., b − 1 alone (times ts[a], ..., ts[b]); slice the
+        conditioning and noise with `sub_inputs`."""
+        return dataclasses.replace(
+            self,
+            ts=self.ts[a : b + 1],
+            starts_at_alpha_zero=False,
+            ends_at_sigma_zero=False,
+            first_index=self.first_index + a,
+        )
+
+    def sub_inputs(self, cond: PyTree, noise: PyTree, a: int, b: int):
+        """Steps a, ..., b − 1's conditioning (when scheduled) and explicit noise."""
+        cut = lambda tree: jtu.tree_map(lambda v: v[a:b], tree)
+        return (cut(cond) if self.scheduled else cond), (
+            None if noise is None else cut(noise)
+        )
+
     def cond_at(self, cond: PyTree, i) -> PyTree:
         """Step i's conditioning value."""
         return index_tree(cond, i) if self.scheduled else cond
 
+    def noise_at(self, noise: PyTree, i, like: PyTree) -> PyTree:
+        """Step i's noise (i counted within this solve): `noise[i]` when given, else
+        drawn from `fold_in(key, first_index + i)` in the time grid's dtype (so float32
+        and float64 solves see the same noise), or None for a deterministic
+        sampler."""
+        if noise is not None:
+            return index_tree(noise, i)
+        if not self.sampler.is_sde:
+            return None
+        return step_noise(self.key, self.first_index + i, like, self.ts.dtype)
+
     def eps(self, theta, x, t, z):
         """ε_θ(x, z, t)."""
-        return self.model(theta, x, t, z)
+        return self.model(theta, x, t, z)[0]
 
-    def eps_fn(self, theta, z):
-        """`eps(x, t)` with θ and the conditioning value z bound in."""
-        return lambda x, t: self.model(theta, x, t, z)
+    def eps_fn(self, theta, z) -> StepModel:
+        """The model as a sampler sees it, with θ and the conditioning value z bound
+        in: `eps(x, t)`, `eps.x0(x, t)`, `eps.predict(x, t)`."""
+        return StepModel(self.model, self.schedule, theta, z)
 
-    def step_inputs(self, cond: PyTree):
-        """The per-step scan inputs (t_i, t_{i+1}, i, z_i or None)."""
+    def step_inputs(self, cond: PyTree, noise: PyTree = None):
+        """The per-step scan inputs (t_i, t_{i+1}, i, z_i or None, noise_i or None)."""
         n = self.num_steps
-        idx = jnp.arange(n, dtype=jnp.int32)
-        return (self.ts[:-1], self.ts[1:], idx, cond if self.scheduled else None)
+        idx = jnp.arange(self.first_index, self.first_index + n, dtype=jnp.int32)
+        return (
+            self.ts[:-1],
+            self.ts[1:],
+            idx,
+            cond if self.scheduled else None,
+            noise,
+        )
 
     def step(self, theta, cond, state, xs):
         """Sampler step i given the scan inputs of `step_inputs`."""
-        t, s, i, z = xs
+        t, s, i, z, noise = xs
         if not self.scheduled:
             z = cond
+        if noise is None and self.sampler.is_sde:
+            noise = step_noise(self.key, i, self.sampler.output(state), self.ts.dtype)
         eps = self.eps_fn(theta, z)
-        return self.sampler.step(eps, self.schedule, state, t, s, i, self.key)
+        return self.sampler.step(eps, self.schedule, state, t, s, i, noise)
 
-    def forward(self, theta, x_T, cond, *, record: bool = False, remat: bool = False):
+    def forward(
+        self,
+        theta,
+        x_T,
+        cond,
+        noise=None,
+        *,
+        record: bool = False,
+        remat: bool = False,
+        state0=None,
+    ):
         """Runs the sampler; returns the final sampler state and, if `record`, the
-        stacked samples x_{t_1}, ..., x_{t_N} after each step (leading axis N)."""
+        stacked samples x_{t_1}, ..., x_{t_N} after each step (leading axis N).
+        `state0` replaces `sampler.init(x_T, ...)` (to continue a solve)."""
 
         def body(state, xs):
             new = self.step(theta, cond, state, xs)
@@ -87,8 +151,9 @@ class Solve(eqx.Module):
 
         if remat:
             body = jax.checkpoint(body)
-        state0 = self.sampler.init(x_T, self.schedule, self.ts)
-        return jax.lax.scan(body, state0, self.step_inputs(cond))
+        if state0 is None:
+            state0 = self.sampler.init(x_T, self.schedule, self.ts)
+        return jax.lax.scan(body, state0, self.step_inputs(cond, noise))
 
 
 class AbstractAdjoint(eqx.Module):
@@ -99,13 +164,16 @@ class AbstractAdjoint(eqx.Module):
     """
 
     @abc.abstractmethod
-    def loop(self, solve: Solve, theta: PyTree, x_T: PyTree, cond: PyTree) -> PyTree:
+    def loop(
+        self, solve: Solve, theta: PyTree, x_T: PyTree, cond: PyTree, noise: PyTree
+    ) -> PyTree:
         """Runs the sampler and returns x_0, differentiable with respect to `theta`,
-        `x_T` and `cond` in the way this strategy defines.
+        `x_T`, `cond` and `noise` in the way this strategy defines.
 
         **Arguments:** `solve` (the static description of the solve), `theta` (the
         pair (model arrays, params)), `x_T`, `cond` (constant pytree, or the stacked
-        per-step values when `solve.scheduled`).
+        per-step values when `solve.scheduled`), `noise` (the stacked per-step noises
+        given to `aj.sample`, or None).
 
         **Returns:** x_0, with the structure of `x_T`.
         """
@@ -129,21 +197,31 @@ FORWARD_MODE_HINT = (
 
 
 class Differentiated(eqx.Module):
-    """Which leaves of θ and of the conditioning are being differentiated: `theta`
-    and `cond` hold those leaves (None elsewhere, or None altogether when nothing is
-    differentiated), `theta_rest` and `cond_rest` the others. A backward pass
-    returns cotangents shaped like `theta` and `cond`."""
+    """Which leaves of θ, of the conditioning and of the explicit noise are being
+    differentiated: `theta`, `cond` and `noise` hold those leaves (None elsewhere, or
+    None altogether when nothing is differentiated), `theta_rest`, `cond_rest` and
+    `noise_rest` the others. A backward pass returns cotangents shaped like `theta`,
+    `cond` and `noise`."""
 
     theta: PyTree
     theta_rest: PyTree
     cond: PyTree
     cond_rest: PyTree
+    noise: PyTree
+    noise_rest: PyTree
 
     @staticmethod
-    def split(theta, theta_perturbed, cond, cond_perturbed) -> "Differentiated":
+    def split(
+        theta, theta_perturbed, cond, cond_perturbed, noise, noise_perturbed
+    ) -> "Differentiated":
         theta_d, theta_rest = _split(theta, theta_perturbed)
         cond_d, cond_rest = _split(cond, cond_perturbed)
-        return Differentiated(theta_d, theta_rest, cond_d, cond_rest)
+        noise_d, noise_rest = _split(noise, noise_perturbed)
+        return Differentiated(theta_d, theta_rest, cond_d, cond_rest, noise_d, noise_rest)
+
+    def noise_full(self) -> PyTree:
+        """The explicit noise (None when the solve draws it from its key)."""
+        return _join(self.noise, self.noise_rest)
 
     def theta_with(self, theta_d: PyTree) -> PyTree:
         """θ with its differentiated leaves replaced by `theta_d`."""
@@ -193,11 +271,13 @@ class AbstractCustomAdjoint(AbstractAdjoint):
     model closes over, traced or not) is differentiated.
     """
 
-    def loop(self, solve: Solve, theta, x_T, cond):
-        return custom_vjp_loop(self, solve, theta, x_T, cond)
+    def loop(self, solve: Solve, theta, x_T, cond, noise):
+        return custom_vjp_loop(self, solve, theta, x_T, cond, noise)
 
     @abc.abstractmethod
-    def forward(self, solve: Solve, theta, x_T, cond) -> tuple[PyTree, PyTree]:
+    def forward(
+        self, solve: Solve, theta, x_T, cond, noise
+    ) -> tuple[PyTree, PyTree]:
         """Runs the sampler; returns `(x_0, residuals)` with whatever the backward
         pass needs (any pytree of arrays)."""
 
@@ -209,15 +289,19 @@ class AbstractCustomAdjoint(AbstractAdjoint):
         ct_x0: PyTree,
         diff: Differentiated,
         x_T: PyTree,
-    ) -> tuple[PyTree, PyTree, PyTree]:
-        """The cotangents `(ct_theta, ct_x_T, ct_cond)` given the output cotangent
-        `ct_x0` (shaped like x_0, zeros made explicit). `ct_theta` and `ct_cond` are
-        shaped like `diff.theta` and `diff.cond` (None leaves stay None; the stacked
-        per-step values when `solve.scheduled`), in any floating dtype (the engine
-        casts them to the inputs' dtypes)."""
+    ) -> tuple[PyTree, PyTree, PyTree, PyTree]:
+        """The cotangents `(ct_theta, ct_x_T, ct_cond, ct_noise)` given the output
+        cotangent `ct_x0` (shaped like x_0, zeros made explicit). `ct_theta`,
+        `ct_cond` and `ct_noise` are shaped like `diff.theta`, `diff.cond` and
+        `diff.noise` (None leaves stay None; the stacked per-step values when
+        `solve.scheduled`), in any floating dtype (the engine casts them to the
+        inputs' dtypes). A strategy that cannot give ∂L/∂noise raises an error when
+        `diff.noise` is not None."""
 
 
-def custom_vjp_loop(adjoint: AbstractCustomAdjoint, solve: Solve, theta, x_T, cond):
+def custom_vjp_loop(
+    adjoint: AbstractCustomAdjoint, solve: Solve, theta, x_T, cond, noise
+):
     # Closure conversion first: after it, every array the output depends on is an
     # explicit input (θ's first slot holds the model's closed-over arrays).
     model, theta = closure_convert(
@@ -225,7 +309,7 @@ def custom_vjp_loop(adjoint: AbstractCustomAdjoint, solve: Solve, theta, x_T, co
     )
     solve = dataclasses.replace(solve, model=model)
     solve_arrays, solve_static = eqx.partition(solve, eqx.is_array)
-    return _custom_loop((theta, x_T, cond, solve_arrays), solve_static, adjoint)
+    return _custom_loop((theta, x_T, cond, noise, solve_arrays), solve_static, adjoint)
 
 
 @eqx.filter_custom_vjp
@@ -233,9 +317,9 @@ def _custom_loop(inputs, solve_static, adjoint):
     # Not differentiated: just the sampler (every strategy has its forward value),
     # nothing kept for a backward pass.
     del adjoint
-    theta, x_T, cond, solve_arrays = inputs
+    theta, x_T, cond, noise, solve_arrays = inputs
     solve = eqx.combine(solve_arrays, solve_static)
-    state, _ = solve.forward(theta, x_T, cond)
+    state, _ = solve.forward(theta, x_T, cond, noise)
     return solve.sampler.output(state)
 
 
@@ -261,26 +345,33 @@ def _refuse_undifferentiable(perturbed_solve, adjoint) -> None:
 
 @_custom_loop.def_fwd
 def _custom_loop_fwd(perturbed, inputs, solve_static, adjoint):
-    _refuse_undifferentiable(perturbed[3], adjoint)
-    theta, x_T, cond, solve_arrays = inputs
+    _refuse_undifferentiable(perturbed[4], adjoint)
+    theta, x_T, cond, noise, solve_arrays = inputs
     solve = eqx.combine(solve_arrays, solve_static)
-    return adjoint.forward(solve, theta, x_T, cond)
+    return adjoint.forward(solve, theta, x_T, cond, noise)
 
 
 @_custom_loop.def_bwd
 def _custom_loop_bwd(residuals, grad_obj, perturbed, inputs, solve_static, adjoint):
-    theta, x_T, cond, solve_arrays = inputs
+    theta, x_T, cond, noise, solve_arrays = inputs
     solve = eqx.combine(solve_arrays, solve_static)
     ct_x0 = materialise(x_T, grad_obj)  # x_0 has x_T's structure and dtypes
-    diff = Differentiated.split(theta, perturbed[0], cond, perturbed[2])
-    ct_theta, ct_x_T, ct_cond = adjoint.backward(solve, residuals, ct_x0, diff, x_T)
+    diff = Differentiated.split(
+        theta, perturbed[0], cond, perturbed[2], noise, perturbed[3]
+    )
+    ct_theta, ct_x_T, ct_cond, ct_noise = adjoint.backward(
+        solve, residuals, ct_x0, diff, x_T
+    )
     none_like = lambda tree: jtu.tree_map(lambda _: None, tree)
     floats = lambda tree: eqx.filter(tree, eqx.is_inexact_array)
+
+    def out(ct, d, full):
+        return none_like(floats(full)) if d is None else cast_like(ct, d)
+
     return (
-        none_like(floats(theta))
-        if diff.theta is None
-        else cast_like(ct_theta, diff.theta),
+        out(ct_theta, diff.theta, theta),
         cast_like(ct_x_T, x_T),
-        none_like(floats(cond)) if diff.cond is None else cast_like(ct_cond, diff.cond),
+        out(ct_cond, diff.cond, cond),
+        out(ct_noise, diff.noise, noise),
         none_like(floats(solve_arrays)),
     )

@@ -9,6 +9,7 @@ the data) and s = τ_{j+1} (nearer the noise), h = λ_s − λ_t < 0.
 """
 
 import abc
+import functools
 
 import equinox as eqx
 import jax
@@ -19,6 +20,7 @@ from jaxtyping import Array, PyTree
 from .._misc import (
     acc_zeros,
     accumulator_dtype,
+    index_tree,
     lincomb,
     tree_acc,
     tree_add,
@@ -28,14 +30,18 @@ from .._samplers._base import AbstractSDESampler
 from .._samplers._coeffs import step_coeffs
 from .._samplers._dpm_solver import multistep_update
 from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
+from ._endpoints import endpoint_backward, endpoint_forward
 
 
 class AbstractContinuousAdjoint(AbstractCustomAdjoint):
     """Base of the strategies that solve the continuous adjoint equations with
     AdjointDEIS-k (k = `order`) instead of differentiating the sampler.
 
-    Subclasses say what the forward pass keeps (`forward`) and how the backward pass
-    obtains x at the backward grid points (`states`, or `None` to re-solve them).
+    Subclasses say what the forward pass keeps (`forward_interior`) and how the
+    backward pass obtains x at the backward grid points (`states`, or `None` to
+    re-solve them). On a grid that starts at α = 0 or ends at σ = 0 the continuous
+    adjoint runs on the interior grid and the endpoint steps are differentiated
+    exactly (see `_endpoints.py`).
     """
 
     order: eqx.AbstractVar[int]
@@ -48,16 +54,19 @@ class AbstractContinuousAdjoint(AbstractCustomAdjoint):
             )
 
     @abc.abstractmethod
-    def forward(self, solve: Solve, theta, x_T, cond) -> tuple[PyTree, PyTree]:
-        """Runs the sampler; returns `(x_0, (x_0, extra))` with whatever else the
-        backward pass needs (nothing, the trajectory, or checkpoints)."""
+    def forward_interior(
+        self, solve: Solve, theta, state0, cond, noise
+    ) -> tuple[PyTree, PyTree]:
+        """Runs the sampler on `solve` (a grid without endpoint steps) from the
+        sampler state `state0`; returns the final state and whatever the backward
+        pass needs besides the final x (nothing, the trajectory, or checkpoints)."""
 
     @abc.abstractmethod
     def backward_grid(self, solve: Solve) -> Array:
         """The increasing backward grid τ_0 = ts[-1] < ... < τ_M = ts[0]."""
 
     @abc.abstractmethod
-    def states(self, solve: Solve, extra: PyTree, x0: PyTree):
+    def states(self, solve: Solve, extra: PyTree, x_end: PyTree):
         """`None` to re-solve the states backward alongside the adjoint, or a
         function `j -> x(τ_j)` (j a traced int) giving the state at backward point j."""
 
@@ -68,8 +77,12 @@ class AbstractContinuousAdjoint(AbstractCustomAdjoint):
             "forward-mode (jvp) rule." + FORWARD_MODE_HINT
         )
 
+    def forward(self, solve, theta, x_T, cond, noise):
+        return endpoint_forward(solve, theta, x_T, cond, noise, self.forward_interior)
+
     def backward(self, solve, residuals, ct_x0, diff, x_T):
-        return _continuous_backward(self, solve, residuals, ct_x0, diff, x_T)
+        interior = functools.partial(_continuous_backward, self)
+        return endpoint_backward(solve, residuals, ct_x0, diff, x_T, interior)
 
 
 def _z_index(solve: Solve, taus: Array) -> Array:
@@ -113,11 +126,10 @@ def _continuous_backward(
     residuals,
     g_x0,
     diff: Differentiated,
-    x_T,
 ):
     x0, extra = residuals
     schedule, sampler = solve.schedule, solve.sampler
-    factor = 2.0 if sampler.is_sde else 1.0
+    factor = sampler.adjoint_factor if sampler.is_sde else 1.0
     multistep = adjoint.order == 2
     taus = adjoint.backward_grid(solve)
     num_back = taus.shape[0] - 1
@@ -127,6 +139,7 @@ def _continuous_backward(
     noise_idx = (solve.num_steps - 1 - jnp.arange(num_back)).astype(jnp.int32)
     state_fn = adjoint.states(solve, extra, x0)
     resolve = state_fn is None
+    noise_full = diff.noise_full()
     # Only the differentiated leaves of θ and z get a VJP (and an accumulator, in at
     # least float32 whatever the parameters' dtype).
     theta_d = diff.theta
@@ -140,10 +153,10 @@ def _continuous_backward(
         # backward point. The first step is first order, so their initial values
         # only need to be finite.
         prev=dict(
-            v=tree_zeros_like(x_T),
+            v=tree_zeros_like(x0),
             w_theta=acc_zeros(theta_d),
             w_z=acc_zeros(z0),
-            eps=tree_zeros_like(x_T),
+            eps=tree_zeros_like(x0),
             lam=schedule.lam(taus[0]) + 1.0,
         )
         if multistep
@@ -154,6 +167,16 @@ def _continuous_backward(
         j, t, s, zi, ni = xs
         x = carry["x"] if resolve else state_fn(j)
         z_rest = diff.cond_rest_at(solve, zi)
+        # ∂L/∂ξ of the forward step undone here (from s to t): its noise scale times
+        # the adjoint at its end, x_t.
+        d_noise = None
+        if diff.noise is not None:
+            scale = sampler.noise_scale(schedule, s, t)
+            d_noise = jtu.tree_map(
+                lambda a, d: (scale * a).astype(d.dtype),
+                carry["a_x"],
+                index_tree(diff.noise, ni),
+            )
 
         def eps_fn(xx, th, zz):
             return solve.eps(diff.theta_with(th), xx, t, diff.cond_with(zz, z_rest))
@@ -188,29 +211,29 @@ def _continuous_backward(
             lincomb((1.0 / c.alpha_s, integral(v_t, prev and prev["v"]))),
         )
         dz = integral(w_z, prev and prev["w_z"])
+        w_theta_prev = prev and prev["w_theta"]
         new = dict(
             x=None,
             a_x=a_x,
-            a_theta=tree_acc(
-                carry["a_theta"], integral(w_th, prev and prev["w_theta"])
-            ),
+            a_theta=tree_acc(carry["a_theta"], integral(w_th, w_theta_prev)),
             a_z=None if solve.scheduled else tree_acc(carry["a_z"], dz),
             prev=dict(v=v_t, w_theta=w_th, w_z=w_z, eps=eps, lam=lam_t)
             if multistep
             else None,
         )
-        if resolve and isinstance(sampler, AbstractSDESampler):
-            # The SDE's own inverse step, with step i's noise replayed.
-            new["x"] = sampler.invert_step(schedule, x, eps, t, s, ni, solve.key)
+        if resolve and isinstance(sampler, AbstractSDESampler) and sampler.is_sde:
+            # The SDE's own inverse step, with the forward step's noise replayed.
+            noise = solve.noise_at(noise_full, ni, x)
+            new["x"] = sampler.invert_step(schedule, x, eps, t, s, noise)
         elif resolve and multistep:
             # DPM-Solver-2 run backward, the memory being the previous point's ε.
             new["x"] = multistep_update(schedule, x, eps, prev["eps"], t, s, r, first)
         elif resolve:
             new["x"] = multistep_update(schedule, x, eps, None, t, s, None, True)
-        return new, (dz if solve.scheduled else None)
+        return new, (dz if solve.scheduled else None, d_noise)
 
     xs = (jnp.arange(num_back, dtype=jnp.int32), taus[:-1], taus[1:], z_idx, noise_idx)
-    final, dz_steps = jax.lax.scan(body, init, xs)
+    final, (dz_steps, d_noise) = jax.lax.scan(body, init, xs)
 
     if solve.scheduled:
         # Per-step gradients: sum the backward steps that fall in forward step i.
@@ -220,4 +243,6 @@ def _continuous_backward(
         )
     else:
         g_cond = final["a_z"]
-    return final["a_theta"], final["a_x"], g_cond
+    # Backward step j produced forward step N − 1 − j's noise cotangent.
+    g_noise = None if d_noise is None else jtu.tree_map(lambda d: d[::-1], d_noise)
+    return final["a_theta"], final["a_x"], g_cond, g_noise

@@ -7,6 +7,7 @@ import equinox.internal as eqxi
 import jax
 import jax.numpy as jnp
 
+from .._misc import index_tree
 from .._samplers._base import AbstractSampler
 from ._base import FORWARD_MODE_HINT, AbstractAdjoint, Solve
 
@@ -61,10 +62,10 @@ class DTO(AbstractAdjoint):
             "(no grad-of-grad)." + FORWARD_MODE_HINT
         )
 
-    def loop(self, solve: Solve, theta, x_T, cond):
+    def loop(self, solve: Solve, theta, x_T, cond, noise):
         if self.checkpoints is None or self.checkpoints == "steps":
             state, _ = solve.forward(
-                theta, x_T, cond, remat=self.checkpoints == "steps"
+                theta, x_T, cond, noise, remat=self.checkpoints == "steps"
             )
             return solve.sampler.output(state)
         n = solve.num_steps
@@ -73,8 +74,8 @@ class DTO(AbstractAdjoint):
         def body(carry):
             i, state = carry
             z = solve.cond_at(cond, i) if solve.scheduled else None
-            xs = (ts[i], ts[i + 1], i, z)
-            return i + 1, solve.step(theta, cond, state, xs)
+            xi = None if noise is None else index_tree(noise, i)
+            return i + 1, solve.step(theta, cond, state, (ts[i], ts[i + 1], i, z, xi))
 
         init = (jnp.array(0, jnp.int32), solve.sampler.init(x_T, solve.schedule, ts))
         _, state = eqxi.while_loop(

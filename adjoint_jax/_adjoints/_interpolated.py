@@ -62,11 +62,11 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
         ends = jnp.minimum(starts + k, n)
         return num_seg, starts, ends
 
-    def forward(self, solve: Solve, theta, x_T, cond):
+    def forward_interior(self, solve: Solve, theta, state0, cond, noise):
+        del noise  # an ODE sampler's
         n, k = solve.num_steps, self.every
-        sch, ts = solve.schedule, solve.ts
+        ts = solve.ts
         num_seg, starts, ends = self._segments(solve)
-        state0 = solve.sampler.init(x_T, sch, ts)
 
         def eps_at(x, i_time, i_cond):
             return solve.eps(theta, x, ts[i_time], solve.cond_at(cond, i_cond))
@@ -76,7 +76,8 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
             start, end = se
 
             def inner(st, i):
-                xs = (ts[i], ts[i + 1], i, solve.cond_at(cond, i) if solve.scheduled else None)
+                z = solve.cond_at(cond, i) if solve.scheduled else None
+                xs = (ts[i], ts[i + 1], solve.first_index + i, z, None)
                 return jax.lax.cond(
                     i < n, lambda: solve.step(theta, cond, st, xs), lambda: st
                 ), None
@@ -99,8 +100,7 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
 
         eps0 = eps_at(solve.sampler.output(state0), 0, 0)
         (state, _), recs = jax.lax.scan(segment, (state0, eps0), (starts, ends))
-        x0 = solve.sampler.output(state)
-        return x0, (x0, recs)
+        return state, recs
 
     def backward_grid(self, solve: Solve):
         return solve.ts[::-1]

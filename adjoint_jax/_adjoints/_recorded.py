@@ -34,10 +34,8 @@ class RecordedAdjoint(AbstractContinuousAdjoint):
     def check_sampler(self, sampler: AbstractSampler) -> None:
         del sampler
 
-    def forward(self, solve: Solve, theta, x_T, cond):
-        state, xs = solve.forward(theta, x_T, cond, record=True)
-        x0 = solve.sampler.output(state)
-        return x0, (x0, xs)
+    def forward_interior(self, solve: Solve, theta, state0, cond, noise):
+        return solve.forward(theta, None, cond, noise, record=True, state0=state0)
 
     def backward_grid(self, solve: Solve):
         return solve.ts[::-1]

@@ -106,7 +106,7 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
             + FORWARD_MODE_HINT
         )
 
-    def forward(self, solve: Solve, theta, x_T, cond):
+    def forward(self, solve: Solve, theta, x_T, cond, noise):
         dtype = first_dtype(x_T)
         if jnp.finfo(dtype).bits < 32:
             warnings.warn(
@@ -117,6 +117,7 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
                 f"{jnp.dtype(dtype).name}), or use `adjoint=aj.DTO()`.",
                 stacklevel=2,
             )
+        del noise  # a reversible sampler is deterministic
         state, _ = solve.forward(theta, x_T, cond)  # a scan keeping the last state only
         return solve.sampler.output(state), state
 
@@ -145,7 +146,7 @@ ReversibleAdjoint.__init__.__doc__ = """**Arguments:** None."""
 # sums; no forward state is stored. The result is the gradient of the discrete
 # sampler, the same as DTO's, up to the round-off of the reconstruction.
 def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
-    sampler, schedule, key = solve.sampler, solve.schedule, solve.key
+    sampler, schedule = solve.sampler, solve.schedule
     theta = diff.theta_with(diff.theta)
     cond = diff.cond_with(diff.cond)
     out, out_vjp = jax.vjp(sampler.output, state_N)
@@ -156,12 +157,12 @@ def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T
         t, s, i = xs
         eps = solve.eps_fn(theta, solve.cond_at(cond, i))
         eps_prev = solve.eps_fn(theta, solve.cond_at(cond, jnp.maximum(i - 1, 0)))
-        state = sampler.step_back(eps, eps_prev, schedule, state_next, t, s, i, key)
+        state = sampler.step_back(eps, eps_prev, schedule, state_next, t, s, i, None)
         z_rest = diff.cond_rest_at(solve, i)
 
         def step(st, th_d, zz_d):
             e = solve.eps_fn(diff.theta_with(th_d), diff.cond_with(zz_d, z_rest))
-            return sampler.step(e, schedule, st, t, s, i, key)
+            return sampler.step(e, schedule, st, t, s, i, None)
 
         _, step_vjp = jax.vjp(step, state, diff.theta, diff.cond_at(solve, i))
         ct_state_i, ct_theta_i, ct_z_i = step_vjp(ct_next)
@@ -176,4 +177,4 @@ def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T
     (_, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
     _, init_vjp = jax.vjp(lambda x: sampler.init(x, schedule, solve.ts), x_T)
     (ct_x_T,) = init_vjp(ct_state0)
-    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond
+    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond, None

@@ -6,18 +6,22 @@ state for a reversible one). `aj.sample` runs
 
     state = sampler.init(x_T, schedule, ts)
     for i in range(N):                       # a lax.scan, never unrolled
-        state = sampler.step(eps_i, schedule, state, ts[i], ts[i + 1], i, key)
+        state = sampler.step(eps_i, schedule, state, ts[i], ts[i + 1], i, noise_i)
     x_0 = sampler.output(state)
 
-where `eps_i(x, t)` evaluates the ε-model with step i's conditioning. The adjoints
-only rely on this interface and on the three refinements below, so a new sampler is
-one file:
+where `eps_i(x, t)` evaluates the ε-model with step i's conditioning (`eps_i.x0(x, t)`
+and `eps_i.predict(x, t)` give the data prediction too; see `predict`) and `noise_i`
+is step i's standard normal noise for a stochastic sampler (given as
+`aj.sample(..., noise=...)` or drawn from `fold_in(key, i)`), else None. The
+adjoints only rely on this interface and on the refinements below, so a new sampler
+is one file:
 
 - `AbstractMultistepSampler`: an exponential integrator whose step evaluates ε once,
     at the current state, and combines it with at most one earlier ε (`update`);
     `aj.McCallumFoster` makes any such sampler reversible.
 - `AbstractSDESampler`: a stochastic sampler, with the explicit approximate inverse
-    of its step (`invert_step`) that the continuous adjoint uses to re-solve states.
+    of its step (`invert_step`) that the continuous adjoint uses to re-solve states,
+    its noise scale and the factor of its continuous adjoint.
 - `AbstractReversibleSampler`: a sampler whose step is inverted exactly
     (`step_back`), for `aj.ReversibleAdjoint`.
 """
@@ -27,8 +31,10 @@ from collections.abc import Callable
 from typing import ClassVar, Generic, TypeVar
 
 import equinox as eqx
+import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
+from .._model import StepModel
 from .._schedule import AbstractSchedule
 
 
@@ -36,22 +42,46 @@ _State = TypeVar("_State")
 EpsFn = Callable[[PyTree, Array], PyTree]
 
 
+def predict(eps: EpsFn, schedule: AbstractSchedule, x: PyTree, t: Array, derive=True):
+    """(ε, x̂_0) at (x, t) from one model evaluation: the model's own data prediction
+    when it has one (`aj.AbstractPredictor`), else x̂_0 = (x − σ_t ε)/α_t — or None
+    with `derive=False` (for samplers that need x̂_0 only at α = 0, where a model
+    without its own is refused). `eps` is the `StepModel` that `aj.sample` passes,
+    or a plain function `eps(x, t)`."""
+    if isinstance(eps, StepModel):
+        return eps.predict(x, t, derive)
+    e = eps(x, t)
+    if not derive:
+        return e, None
+    alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+    x0 = jtu.tree_map(
+        lambda xx, ee: (xx - sigma.astype(xx.dtype) * ee) / alpha.astype(xx.dtype), x, e
+    )
+    return e, x0
+
+
 class AbstractSampler(eqx.Module, Generic[_State]):
     """Base class of the forward discretisations.
 
-    Class attributes:
+    Class attributes (or properties, where they depend on the instance):
 
     - `order`: the order of convergence of the sampled x_0 (and of its exact discrete
-        gradient) on smooth problems.
-    - `is_sde`: whether the sampler discretises the reverse diffusion SDE (needs a
-        `key`; its continuous adjoint carries the factor 2 of Theorem 2).
+        gradient) on smooth problems. (`aj.DPMSolverPP`'s is its argument; its
+        default, diffusers', third-order update converges at order 2: see there.)
+    - `is_sde`: whether the sampler is stochastic (needs a `key` or `noise`).
     - `evals_per_step`: model evaluations per step (NFE = N · evals_per_step, plus
         any start-up evaluations).
+    - `steps_to_sigma_zero`: whether it can take a last step to σ = 0 (a grid ending
+        at t = 0) without evaluating the model there.
+    - `steps_from_alpha_zero`: whether it can take a first step from α = 0 (a grid
+        starting at `schedule.alpha_zero_time`), from the model's data prediction.
     """
 
     order: ClassVar[int]
     is_sde: ClassVar[bool]
     evals_per_step: ClassVar[int]
+    steps_to_sigma_zero: ClassVar[bool]
+    steps_from_alpha_zero: ClassVar[bool]
 
     @abc.abstractmethod
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> _State:
@@ -71,19 +101,20 @@ class AbstractSampler(eqx.Module, Generic[_State]):
         t: Array,
         s: Array,
         i: Array,
-        key: Array | None,
+        noise: PyTree | None,
     ) -> _State:
         """One step from time `t` to the less noisy time `s < t`.
 
         **Arguments:**
 
-        - `eps`: `eps(x, t)`, the ε-model with this step's conditioning bound in.
+        - `eps`: `eps(x, t)`, the ε-model with this step's conditioning bound in
+            (see `predict` for the data prediction).
         - `schedule`: the noise schedule.
         - `state`: the sampler state at `t`.
         - `t`, `s`: the current and next times (scalars, `s < t`).
         - `i`: the step index (an int32 scalar), `0 <= i < N`.
-        - `key`: the PRNG key of the solve for SDE samplers (step `i` must draw its
-            noise from `jax.random.fold_in(key, i)` only), else `None`.
+        - `noise`: for a stochastic sampler, this step's standard normal noise (a
+            pytree like x); the step must use no other randomness. None otherwise.
 
         **Returns:** the sampler state at `s`, of the same structure, shapes and dtypes.
         """
@@ -118,20 +149,35 @@ class AbstractMultistepSampler(AbstractSampler[_State]):
         s: Array,
         r: Array | float,
         first: Array | bool,
+        x0: PyTree | None = None,
     ) -> PyTree:
         """The step t → s of x from `e = ε(x, t)` and, when `memory == 1`, the earlier
         `e_prev` at λ_t − r·h. `first` (True on a solve's first step, where no earlier
         ε exists) makes the step use `e` alone; `e_prev` must then still be finite.
+        `x0`, the data prediction at (x, t), is needed only for a step from α = 0
+        (where x and ε alone do not determine the step); a step to σ = 0 is the data
+        prediction α_s x̂_0 and never second order.
         """
 
 
 class AbstractSDESampler(AbstractSampler[_State]):
-    """A sampler of the reverse diffusion SDE, whose state is x alone. Besides its
-    step it provides the explicit approximate inverse of that step, with the same
-    noise replayed, which `aj.AdjointDEIS` uses to re-solve the states backward.
+    """A stochastic sampler whose state is x alone and whose step is
+
+        x_s = A x_t + B ε(x_t, t) + C ξ    (ξ the step's noise),
+
+    a discretisation of the reverse-time SDE dx = [f x + (κ/2)(g²/σ) ε] dt + c g dw̄,
+    whose continuous adjoint is the probability-flow one with the ε-terms multiplied
+    by κ = `adjoint_factor` (Theorem 2 of the AdjointDEIS paper: κ = 2 for the reverse
+    diffusion SDE). Besides its step it provides the explicit approximate inverse of
+    that step (`invert_step`, which the continuous adjoint uses to re-solve states)
+    and C (`noise_scale`, which gives ∂L/∂ξ = C a_x from the adjoint a_x).
     """
 
-    is_sde: ClassVar[bool] = True
+    @property
+    @abc.abstractmethod
+    def adjoint_factor(self) -> float:
+        """κ: the continuous adjoint is the probability-flow ODE's with its ε-terms
+        multiplied by κ."""
 
     @abc.abstractmethod
     def invert_step(
@@ -141,12 +187,15 @@ class AbstractSDESampler(AbstractSampler[_State]):
         e: PyTree,
         t: Array,
         s: Array,
-        i: Array,
-        key: Array,
+        noise: PyTree,
     ) -> PyTree:
         """From x at the less noisy time `t` back to the noisier time `s > t`,
-        undoing forward step `i` (which went from s to t) with its noise replayed and
-        with `e = ε(x, t)` standing in for the ε the forward step evaluated at s."""
+        undoing the forward step s → t with its `noise` replayed and with
+        `e = ε(x, t)` standing in for the ε the forward step evaluated at s."""
+
+    @abc.abstractmethod
+    def noise_scale(self, schedule: AbstractSchedule, t: Array, s: Array) -> Array:
+        """C of the step t → s (s < t): the factor of the step's noise."""
 
 
 class AbstractReversibleSampler(AbstractSampler[_State]):
@@ -164,10 +213,10 @@ class AbstractReversibleSampler(AbstractSampler[_State]):
         t: Array,
         s: Array,
         i: Array,
-        key: Array | None,
+        noise: PyTree | None,
     ) -> _State:
         """The inverse of `step`: `step_back(eps, eps_prev, schedule, step(eps,
-        schedule, st, t, s, i, key), t, s, i, key) == st` up to round-off.
+        schedule, st, t, s, i, noise), t, s, i, noise) == st` up to round-off.
 
         `eps` evaluates ε with step i's conditioning; `eps_prev` with step i − 1's
         (step 0's when i = 0), for samplers that carry an ε evaluated by the previous

@@ -89,13 +89,17 @@ class AsyncLeapfrog(AbstractReversibleSampler[tuple]):
     order: ClassVar[int] = 2
     is_sde: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
+    # It works in y = x/α (undefined at α = 0) and would rebuild its velocity from the
+    # model at the end of the last step (σ = 0 at a grid's end).
+    steps_to_sigma_zero: ClassVar[bool] = False
+    steps_from_alpha_zero: ClassVar[bool] = False
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
         del schedule, ts
         return (x_T, tree_zeros_like(x_T))  # v_0 is computed on step 0
 
-    def step(self, eps: EpsFn, schedule, state, t, s, i, key):
-        del key
+    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
+        del noise
         x, v = state
         v = first_step_eps(eps, x, t, v, i)
         a, k = rho_coeffs(schedule, t, s)
@@ -109,8 +113,8 @@ class AsyncLeapfrog(AbstractReversibleSampler[tuple]):
         x_s = lincomb((a, x), (k, f))
         return (x_s, v_s)
 
-    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, key):
-        del eps_prev, key
+    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
+        del eps_prev, noise
         x_s, v_s = state
         b, kb = rho_coeffs(schedule, s, t)
         t_m, la_m, h = _midpoint(schedule, t, s)

@@ -192,6 +192,10 @@ class McCallumFoster(AbstractReversibleSampler[tuple]):
         return self.base.order
 
     is_sde: ClassVar[bool] = False
+    # It evaluates the model at the end of each step (σ = 0 at a grid's end) and
+    # steps back towards the start (α = 0 at a grid's start).
+    steps_to_sigma_zero: ClassVar[bool] = False
+    steps_from_alpha_zero: ClassVar[bool] = False
 
     @property
     def evals_per_step(self) -> int:
@@ -230,8 +234,8 @@ class McCallumFoster(AbstractReversibleSampler[tuple]):
     # The step, written so that the small differences x − x̂ and 2ε̂ − c − b are
     # formed first (the coupling acts on them) and the inverse divides by the very
     # coupling the step multiplied by.
-    def step(self, eps: EpsFn, schedule, state, t, s, i, key):
-        del key
+    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
+        del noise
         lam = self._lam(state[0])
         first = i == 0
         update = self.base.update
@@ -256,8 +260,8 @@ class McCallumFoster(AbstractReversibleSampler[tuple]):
         xh_s = _couple(lam, lambda lam_, a, h, bk: a + (h - bk), x_s, xh, back)
         return (x_s, xh_s, c_s)
 
-    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, key):
-        del eps_prev, key
+    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
+        del eps_prev, noise
         lam = self._lam(state[0])
         first = i == 0
         update = self.base.update

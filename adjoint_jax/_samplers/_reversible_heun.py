@@ -21,7 +21,7 @@ def rho_coeffs(schedule: AbstractSchedule, t: Array, s: Array) -> tuple[Array, A
     y_s = y_t + Δρ·g reads x_s = A x_t + K g in x. K = −σ_s (e^h − 1) with
     h = λ_s − λ_t, so A x_t + K ε is exactly DPM-Solver-1 (Euler in ρ)."""
     c = step_coeffs(schedule, t, s)
-    return c.alpha_ratio, -c.sigma_s * c.phi1
+    return c.alpha_ratio, -c.sigma_phi1
 
 
 def first_step_eps(
@@ -112,14 +112,18 @@ class ReversibleHeun(AbstractReversibleSampler[tuple]):
     order: ClassVar[int] = 2
     is_sde: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
+    # It works in y = x/α (undefined at α = 0) and evaluates the model at the end of
+    # each step (σ = 0 at a grid's end).
+    steps_to_sigma_zero: ClassVar[bool] = False
+    steps_from_alpha_zero: ClassVar[bool] = False
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
         del schedule, ts
         # ε̂_0 = ε(x_T, ts[0]) needs the model; step 0 computes it (`first_step_eps`).
         return (x_T, x_T, tree_zeros_like(x_T))
 
-    def step(self, eps: EpsFn, schedule, state, t, s, i, key):
-        del key
+    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
+        del noise
         x, xh, eh = state
         eh = first_step_eps(eps, xh, t, eh, i)
         a, k = rho_coeffs(schedule, t, s)
@@ -128,8 +132,8 @@ class ReversibleHeun(AbstractReversibleSampler[tuple]):
         x_s = lincomb((a, x), (0.5 * k, eh), (0.5 * k, eh_s))
         return (x_s, xh_s, eh_s)
 
-    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, key):
-        del eps, key
+    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
+        del eps, noise
         x_s, xh_s, eh_s = state
         b, kb = rho_coeffs(schedule, s, t)  # α_t/α_s and α_t (ρ_t − ρ_s)
         xh = lincomb((2.0 * b, x_s), (-b, xh_s), (kb, eh_s))

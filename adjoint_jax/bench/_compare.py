@@ -340,6 +340,8 @@ def make_problem(name: str, **kwargs) -> Problem:
 _PREFERRED_SAMPLERS = (
     "DPMSolver1",
     "DPMSolver2",
+    "DPMSolverPP",
+    "DDIM",
     "SDEDPMSolver1",
     "ReversibleHeun",
     "AsyncLeapfrog",
@@ -358,6 +360,12 @@ _PREFERRED_ADJOINTS = (
 def _variants(kind: str, name: str):
     table = {
         "McCallumFoster": lambda: [aj.McCallumFoster(aj.DPMSolver2())],
+        "DDIM": lambda: [aj.DDIM(), aj.DDIM(eta=1.0)],
+        "DPMSolverPP": lambda: [
+            aj.DPMSolverPP(),
+            aj.DPMSolverPP(order=3),
+            aj.DPMSolverPP(order=3, third_order="taylor"),
+        ],
         "DTO": lambda: [aj.DTO(), aj.DTO(checkpoints="steps"), aj.DTO(checkpoints=4)],
         "AdjointDEIS": lambda: [aj.AdjointDEIS(), aj.AdjointDEIS(order=2)],
         "RecordedAdjoint": lambda: [aj.RecordedAdjoint(), aj.RecordedAdjoint(order=2)],
