@@ -250,6 +250,8 @@ OURS = [
     (aj.DPMSolver2(), aj.DTO()),
     (aj.DPMSolver2(), aj.DTO(checkpoints="steps")),
     (aj.DPMSolver2(), aj.AdjointDEIS(order=2)),
+    (aj.DPMSolverPP(order=3), aj.DTO()),
+    (aj.DPMSolverPP(order=3, third_order="taylor"), aj.DTO()),
     (aj.ReversibleHeun(), aj.ReversibleAdjoint()),
     (aj.McCallumFoster(aj.DPMSolver2()), aj.ReversibleAdjoint()),
 ]
@@ -395,14 +397,20 @@ def _series(rows):
 USEFUL = 0.5  # errors above this are not gradients anyone would use
 
 
-def ratios(rows):
+def _is_third_order(r):
+    return r["engine"] == "adjoint_jax" and "order=3" in r["method"]
+
+
+def ratios(rows, keep=lambda r: True):
     """For each peer series, (peer time) / (our time at the same error), our time read
-    off the Pareto front of all our points, interpolated linearly in log-log; only at
-    errors ≤ `USEFUL`."""
+    off the Pareto front of all our points (those `keep` accepts), interpolated
+    linearly in log-log; only at errors ≤ `USEFUL`. `crossover` is the largest error
+    at which the peer is faster than us, or reaches an error we do not reach."""
     ours = [
         (r["grad_time_s"], r["rel_error"])
         for r in rows
         if r["engine"] == "adjoint_jax"
+        and keep(r)
         and r["rel_error"]
         and 0 < r["rel_error"] <= USEFUL
     ]
@@ -420,13 +428,17 @@ def ratios(rows):
     for (engine, method, adjoint), rs in _series(rows).items():
         if engine == "adjoint_jax":
             continue
-        rr = []
+        rr, wins = [], []
         for r in rs:
             e = r["rel_error"]
             if e and 0 < e <= USEFUL:
                 ot = our_time(e)
                 if math.isfinite(ot):
                     rr.append((e, r["grad_time_s"] / ot))
+                    if r["grad_time_s"] < ot:
+                        wins.append(e)
+                elif len(le) and math.log(e) < le[0]:
+                    wins.append(e)  # an error our points do not reach
         summary.append(
             dict(
                 engine=engine,
@@ -442,6 +454,7 @@ def ratios(rows):
                 best_error=min(
                     (r["rel_error"] for r in rs if r["rel_error"]), default=math.nan
                 ),
+                crossover=max(wins, default=math.nan),
             )
         )
     return summary
@@ -482,6 +495,26 @@ def write_markdown(rows, summary, path, problem_name, batch):
         lines.append(
             f"| {s['engine']} `{s['method']}` + `{s['adjoint']}` | {s['points']} "
             f"| {med} | {rng} | {errs} |"
+        )
+    without = {
+        (s["engine"], s["method"], s["adjoint"]): s
+        for s in ratios(rows, keep=lambda r: not _is_third_order(r))
+    }
+    lines += [
+        "",
+        "Crossover: the largest gradient error at which the peer is faster than our "
+        "best (or reaches an error we do not reach), against all our points and "
+        "against our points without `DPMSolverPP(order=3)`:",
+        "",
+        "| peer | crossover | without third order |",
+        "| --- | --- | --- |",
+    ]
+    for s in summary:
+        w = without[(s["engine"], s["method"], s["adjoint"])]
+        fmt = lambda v: "never" if not math.isfinite(v) else f"{v:.1e}"
+        lines.append(
+            f"| {s['engine']} `{s['method']}` + `{s['adjoint']}` "
+            f"| {fmt(s['crossover'])} | {fmt(w['crossover'])} |"
         )
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")

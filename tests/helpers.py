@@ -16,11 +16,12 @@ import adjoint_jax as aj
 ode_samplers = [
     aj.DPMSolver1(),
     aj.DPMSolver2(),
+    aj.DPMSolverPP(),
     aj.ReversibleHeun(),
     aj.McCallumFoster(aj.DPMSolver1()),
     aj.McCallumFoster(aj.DPMSolver2()),
 ]
-sde_samplers = [aj.SDEDPMSolver1()]
+sde_samplers = [aj.SDEDPMSolver1(), aj.DDIM(eta=1.0)]
 # AsyncLeapfrog is 4th order on Gaussian data (its leading error term vanishes for a
 # Gaussian ε, see tests/test_reversible.py), so it stays out of `ode_samplers`, whose
 # closed-form Gaussian test asserts the nominal order; it is in every other list.

@@ -49,14 +49,15 @@ def ode_errors(problem, sampler, adjoint, ns):
     return errs
 
 
-def sde_errors(problem, adjoint, ns, key):
-    """Relative errors of the gradients of the linear loss Σ w·x_0 through the SDE
-    sampler; the exact gradient is noise independent."""
+def sde_errors(problem, adjoint, ns, key, sampler=aj.SDEDPMSolver1()):
+    """Relative errors of the gradients of the linear loss Σ w·x_0 through a sampler
+    of the reverse SDE (SDE-DPM-Solver-1, or DDIM with η = 1); the exact gradient is
+    noise independent."""
     sch = problem.schedule
     exact = problem.sde_linear_grads(W, problem.params, COND, sch.t_max, T_END)
     errs = {"x_T": [], "mu": [], "cond": []}
     for n in ns:
-        kw = sample_kwargs(sch, n, aj.SDEDPMSolver1(), adjoint, key=key)
+        kw = sample_kwargs(sch, n, sampler, adjoint, key=key)
 
         def loss(p, x, c):
             return jnp.sum(W * aj.sample(problem.model, p, x, c, **kw))

@@ -158,7 +158,7 @@ def test_bad_ts():
     with pytest.raises(ValueError, match=r"`ts` must lie in \[schedule.t_min"):
         _call(ts=jnp.array([1.5, 0.5, 0.1]))
     with pytest.raises(ValueError, match=r"`ts` must lie in"):
-        _call(ts=jnp.array([1.0, 0.5, 0.0]))
+        _call(ts=jnp.array([1.0, 0.5, -0.1]))
     with pytest.raises(ValueError, match=r"len\(ts\) >= 2"):
         _call(ts=jnp.array([1.0]))
     with pytest.raises(ValueError, match=r"len\(ts\) >= 2"):
@@ -176,7 +176,7 @@ def test_bad_scheduled_length():
 
 
 def test_sde_without_key():
-    with pytest.raises(ValueError, match="stochastic and needs `key="):
+    with pytest.raises(ValueError, match="stochastic and needs either `key="):
         _call(sampler=aj.SDEDPMSolver1())
 
 

@@ -69,12 +69,12 @@ def test_vpdiscrete_matches_ddpm_alphas_cumprod():
         (
             {"num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
              "beta_schedule": "linear"},
-            np.linspace(1e-4, 0.02, 1000, dtype=np.float32),
+            np.linspace(1e-4, 0.02, 1000),
         ),
         (
             {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
              "beta_schedule": "scaled_linear"},
-            np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float32) ** 2,
+            np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2,
         ),
         ({"trained_betas": [0.1, 0.2, 0.3]}, np.array([0.1, 0.2, 0.3])),
     ],
