@@ -11,7 +11,6 @@ inverse `t_of_lam` goes through the exact identity log α = −½ softplus(−2�
 """
 
 import abc
-import math
 from collections.abc import Mapping
 from typing import Any
 
