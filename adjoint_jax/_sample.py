@@ -348,8 +348,10 @@ _OPEN_DEPTH = 4  # how deep nested closures are opened
 
 
 class _Id:
-    """Hashable by the identity of a (long-lived) object it holds strongly: a
-    function's globals or attribute dictionary."""
+    """Hashable by the identity of an object it holds strongly: a function's globals
+    or attribute dictionary (in the static part of an opened function), or a
+    closed-over list, kept as one object rather than opened (lists are what models
+    append to, counters and logs, and a rebuilt copy would lose that)."""
 
     __slots__ = ("obj",)
 
@@ -380,28 +382,12 @@ class _OpenFunction:
         return getattr(self.fn, name)
 
 
-class _Opaque:
-    """A closed-over list, kept as one object (by identity) rather than opened: lists
-    are what models append to (counters, logs), and a rebuilt copy would lose that."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _Opaque) and other.obj is self.obj
-
-
 def _protect(value):
-    return _Opaque(value) if type(value) is list else value
+    return _Id(value) if type(value) is list else value
 
 
 def _unprotect(value):
-    return value.obj if type(value) is _Opaque else value
+    return value.obj if type(value) is _Id else value
 
 
 def _flatten_function(f: _OpenFunction):

@@ -34,6 +34,11 @@ def _loss(x0):
     return jnp.sum(jnp.sin(x0) + 0.3 * x0**2)
 
 
+def _schedule_loss(schedule, ts, sampler=aj.DPMSolver2(), adjoint=aj.DTO()):
+    return _loss(aj.sample(_model, PB.params, X_T, COND, schedule=schedule, ts=ts,
+                           sampler=sampler, adjoint=adjoint))
+
+
 def _central(f, x, h):
     return (f(x + h) - f(x - h)) / (2 * h)
 
@@ -50,19 +55,8 @@ def _central(f, x, h):
 )
 def test_schedule_parameter_gradient_matches_finite_differences(make, value):
     def f(v):
-        sch = make(v)
         ts = aj.time_grid(PB.schedule, 8, t_end=1e-3, t_start=0.99)
-        return _loss(
-            aj.sample(
-                _model,
-                PB.params,
-                X_T,
-                COND,
-                schedule=sch,
-                ts=ts,
-                sampler=aj.DPMSolver2(),
-            )
-        )
+        return _schedule_loss(make(v), ts)
 
     f(value)  # an earlier call with the same value must not freeze it as a constant
     g = jax.grad(f)(value)
@@ -83,18 +77,7 @@ def test_vpdiscrete_betas_differentiable_with_dto():
 
     def f(bs):
         sch = aj.VPDiscrete(bs)
-        ts = aj.time_grid(sch, 6, t_end=0.05)
-        return _loss(
-            aj.sample(
-                _model,
-                PB.params,
-                X_T,
-                COND,
-                schedule=sch,
-                ts=ts,
-                sampler=aj.DPMSolver2(),
-            )
-        )
+        return _schedule_loss(sch, aj.time_grid(sch, 6, t_end=0.05))
 
     g = jax.grad(f)(betas)
     fd = _central(lambda s: f(betas + s * direction), 0.0, 1e-4)
@@ -113,19 +96,7 @@ def test_custom_strategies_refuse_schedule_gradients(adjoint):
     )
 
     def f(b):
-        sch = aj.VPLinear(beta_max=b)
-        return _loss(
-            aj.sample(
-                _model,
-                PB.params,
-                X_T,
-                COND,
-                schedule=sch,
-                ts=TS,
-                sampler=sampler,
-                adjoint=adjoint,
-            )
-        )
+        return _schedule_loss(aj.VPLinear(beta_max=b), TS, sampler, adjoint)
 
     with pytest.raises(
         ValueError,

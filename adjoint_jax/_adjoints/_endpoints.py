@@ -27,7 +27,7 @@ from .._samplers._base import predict
 from ._base import Differentiated, Solve
 
 
-def _at(solve: Solve, i: int, cond, noise, x_like):
+def _at(solve: Solve, i: int, cond, noise):
     """The scan input (t_i, t_{i+1}, i, z_i, noise_i) of step i as a single step."""
     ts = solve.ts
     z = solve.cond_at(cond, i) if solve.scheduled else None
@@ -38,21 +38,21 @@ def _at(solve: Solve, i: int, cond, noise, x_like):
 def endpoint_forward(solve: Solve, theta, x_T, cond, noise, interior: Callable):
     """Runs the sampler with the endpoint steps taken one by one and the interior by
     `interior(sub_solve, theta, state, cond, noise) -> (state, extra)`; returns
-    `(x_0, (x_0, x_b, extra))` with x_b the state at the interior grid's end."""
+    `(x_0, (x_b, extra))` with x_b the state at the interior grid's end."""
     a, b = solve.interior()
     n = solve.num_steps
     state = solve.sampler.init(x_T, solve.schedule, solve.ts)
     if a == 1:
-        state = solve.step(theta, cond, state, _at(solve, 0, cond, noise, x_T))
+        state = solve.step(theta, cond, state, _at(solve, 0, cond, noise))
     extra = None
     if b > a:
         cond_in, noise_in = solve.sub_inputs(cond, noise, a, b)
         state, extra = interior(solve.sub(a, b), theta, state, cond_in, noise_in)
     x_b = solve.sampler.output(state)
     if b < n:
-        state = solve.step(theta, cond, state, _at(solve, n - 1, cond, noise, x_T))
+        state = solve.step(theta, cond, state, _at(solve, n - 1, cond, noise))
     x0 = solve.sampler.output(state)
-    return x0, (x0, x_b, extra)
+    return x0, (x_b, extra)
 
 
 def _sub_diff(solve: Solve, diff: Differentiated, a: int, b: int) -> Differentiated:
@@ -85,7 +85,7 @@ def endpoint_backward(
     exact VJPs of the endpoint steps around `interior(sub_solve, (x_b, extra),
     g_x_b, sub_diff) -> (ct_theta, ct_x_a, ct_cond, ct_noise)`, the continuous
     adjoint of the interior grid."""
-    x0, x_b, extra = residuals
+    x_b, extra = residuals
     a, b = solve.interior()
     n = solve.num_steps
     schedule, sampler, ts = solve.schedule, solve.sampler, solve.ts

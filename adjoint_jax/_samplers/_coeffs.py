@@ -57,16 +57,16 @@ def _logs(schedule: AbstractSchedule, u: Array, other: Array):
     infinite log is evaluated at the interior time (u + other)/2 instead and then
     replaced by the constant −∞, so that no derivative (in u or in the schedule's
     parameters) is ever taken through log 0."""
-    s_end = u == 0
-    la = schedule.log_alpha(u)
-    ls = schedule.log_sigma(jnp.where(s_end, 0.5 * (u + other), u))
-    neg_inf = jnp.full_like(ls, -jnp.inf)
-    ls = jnp.where(s_end, neg_inf, ls)
-    if schedule.alpha_zero_time is not None:
-        a_end = u == schedule.alpha_zero_time
-        la = schedule.log_alpha(jnp.where(a_end, 0.5 * (u + other), u))
-        la = jnp.where(a_end, neg_inf, la)
-    return la, ls
+    mid = 0.5 * (u + other)
+
+    def log_at(log_fn, end):  # `end`: a Python False where no endpoint exists
+        if end is False:
+            return log_fn(u)
+        value = log_fn(jnp.where(end, mid, u))
+        return jnp.where(end, jnp.full_like(value, -jnp.inf), value)
+
+    a_end = False if schedule.alpha_zero_time is None else u == schedule.alpha_zero_time
+    return log_at(schedule.log_alpha, a_end), log_at(schedule.log_sigma, u == 0)
 
 
 def step_coeffs(schedule: AbstractSchedule, t: Array, s: Array) -> StepCoeffs:
