@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
+from ._convs import maybe_canonical_convs
 from ._misc import first_dtype, fn_name
 from ._schedule import AbstractSchedule
 
@@ -237,7 +238,7 @@ class ModelCall(eqx.Module):
         arrays, params = theta
         model = eqx.combine(arrays, self.static)
         t = jnp.asarray(t).astype(first_dtype(x))
-        eps, x0 = model(params, x, t, z)
+        eps, x0 = maybe_canonical_convs(model)(params, x, t, z)
         cast = lambda tree: jtu.tree_map(lambda o, xx: o.astype(xx.dtype), tree, x)
         return cast(eps), None if x0 is None else cast(x0)
 
