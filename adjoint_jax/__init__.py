@@ -33,9 +33,12 @@ from ._samplers import AbstractReversibleSampler as AbstractReversibleSampler
 from ._samplers import AbstractSampler as AbstractSampler
 from ._samplers import AbstractSDESampler as AbstractSDESampler
 from ._samplers import AsyncLeapfrog as AsyncLeapfrog
+from ._samplers import BDIA as BDIA
+from ._samplers import BELM as BELM
 from ._samplers import DPMSolver1 as DPMSolver1
 from ._samplers import DPMSolver2 as DPMSolver2
 from ._samplers import DPMSolverPP as DPMSolverPP
+from ._samplers import EDICT as EDICT
 from ._samplers import McCallumFoster as McCallumFoster
 from ._samplers import ReversibleHeun as ReversibleHeun
 from ._samplers import SDEDPMSolver1 as SDEDPMSolver1

@@ -209,8 +209,9 @@ def _eval(jaxpr, consts, args):
 
 def canonical_convs(fn):
     """`fn` with every convolution computed in NHWC/HWIO, with a derivative rule
-    whose convolutions are NHWC/HWIO as well (see the module docstring). Returns `fn`
-    itself for a function without convolutions. Arguments and outputs are pytrees of
+    whose convolutions are NHWC/HWIO as well (see the module docstring). `fn` is
+    traced once per call of the wrapper (a function without convolutions is then
+    evaluated from that trace unchanged). Arguments and outputs are pytrees of
     arrays."""
 
     def wrapped(*args):
@@ -219,9 +220,10 @@ def canonical_convs(fn):
             lambda *leaves: fn(*jax.tree_util.tree_unflatten(in_tree, leaves)),
             return_shape=True,
         )(*flat)
-        if not has_convs(closed.jaxpr):
-            return fn(*args)
-        outs = _eval(closed.jaxpr, closed.consts, flat)
+        if has_convs(closed.jaxpr):
+            outs = _eval(closed.jaxpr, closed.consts, flat)
+        else:  # evaluate the trace rather than tracing `fn` a second time
+            outs = jex_core.jaxpr_as_fun(closed)(*flat)
         return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(out_shape), outs)
 
     return wrapped

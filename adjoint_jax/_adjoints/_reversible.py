@@ -3,16 +3,24 @@ recovered algebraically from the last one during the backward pass."""
 
 import warnings
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 
-from .._misc import acc_zeros, first_dtype, tree_acc
+from .._misc import acc_zeros, first_dtype, lincomb, tree_acc
 from .._samplers._base import (
     AbstractMultistepSampler,
     AbstractReversibleSampler,
     AbstractSampler,
 )
-from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
+from .._samplers._reversible_heun import rho_coeffs
+from ._base import (
+    FORWARD_MODE_HINT,
+    AbstractCustomAdjoint,
+    Differentiated,
+    Solve,
+)
 
 
 class ReversibleAdjoint(AbstractCustomAdjoint):
@@ -122,6 +130,11 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
         return solve.sampler.output(state), state
 
     def backward(self, solve, residuals, ct_x0, diff, x_T):
+        rebuild = solve.sampler.rebuild
+        if rebuild == "shared":
+            return _shared_backward(solve, residuals, ct_x0, diff, x_T)
+        if rebuild == "previous":
+            return _heun_backward(solve, residuals, ct_x0, diff, x_T)
         return _reversible_backward(solve, residuals, ct_x0, diff, x_T)
 
 
@@ -177,4 +190,232 @@ def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T
     (_, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
     _, init_vjp = jax.vjp(lambda x: sampler.init(x, schedule, solve.ts), x_T)
     (ct_x_T,) = init_vjp(ct_state0)
+    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond, None
+
+
+# ---- fused backward passes ------------------------------------------------------------
+class _EpsFromPredict:
+    """A `StepModel`-like object (`eps(x, t)`, `eps.x0(x, t)`, `eps.predict(x, t,
+    derive)`) built on one `predict` function."""
+
+    def __init__(self, predict):
+        self.predict = predict
+
+    def __call__(self, x, t):
+        return self.predict(x, t, False)[0]
+
+    def x0(self, x, t):
+        return self.predict(x, t, True)[1]
+
+
+def _tree_sub(x, y):
+    return jtu.tree_map(lambda a, b: a - b, x, y)
+
+
+def _has_custom_vjp(jaxpr) -> bool:
+    for eqn in jaxpr.eqns:
+        if "custom_vjp" in eqn.primitive.name:
+            return True
+        if any(_has_custom_vjp(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)):
+            return True
+    return False
+
+
+@eqx.filter_custom_vjp
+def _replay(args, recorded):
+    """The recorded value of ε (or of `predict`) at (x, θ, z) = `args`, whose VJP is
+    the recorded pullback: a model evaluation made once, by `step_back`, and used
+    again by the step's VJP without evaluating the model."""
+    del args
+    return recorded[0]
+
+
+@_replay.def_fwd
+def _replay_fwd(perturbed, args, recorded):
+    del perturbed, args
+    return recorded[0], None
+
+
+@_replay.def_bwd
+def _replay_bwd(residuals, ct, perturbed, args, recorded):
+    del residuals, perturbed, args
+    out, pullback = recorded
+    fill = lambda g, o: None if o is None else (jnp.zeros_like(o) if g is None else g)
+    return pullback(jtu.tree_map(fill, ct, out, is_leaf=lambda v: v is None))
+
+
+def _count_calls(sampler, schedule, state, t, s, i) -> int:
+    """How many model calls `sampler.step` makes when traced (both branches of a
+    `lax.cond` count): a shape-only trace with a stand-in model."""
+    calls = [0]
+
+    def fake(x, tt, derive=True):
+        calls[0] += 1
+        return x, (x if derive else None)
+
+    spec = lambda tree: jtu.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+    jax.eval_shape(
+        lambda st, t, s, i: sampler.step(_EpsFromPredict(fake), schedule, st, t, s, i, None),
+        spec(state), spec(t), spec(s), spec(i),
+    )
+    return calls[0]
+
+
+# The fused backward rule, for samplers whose `step_back` evaluates ε exactly where
+# the step it inverts does (`rebuild = "shared"`: BELM, BDIA, EDICT, asynchronous
+# leapfrog). The step S_i is s_{i+1} = L_i(s_i, e_1, ..., e_m) with
+# e_j = ε(P_j(s_i), z_i; θ); its VJP needs, besides the linear map L_i, only the
+# pullback of ε at the m points P_j(s_i). `step_back` evaluates ε at exactly those
+# points while rebuilding s_i from s_{i+1}, so each of its evaluations is made as
+# `jax.linearize` of ε in (x, θ, z_i), and the VJP of S_i is then taken with ε
+# replaced by its linearisation e(x, θ, z) = e_j + J_j·(x − x_j, θ − θ_0, z − z_i):
+# same derivative, no second evaluation, and still differentiable (jvp-of-grad).
+# A model with a custom VJP inside cannot have its linearisation differentiated by
+# JAX, so its evaluations are recorded as `jax.vjp` and replayed by a custom VJP
+# (`_replay`); forward-over-reverse through such a model is impossible anyway. Per step: the evaluations of `step_back`
+# (which are the step's), each with its VJP; nothing else. A start-up evaluation of
+# step 0 that `step_back` does not make (leapfrog's v_0 = ε(x_T, t_0)) is the first
+# call of `step` and is evaluated with its VJP as usual: `step_back`'s evaluations
+# are matched to the *last* calls of `step`, in reverse order.
+def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
+    sampler, schedule = solve.sampler, solve.schedule
+    theta0 = diff.theta
+    _, out_vjp = jax.vjp(sampler.output, state_N)
+    (ct_state,) = out_vjp(ct_x0)
+
+    def body(carry, xs):
+        state_next, ct_next, ct_theta, ct_cond = carry
+        t, s, i = xs
+        z0, z_rest = diff.cond_at(solve, i), diff.cond_rest_at(solve, i)
+
+        def model(th, z):
+            return solve.eps_fn(diff.theta_with(th), diff.cond_with(z, z_rest))
+
+        recorded = []
+
+        def record(x, tt, derive=True):
+            fn = lambda x_, th_, z_: model(th_, z_).predict(x_, tt, derive)
+            if _has_custom_vjp(jax.make_jaxpr(fn)(x, theta0, z0).jaxpr):
+                out, pullback = jax.vjp(fn, x, theta0, z0)
+                recorded.append(("vjp", x, out, pullback))
+            else:
+                out, lin = jax.linearize(fn, x, theta0, z0)
+                recorded.append(("lin", x, out, lin))
+            return out
+
+        rec = _EpsFromPredict(record)
+        state = sampler.step_back(rec, rec, schedule, state_next, t, s, i, None)
+        k = len(recorded)
+        offset = _count_calls(sampler, schedule, state, t, s, i) - k
+        if offset < 0:
+            raise NotImplementedError(
+                f"{sampler!r} declares `rebuild = 'shared'` but its `step_back` "
+                "evaluates the model more often than its `step`."
+            )
+
+        def step(st, th, z):
+            calls = [0]
+
+            def replay(x, tt, derive=True):
+                j = calls[0]
+                calls[0] += 1
+                if j < offset:  # a start-up evaluation: evaluated (with its VJP)
+                    return model(th, z).predict(x, tt, derive)
+                kind, x_r, out, fn = recorded[k - 1 - (j - offset)]
+                if kind == "vjp":
+                    return _replay((x, th, z), (out, fn))
+                delta = fn(_tree_sub(x, x_r), _tree_sub(th, theta0), _tree_sub(z, z0))
+                return jtu.tree_map(lambda a, b: a + b, out, delta)
+
+            return sampler.step(_EpsFromPredict(replay), schedule, st, t, s, i, None)
+
+        _, step_vjp = jax.vjp(step, state, theta0, z0)
+        ct_state_i, ct_theta_i, ct_z_i = step_vjp(ct_next)
+        ct_theta = tree_acc(ct_theta, ct_theta_i)
+        if solve.scheduled:
+            return (state, ct_state_i, ct_theta, ct_cond), ct_z_i
+        return (state, ct_state_i, ct_theta, tree_acc(ct_cond, ct_z_i)), None
+
+    ct_cond0 = None if solve.scheduled else acc_zeros(diff.cond)
+    init = (state_N, ct_state, acc_zeros(diff.theta), ct_cond0)
+    xs = (solve.ts[:-1], solve.ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
+    (_, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
+    _, init_vjp = jax.vjp(lambda x: sampler.init(x, schedule, solve.ts), x_T)
+    (ct_x_T,) = init_vjp(ct_state0)
+    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond, None
+
+
+# The fused backward rule of reversible Heun (`rebuild = "previous"`). Its step i
+#
+#     x̂_{i+1} = 2A x_i − A x̂_i + K ε̂_i,   ε̂_{i+1} = ε_i(x̂_{i+1}, t_{i+1}),
+#     x_{i+1} = A x_i + ½K ε̂_i + ½K ε̂_{i+1}
+#
+# (A, K = `rho_coeffs(t_i, t_{i+1})`; ε̂_0 = ε_0(x̂_0, t_0) evaluated by step 0)
+# evaluates ε at the *end* point x̂_{i+1}, while inverting it needs ε̂_i, step i − 1's
+# evaluation. So the backward scan is shifted by half a step: iteration i evaluates
+# ε_i at x̂_{i+1} once, as a VJP, which gives (a) ε̂_{i+1} to finish rebuilding
+# x_{i+1} = q_{i+1} + c_{i+1} ε̂_{i+1} (the part of it iteration i + 1 could not
+# compute), then x̂_i = 2B x_{i+1} − B x̂_{i+1} + K' ε̂_{i+1} and the known part
+# q_i = B x_{i+1} + ½K' ε̂_{i+1} of x_i (B, K' = `rho_coeffs(t_{i+1}, t_i)`,
+# c_i = ½K'); and (b) the pullback of ε̂_{i+1} for the VJP of step i, which is linear
+# in the state given it. With (ḡx, ḡx̂, ḡε̂) the cotangent of step i's output:
+#
+#     ḡE = ḡε̂ + ½K ḡx,  (δx̂, δθ, δz_i) = J_{ε_i}(x̂_{i+1})ᵀ ḡE,  ḡ' = ḡx̂ + δx̂,
+#     x̄_i = 2A ḡ' + A ḡx,  x̂̄_i = −A ḡ',  ε̂̄_i = K ḡ' + ½K ḡx.
+#
+# After the scan, ε̂_0's cotangent goes through ε_0 at x̂_0 (step 0's start-up
+# evaluation, one more VJP), and x̄_T = x̄_0 + x̂̄_0. Evaluations: N + 1, all inside
+# VJPs, as many as the forward pass made.
+def _heun_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
+    sampler, schedule = solve.sampler, solve.schedule
+    theta0 = diff.theta
+    _, out_vjp = jax.vjp(sampler.output, state_N)
+    (ct_state,) = out_vjp(ct_x0)
+
+    def eps_vjp(x, t, i):
+        z0, z_rest = diff.cond_at(solve, i), diff.cond_rest_at(solve, i)
+        fn = lambda x_, th_, z_: solve.eps(
+            diff.theta_with(th_), x_, t, diff.cond_with(z_, z_rest)
+        )
+        return jax.vjp(fn, x, theta0, z0)
+
+    def body(carry, xs):
+        (q, xh_s, c), (gx, gxh, geh), ct_theta, ct_cond = carry
+        t, s, i = xs
+        e_s, pullback = eps_vjp(xh_s, s, i)
+        x_s = lincomb((1.0, q), (c, e_s))
+        b, kb = rho_coeffs(schedule, s, t)
+        xh = lincomb((2.0 * b, x_s), (-b, xh_s), (kb, e_s))
+        q_new = lincomb((b, x_s), (0.5 * kb, e_s))
+        a, k = rho_coeffs(schedule, t, s)
+        g_e = lincomb((1.0, geh), (0.5 * k, gx))
+        d_xh, ct_theta_i, ct_z_i = pullback(g_e)
+        g = lincomb((1.0, gxh), (1.0, d_xh))
+        ct = (
+            lincomb((2.0 * a, g), (a, gx)),
+            lincomb((-a, g),),
+            lincomb((k, g), (0.5 * k, gx)),
+        )
+        ct_theta = tree_acc(ct_theta, ct_theta_i)
+        new = ((q_new, xh, 0.5 * kb), ct, ct_theta)
+        if solve.scheduled:
+            return (*new, ct_cond), ct_z_i
+        return (*new, tree_acc(ct_cond, ct_z_i)), None
+
+    x_N, xh_N, _ = state_N
+    zero = jnp.zeros((), solve.ts.dtype)
+    ct_cond0 = None if solve.scheduled else acc_zeros(diff.cond)
+    init = ((x_N, xh_N, zero), ct_state, acc_zeros(diff.theta), ct_cond0)
+    xs = (solve.ts[:-1], solve.ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
+    carry, ct_z = jax.lax.scan(body, init, xs, reverse=True)
+    (_, xh_0, _), (gx, gxh, geh), ct_theta, ct_cond = carry
+    # Step 0's start-up evaluation ε̂_0 = ε_0(x̂_0, t_0).
+    _, pullback = eps_vjp(xh_0, solve.ts[0], jnp.zeros((), jnp.int32))
+    d_xh, ct_theta_0, ct_z_0 = pullback(geh)
+    ct_theta = tree_acc(ct_theta, ct_theta_0)
+    if solve.scheduled:
+        ct_z = jtu.tree_map(lambda a, b: a.at[0].add(b.astype(a.dtype)), ct_z, ct_z_0)
+    else:
+        ct_cond = tree_acc(ct_cond, ct_z_0)
+    ct_x_T = lincomb((1.0, gx), (1.0, gxh), (1.0, d_xh))
     return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond, None

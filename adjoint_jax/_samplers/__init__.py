@@ -2,10 +2,13 @@ from ._base import AbstractMultistepSampler as AbstractMultistepSampler
 from ._base import AbstractReversibleSampler as AbstractReversibleSampler
 from ._base import AbstractSampler as AbstractSampler
 from ._base import AbstractSDESampler as AbstractSDESampler
+from ._bdia import BDIA as BDIA
+from ._belm import BELM as BELM
 from ._ddim import DDIM as DDIM
 from ._dpm_solver import DPMSolver1 as DPMSolver1
 from ._dpm_solver import DPMSolver2 as DPMSolver2
 from ._dpm_solver_pp import DPMSolverPP as DPMSolverPP
+from ._edict import EDICT as EDICT
 from ._leapfrog import AsyncLeapfrog as AsyncLeapfrog
 from ._mccallum_foster import McCallumFoster as McCallumFoster
 from ._reversible_heun import ReversibleHeun as ReversibleHeun

@@ -201,7 +201,23 @@ class AbstractSDESampler(AbstractSampler[_State]):
 class AbstractReversibleSampler(AbstractSampler[_State]):
     """A sampler whose step can be inverted algebraically: `step_back` recovers the
     state at `t` from the state at `s` exactly (to round-off), which lets
-    `aj.ReversibleAdjoint` compute exact gradients in O(1) memory."""
+    `aj.ReversibleAdjoint` compute exact gradients in O(1) memory.
+
+    Class attribute `rebuild` tells `aj.ReversibleAdjoint` how the model evaluations
+    of `step_back` relate to those of `step`, which decides its backward cost:
+
+    - `"shared"`: `step_back` of step i evaluates ε exactly at the points (and with
+        the conditioning) where step i does, in reverse order (a start-up
+        evaluation of step 0 that `step_back` does not repeat may come first in
+        `step`). The backward pass then re-uses each rebuild evaluation for the
+        step's VJP: one VJP per forward evaluation and nothing else.
+    - `"previous"`: `step_back` of step i evaluates where step i − 1 did, at the end
+        of its step (reversible Heun); fused with a shifted backward scan.
+    - `"separate"` (default): no such relation; each step costs its `step_back`
+        evaluations plus the VJP of the step (its evaluations again).
+    """
+
+    rebuild: ClassVar[str] = "separate"
 
     @abc.abstractmethod
     def step_back(

@@ -116,6 +116,7 @@ class ReversibleHeun(AbstractReversibleSampler[tuple]):
     # each step (σ = 0 at a grid's end).
     steps_to_sigma_zero: ClassVar[bool] = False
     steps_from_alpha_zero: ClassVar[bool] = False
+    rebuild: ClassVar[str] = "previous"
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
         del schedule, ts
