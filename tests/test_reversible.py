@@ -1,7 +1,7 @@
-"""The reversible samplers (ReversibleHeun, AsyncLeapfrog, McCallumFoster) and
-ReversibleAdjoint: state reconstruction, exactness against DTO, convergence order,
-O(1) memory, transforms and input validation; and the MixtureProblem they are
-measured on."""
+"""The reversible samplers (ReversibleHeun, AsyncLeapfrog, McCallumFoster, BELM,
+BDIA, EDICT) and ReversibleAdjoint: state reconstruction, exactness against DTO,
+convergence order, evaluation counts, O(1) memory, transforms and input validation;
+and the MixtureProblem they are measured on."""
 
 import functools
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import adjoint_jax as aj
-from adjoint_jax.bench import GaussianProblem, MixtureProblem, MLPProblem, parse
+from adjoint_jax.bench import GaussianProblem, MixtureProblem, MLPProblem, count_evals, parse
 
 from .helpers import rel_err, sample_kwargs, slope
 
@@ -24,7 +24,13 @@ REVERSIBLE = [
     aj.McCallumFoster(aj.DPMSolver1()),
     aj.McCallumFoster(aj.DPMSolver2()),
     aj.McCallumFoster(aj.DPMSolver2(), coupling=0.9),
+    aj.BELM(),
+    aj.BDIA(),
+    aj.EDICT(),
 ]
+# The samplers whose exactness, evaluation counts and memory are checked (the
+# coupling variant shares its class's backward pass).
+EXACT = [s for s in REVERSIBLE if s != aj.McCallumFoster(aj.DPMSolver2(), coupling=0.9)]
 T_END = 1e-3
 
 
@@ -72,7 +78,19 @@ def test_backward_pass_recovers_x_T(sampler, getkey):
     assert rel_err(sampler.output(final), x_T) > 0.1  # it did go somewhere
 
 
-@pytest.mark.parametrize("sampler", REVERSIBLE, ids=repr)
+def test_bdia_gamma_below_one_amplifies_round_off(getkey):
+    """BDIA(γ < 1) divides by γ in every inverse step: exact on short solves, and its
+    reconstruction error grows like γ^(−N) (as its docstring says)."""
+    pb, sampler = MixtureProblem.make(2), aj.BDIA(gamma=0.5)
+    x_T = jax.random.normal(getkey(), (8, 2))
+    errs = []
+    for n in (10, 40):
+        _, _, back = _roundtrip(sampler, pb, n, pb.params, x_T, None)
+        errs.append(rel_err(sampler.output(back), x_T))
+    assert errs[0] < 1e-10 and errs[1] > 1e3 * errs[0], errs
+
+
+@pytest.mark.parametrize("sampler", REVERSIBLE + [aj.BDIA(gamma=0.5)], ids=repr)
 def test_step_back_inverts_one_step(sampler, getkey):
     # One middle step, from a state whose auxiliary slots (x̂, v, c) are arbitrary;
     # reversible Heun's ε̂ is a cache of ε(x̂), so it is kept consistent.
@@ -81,7 +99,10 @@ def test_step_back_inverts_one_step(sampler, getkey):
     ts = aj.time_grid(sch, 10, t_end=T_END)
     eps = lambda x, t: pb.model(pb.params, x, t, None)
     like = sampler.init(jnp.zeros((2, 3)), sch, ts)
-    state = jtu.tree_map(lambda a: jax.random.normal(getkey(), a.shape), like)
+    # Random x-shaped slots; a two-step sampler's copy of the grid stays the grid.
+    state = jtu.tree_map(
+        lambda a: jax.random.normal(getkey(), a.shape) if a.shape == (2, 3) else a, like
+    )
     if isinstance(sampler, aj.ReversibleHeun):
         state = (state[0], state[1], eps(state[1], ts[4]))
     i = jnp.array(4, jnp.int32)
@@ -94,7 +115,7 @@ def test_step_back_inverts_one_step(sampler, getkey):
 
 
 # ---- exactness ----------------------------------------------------------------------
-@pytest.mark.parametrize("sampler", REVERSIBLE[:4], ids=repr)
+@pytest.mark.parametrize("sampler", EXACT, ids=repr)
 @pytest.mark.parametrize("scheduled", [False, True], ids=["const", "scheduled"])
 def test_reversible_adjoint_equals_dto(sampler, scheduled, getkey):
     pb, n = _mlp(), 8
@@ -162,6 +183,10 @@ GAUSSIAN_ORDERS = [
     # y − m ∝ √(s² + ρ²) with F_y = ρ/(s² + ρ²), and x''' = −3 F_y x''. Measured: 4.0
     # (its second order shows on the mixture below).
     (aj.AsyncLeapfrog(), 4),
+    (aj.BELM(), 2),
+    (aj.BDIA(), 2),
+    (aj.BDIA(gamma=0.5), 1),
+    (aj.EDICT(), 1),
 ]
 
 
@@ -184,6 +209,11 @@ MIXTURE_ORDERS = [
     (aj.AsyncLeapfrog(), 2),
     (aj.McCallumFoster(aj.DPMSolver1()), 1),
     (aj.McCallumFoster(aj.DPMSolver2()), 2),
+    (aj.BELM(), 2),
+    # BDIA and EDICT are pre-asymptotic at N = 80 on the sharp mixture (BDIA's error
+    # falls 22× from 80 to 160, EDICT's only 1.5×): their fits start at 160.
+    (aj.BDIA(), 2, [160, 320, 640, 1280]),
+    (aj.EDICT(), 1, [160, 320, 640, 1280]),
 ]
 
 
@@ -199,9 +229,9 @@ def _mixture_truth():
 def test_order_against_mixture_reference(case):
     # Sharp components (std 0.02-0.06): pre-asymptotic below N ≈ 80 for reversible
     # Heun (its error is 0.5 at N = 10), so the fit starts at 80.
-    sampler, order = case
+    sampler, order, *ns = case
     pb, x_T, ref = _mixture_truth()
-    ns = [80, 160, 320, 640]
+    ns = ns[0] if ns else [80, 160, 320, 640]
     errs = _x0_errors(pb, sampler, ns, x_T, ref)
     assert abs(slope(ns, errs) - order) < 0.25, (slope(ns, errs), errs)
 
@@ -215,13 +245,38 @@ def _temp_bytes(adjoint, sampler, n):
     return f.lower(pb.params).compile().memory_analysis().temp_size_in_bytes
 
 
-def test_memory_is_flat_in_n():
-    sampler = aj.ReversibleHeun()
+@pytest.mark.parametrize("sampler", [aj.ReversibleHeun(), aj.BELM(), aj.BDIA(), aj.EDICT()], ids=repr)
+def test_memory_is_flat_in_n(sampler):
     small = _temp_bytes(aj.ReversibleAdjoint(), sampler, 16)
     large = _temp_bytes(aj.ReversibleAdjoint(), sampler, 128)
     assert abs(large - small) <= 0.1 * small, (small, large)
-    # ... whereas DTO stores every step (the measurement can see growth).
-    assert _temp_bytes(aj.DTO(), sampler, 128) > 4 * large
+    if isinstance(sampler, aj.ReversibleHeun):
+        # ... whereas DTO stores every step (the measurement can see growth).
+        assert _temp_bytes(aj.DTO(), sampler, 128) > 4 * large
+
+
+# ---- evaluation counts --------------------------------------------------------------
+@pytest.mark.parametrize("sampler", EXACT, ids=repr)
+def test_evaluation_counts(sampler):
+    """Forward: N · evals_per_step (+1 start-up evaluation for reversible Heun and
+    leapfrog). Backward of ReversibleAdjoint: one VJP per forward evaluation and no
+    other evaluation for every sampler with a fused rebuild; McCallumFoster (separate
+    rebuild) pays its step_back evaluations on top."""
+    pb, n = _mlp(), 6
+    x_T = jnp.ones((2, 3))
+    kw = sample_kwargs(pb.schedule, n, sampler, aj.ReversibleAdjoint())
+    startup = int(isinstance(sampler, (aj.ReversibleHeun, aj.AsyncLeapfrog)))
+    fwd = n * sampler.evals_per_step + startup
+    sample = count_evals(lambda m, p: aj.sample(m, p, x_T, None, **kw), pb.model, pb.params)
+    assert (sample.forward, sample.vjp) == (fwd, 0)
+    grad = count_evals(
+        lambda m, p: jax.grad(lambda p: _loss(aj.sample(m, p, x_T, None, **kw)))(p),
+        pb.model, pb.params,
+    )
+    if sampler.rebuild == "separate":
+        assert (grad.forward, grad.vjp) == (fwd + fwd + n * sampler.evals_per_step, fwd)
+    else:
+        assert (grad.forward, grad.vjp) == (2 * fwd, fwd)
 
 
 # ---- validation ---------------------------------------------------------------------

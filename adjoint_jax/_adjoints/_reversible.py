@@ -24,14 +24,19 @@ from ._base import (
 
 
 class ReversibleAdjoint(AbstractCustomAdjoint):
-    """The exact gradient of a reversible sampler (`aj.ReversibleHeun`,
-    `aj.AsyncLeapfrog`, `aj.McCallumFoster`) in O(1) memory in the number of steps.
+    """The exact gradient of a reversible sampler (`aj.BELM`, `aj.BDIA`,
+    `aj.AsyncLeapfrog`, `aj.ReversibleHeun`, `aj.EDICT`, `aj.McCallumFoster`) in O(1)
+    memory in the number of steps.
 
     The forward pass keeps only the final sampler state. The backward pass walks the
     steps in reverse: it recovers the state before step i from the state after it
-    with the sampler's algebraic inverse (`step_back`), then takes one vector-Jacobian
-    product of step i to carry the cotangents of the state, θ and z back. Nothing of
-    the forward pass is stored, so memory is that of one step whatever N is.
+    with the sampler's algebraic inverse (`step_back`), then takes the
+    vector-Jacobian product of step i to carry the cotangents of the state, θ and z
+    back. Nothing of the forward pass is stored, so memory is that of one step
+    whatever N is. Where the inverse evaluates the model at the points where the
+    step does (every sampler here except `McCallumFoster`; the sampler's `rebuild`
+    attribute), each of those evaluations is made once, as a VJP, and serves both
+    the rebuild and the step's VJP.
 
     **When to use it:** when `aj.DTO` runs out of memory and the gradient must be
     exact (the continuous adjoints `aj.AdjointDEIS`, `aj.AdjointDPM` give the gradient
@@ -46,8 +51,9 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
     each sampler's docstring and `benchmarks/reversible_stability.py`.
 
     **Precision.** In float32 (random MLP, N = 24, `tests/test_robustness.py`) it is
-    within 1e-6–6e-6 of `aj.DTO` for asynchronous leapfrog and
-    `McCallumFoster(DPMSolver1())`, within 5e-6–6e-5 for
+    within 1e-6–8e-6 of `aj.DTO` for asynchronous leapfrog, BELM, BDIA and
+    `McCallumFoster(DPMSolver1())`, 7e-5 for EDICT (its un-mixing multiplies
+    round-off by 1/p² per step), within 5e-6–6e-5 for
     `McCallumFoster(DPMSolver2())` (its reversible ε memory amplifies round-off; see
     its docstring) and 5e-5–2e-3 for reversible Heun, whose discrete gradient is
     itself ill-conditioned there. A float16 or bfloat16 *state* is unsafe (errors of
@@ -57,13 +63,16 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
 
     **Memory:** O(1) in N: one sampler state, its cotangent and one step's VJP
     residuals. Compiled temporary memory of the jitted gradient (MLP of width 256,
-    batch 64, reversible Heun): 2,643,408 bytes at N = 16, 2,643,856 at N = 128
-    (`aj.DTO()`: 216,801,312 at N = 128).
+    batch 64, float64): reversible Heun 972,808 bytes at N = 16 and at N = 128,
+    BELM 973,184 and 973,632 (`aj.DTO()` at N = 128: 216,801,312 with reversible
+    Heun, 69,509,672 with BELM).
 
-    **Cost:** per step, one `step_back` (the sampler's evaluations, e.g. one for
-    reversible Heun) plus the VJP of one step (its evaluations, recomputed, and
-    their VJPs); `aj.DTO`'s backward pass does only the VJPs, from stored
-    activations.
+    **Cost:** with a fused rebuild (BELM, BDIA, asynchronous leapfrog, reversible
+    Heun, EDICT), one model VJP per forward evaluation and no other evaluation: the
+    backward pass costs what `aj.DTO(checkpoints="steps")`'s does, in O(1) memory
+    (`adjoint_jax.bench.count_evals`: N evaluations forward, N VJPs backward for
+    BELM; `tests/test_reversible.py::test_evaluation_counts`). `McCallumFoster`
+    pays its `step_back` evaluations on top (2N evaluations and N VJPs backward).
 
     Gradients with respect to the time grid or the schedule are not available
     (differentiating them raises an error; use `aj.DTO`). Second-order derivatives
@@ -103,8 +112,9 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
                 "`aj.RecordedAdjoint()`."
             )
         raise ValueError(
-            f"`adjoint={self!r}` requires a reversible sampler (aj.ReversibleHeun, "
-            f"aj.AsyncLeapfrog, aj.McCallumFoster); got `sampler={sampler!r}`. {fix}"
+            f"`adjoint={self!r}` requires a reversible sampler (aj.BELM, aj.BDIA, "
+            "aj.AsyncLeapfrog, aj.ReversibleHeun, aj.EDICT, aj.McCallumFoster); got "
+            f"`sampler={sampler!r}`. {fix}"
         )
 
     def forward_mode_error(self) -> str:
