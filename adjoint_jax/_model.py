@@ -267,8 +267,14 @@ class StepModel:
     (tests and benchmarks call samplers that way).
     """
 
-    def __init__(self, model: "ModelCall", schedule: AbstractSchedule, theta, z):
+    def __init__(
+        self, model: "ModelCall", schedule: AbstractSchedule, theta, z,
+        may_be_first: bool = True,
+    ):
         self._model, self._schedule, self._theta, self._z = model, schedule, theta, z
+        # False when the caller knows this is not step 0 (so a start-up evaluation
+        # needs no `lax.cond`).
+        self.may_be_first = may_be_first
 
     def predict(self, x, t, derive: bool = True):
         """(ε, x̂_0); with `derive=False`, x̂_0 is None unless the model gives its

@@ -241,6 +241,10 @@ def main(argv=None):
         aj.DPMSolver2(),
         aj.ReversibleHeun(),
         aj.AsyncLeapfrog(),
+        aj.BELM(),
+        aj.BDIA(),
+        aj.BDIA(gamma=0.5),
+        aj.EDICT(),
     ]
     samplers += [
         aj.McCallumFoster(b, coupling=c)

@@ -289,7 +289,8 @@ def test_non_reversible_sampler_is_refused():
     pb = GaussianProblem.make(4)
     msg = (
         r"`adjoint=ReversibleAdjoint\(\)` requires a reversible sampler "
-        r"\(aj.ReversibleHeun, aj.AsyncLeapfrog, aj.McCallumFoster\); got "
+        r"\(aj.BELM, aj.BDIA, aj.AsyncLeapfrog, aj.ReversibleHeun, aj.EDICT, "
+        r"aj.McCallumFoster\); got "
         r"`sampler=DPMSolver1\(\)`."
     )
     with pytest.raises(ValueError, match=msg):

@@ -103,10 +103,11 @@ class Solve(eqx.Module):
         """ε_θ(x, z, t)."""
         return self.model(theta, x, t, z)[0]
 
-    def eps_fn(self, theta, z) -> StepModel:
+    def eps_fn(self, theta, z, may_be_first: bool = True) -> StepModel:
         """The model as a sampler sees it, with θ and the conditioning value z bound
-        in: `eps(x, t)`, `eps.x0(x, t)`, `eps.predict(x, t)`."""
-        return StepModel(self.model, self.schedule, theta, z)
+        in: `eps(x, t)`, `eps.x0(x, t)`, `eps.predict(x, t)`. `may_be_first=False`
+        tells a sampler with a start-up evaluation that this is not step 0."""
+        return StepModel(self.model, self.schedule, theta, z, may_be_first)
 
     def step_inputs(self, cond: PyTree, noise: PyTree = None):
         """The per-step scan inputs (t_i, t_{i+1}, i, z_i or None, noise_i or None)."""
@@ -120,14 +121,14 @@ class Solve(eqx.Module):
             noise,
         )
 
-    def step(self, theta, cond, state, xs):
+    def step(self, theta, cond, state, xs, may_be_first: bool = True):
         """Sampler step i given the scan inputs of `step_inputs`."""
         t, s, i, z, noise = xs
         if not self.scheduled:
             z = cond
         if noise is None and self.sampler.is_sde:
             noise = step_noise(self.key, i, self.sampler.output(state), self.ts.dtype)
-        eps = self.eps_fn(theta, z)
+        eps = self.eps_fn(theta, z, may_be_first and self.first_index == 0)
         return self.sampler.step(eps, self.schedule, state, t, s, i, noise)
 
     def forward(
@@ -145,15 +146,26 @@ class Solve(eqx.Module):
         stacked samples x_{t_1}, ..., x_{t_N} after each step (leading axis N).
         `state0` replaces `sampler.init(x_T, ...)` (to continue a solve)."""
 
-        def body(state, xs):
-            new = self.step(theta, cond, state, xs)
+        def body(state, xs, may_be_first=False):
+            new = self.step(theta, cond, state, xs, may_be_first)
             return new, (self.sampler.output(new) if record else None)
 
         if remat:
-            body = jax.checkpoint(body)
-        if state0 is None:
-            state0 = self.sampler.init(x_T, self.schedule, self.ts)
-        return jax.lax.scan(body, state0, self.step_inputs(cond, noise))
+            body = jax.checkpoint(body, static_argnums=(2,))
+        xs = self.step_inputs(cond, noise)
+        if state0 is not None or not self.sampler.startup_eval or self.first_index:
+            if state0 is None:
+                state0 = self.sampler.init(x_T, self.schedule, self.ts)
+            return jax.lax.scan(lambda st, a: body(st, a, True), state0, xs)
+        # A sampler with a start-up evaluation (reversible Heun, leapfrog) runs step 0
+        # outside the scan, so the scanned steps carry no `lax.cond` for it (whose
+        # residuals a differentiated scan would otherwise store at every step).
+        state = self.sampler.init(x_T, self.schedule, self.ts)
+        state, y0 = body(state, jtu.tree_map(lambda a: a[0], xs), True)
+        state, ys = jax.lax.scan(body, state, jtu.tree_map(lambda a: a[1:], xs))
+        if record:
+            ys = jtu.tree_map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
+        return state, ys
 
 
 class AbstractAdjoint(eqx.Module):

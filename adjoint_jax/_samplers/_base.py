@@ -82,6 +82,9 @@ class AbstractSampler(eqx.Module, Generic[_State]):
     evals_per_step: ClassVar[int]
     steps_to_sigma_zero: ClassVar[bool]
     steps_from_alpha_zero: ClassVar[bool]
+    # Whether step 0 makes an extra (start-up) evaluation: `aj.sample` then runs
+    # step 0 outside its scan and passes `eps.may_be_first = False` to the others.
+    startup_eval: ClassVar[bool] = False
 
     @abc.abstractmethod
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> _State:

@@ -93,6 +93,7 @@ class AsyncLeapfrog(AbstractReversibleSampler[tuple]):
     # model at the end of the last step (σ = 0 at a grid's end).
     steps_to_sigma_zero: ClassVar[bool] = False
     steps_from_alpha_zero: ClassVar[bool] = False
+    startup_eval: ClassVar[bool] = True
     rebuild: ClassVar[str] = "shared"
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:

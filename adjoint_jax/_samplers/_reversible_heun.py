@@ -28,7 +28,11 @@ def first_step_eps(
     eps: EpsFn, x: PyTree, t: Array, carried: PyTree, i: Array
 ) -> PyTree:
     """ε(x, t) on step 0 (the state from `init` holds a zero placeholder), else the
-    carried value. A `lax.cond`, so only step 0 pays the extra model evaluation."""
+    carried value. A `lax.cond`, so only step 0 pays the extra model evaluation;
+    `aj.sample` runs step 0 outside its scan and tells the other steps
+    (`eps.may_be_first = False`), which then need no `cond`."""
+    if not getattr(eps, "may_be_first", True):
+        return carried
     return jax.lax.cond(i == 0, lambda: eps(x, t), lambda: carried)
 
 
@@ -116,6 +120,7 @@ class ReversibleHeun(AbstractReversibleSampler[tuple]):
     # each step (σ = 0 at a grid's end).
     steps_to_sigma_zero: ClassVar[bool] = False
     steps_from_alpha_zero: ClassVar[bool] = False
+    startup_eval: ClassVar[bool] = True
     rebuild: ClassVar[str] = "previous"
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:

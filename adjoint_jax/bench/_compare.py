@@ -345,6 +345,9 @@ _PREFERRED_SAMPLERS = (
     "SDEDPMSolver1",
     "ReversibleHeun",
     "AsyncLeapfrog",
+    "BELM",
+    "BDIA",
+    "EDICT",
     "McCallumFoster",
 )
 _PREFERRED_ADJOINTS = (
