@@ -396,3 +396,23 @@ def test_mixture_reference_is_converged():
     d = jnp.min(jnp.linalg.norm(ref[:, None, :] - pb.means[None], axis=-1), axis=1)
     assert float(jnp.max(d)) < 0.25
     # (The samplers converge to it at their orders: see the mixture order test.)
+
+
+@pytest.mark.parametrize("sampler", [aj.ReversibleHeun(), aj.AsyncLeapfrog()], ids=repr)
+def test_first_step_outside_the_scan(sampler, getkey):
+    """A sampler with a start-up evaluation runs step 0 outside `aj.sample`'s scan
+    (the other steps then skip the `lax.cond`): the sample equals the plain loop of
+    `step`, and every DTO variant and the recorded adjoint see the same solve."""
+    pb, n = _mlp(), 6
+    x_T = jax.random.normal(getkey(), (2, 3))
+    cond = jax.random.normal(getkey(), (2,))
+    _, final, _ = _roundtrip(sampler, pb, n, pb.params, x_T, cond)
+    kw = lambda adj: sample_kwargs(pb.schedule, n, sampler, adj)
+    x0 = aj.sample(pb.model, pb.params, x_T, cond, **kw(aj.DTO()))
+    np.testing.assert_allclose(x0, sampler.output(final), rtol=1e-13)
+    grad = lambda adj: jax.jit(jax.grad(
+        lambda x: _loss(aj.sample(pb.model, pb.params, x, cond, **kw(adj)))))(x_T)
+    ref = grad(aj.DTO())
+    for adj in [aj.DTO(checkpoints="steps"), aj.DTO(checkpoints=2), aj.ReversibleAdjoint()]:
+        assert rel_err(grad(adj), ref) < 1e-10, adj
+    assert np.all(np.isfinite(grad(aj.RecordedAdjoint())))

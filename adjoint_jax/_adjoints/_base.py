@@ -146,23 +146,24 @@ class Solve(eqx.Module):
         stacked samples x_{t_1}, ..., x_{t_N} after each step (leading axis N).
         `state0` replaces `sampler.init(x_T, ...)` (to continue a solve)."""
 
-        def body(state, xs, may_be_first=False):
-            new = self.step(theta, cond, state, xs, may_be_first)
-            return new, (self.sampler.output(new) if record else None)
+        def make_body(may_be_first):
+            def body(state, xs):
+                new = self.step(theta, cond, state, xs, may_be_first)
+                return new, (self.sampler.output(new) if record else None)
 
-        if remat:
-            body = jax.checkpoint(body, static_argnums=(2,))
+            return jax.checkpoint(body) if remat else body
+
         xs = self.step_inputs(cond, noise)
         if state0 is not None or not self.sampler.startup_eval or self.first_index:
             if state0 is None:
                 state0 = self.sampler.init(x_T, self.schedule, self.ts)
-            return jax.lax.scan(lambda st, a: body(st, a, True), state0, xs)
+            return jax.lax.scan(make_body(True), state0, xs)
         # A sampler with a start-up evaluation (reversible Heun, leapfrog) runs step 0
         # outside the scan, so the scanned steps carry no `lax.cond` for it (whose
         # residuals a differentiated scan would otherwise store at every step).
         state = self.sampler.init(x_T, self.schedule, self.ts)
-        state, y0 = body(state, jtu.tree_map(lambda a: a[0], xs), True)
-        state, ys = jax.lax.scan(body, state, jtu.tree_map(lambda a: a[1:], xs))
+        state, y0 = make_body(True)(state, jtu.tree_map(lambda a: a[0], xs))
+        state, ys = jax.lax.scan(make_body(False), state, jtu.tree_map(lambda a: a[1:], xs))
         if record:
             ys = jtu.tree_map(lambda a, b: jnp.concatenate([a[None], b]), y0, ys)
         return state, ys
