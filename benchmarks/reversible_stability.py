@@ -16,7 +16,15 @@ Claims checked:
    parasitic mode and makes the *forward* solve more accurate (McCallum–Foster around
    DPMSolver1 at N = 40: error 0.8 at λ = 0.999, 0.01 at λ = 0.5; around DPMSolver2
    at N = 10: 0.3 against 0.02).
-3. On the test equation y' = μy (z = μh) reversible Heun and asynchronous leapfrog
+3. The two-step samplers: BELM recovers x_T to ≤ 4e-13 (float64) / 2e-4 (float32) at
+   every N (its inverse amplifies round-off by 1/a_i = (Δ_{i−1}/Δ_i)² per step, a
+   bounded product on these grids); BDIA at γ = 1 to 1e-15 / 7e-7, while γ = 0.5
+   divides by γ per step and loses x_T beyond N ≈ 40; EDICT's un-mixing multiplies
+   round-off by 1/p² ≈ 1.16 per step (x_T lost beyond N ≈ 300 in float64, 150 in
+   float32). Forward accuracy at N = 10 / 20 / 40: BELM 1e-1 / 1e-2 / 3e-3 (as
+   DPMSolver2), BDIA 1.0 / 0.3 / 5e-2 (second order only from N ≈ 80), EDICT
+   8 / 1 / 0.3 (first order, from N ≈ 160).
+4. On the test equation y' = μy (z = μh) reversible Heun and asynchronous leapfrog
    have spectral radius exactly 1 on [−i, i] and above 1 everywhere else tried;
    McCallum–Foster around Euler has a stability region with interior for λ < 1.
 
@@ -34,16 +42,20 @@ Reconstruction of x_T ("rec"), float64:
 | --- | --- | --- | --- | --- | --- | --- | --- |
 | ReversibleHeun | 9e-15 | 3e-15 | 2e-15 | 4e-15 | 1e-14 | 8e-15 | 1e-14 |
 | AsyncLeapfrog | 3e-15 | 3e-15 | 2e-15 | 4e-15 | 5e-15 | 6e-15 | 6e-15 |
-| MF(DPMSolver1), λ=1 | 2e-15 | 2e-15 | 2e-15 | 3e-15 | 5e-15 | 6e-15 | 9e-15 |
-| MF(DPMSolver1), λ=0.999 | 1e-14 | 1e-14 | 9e-15 | 8e-15 | 9e-15 | 1e-14 | 1e-14 |
-| MF(DPMSolver1), λ=0.99 | 9e-15 | 5e-15 | 5e-15 | 6e-15 | 7e-15 | 1e-14 | 1e-13 |
-| MF(DPMSolver1), λ=0.9 | 8e-15 | 7e-15 | 1e-14 | 6e-13 | 2e-09 | 4e-02 | 2e+13 |
-| MF(DPMSolver1), λ=0.5 | 7e-13 | 6e-10 | 8e-05 | 1e+08 | 1e+31 | 1e+79 | nan |
-| MF(DPMSolver2), λ=1 | 4e-14 | 2e-14 | 3e-14 | 4e-14 | 5e-14 | 5e-14 | 1e-13 |
-| MF(DPMSolver2), λ=0.999 | 4e-14 | 4e-14 | 4e-14 | 5e-14 | 7e-14 | 1e-13 | 2e-13 |
-| MF(DPMSolver2), λ=0.99 | 3e-14 | 4e-14 | 6e-14 | 9e-14 | 3e-13 | 2e-12 | 5e-11 |
-| MF(DPMSolver2), λ=0.9 | 3e-13 | 2e-13 | 2e-12 | 1e-10 | 7e-07 | 1e+01 | 7e+15 |
-| MF(DPMSolver2), λ=0.5 | 1e-11 | 1e-08 | 1e-02 | 1e+10 | 1e+34 | 2e+82 | nan |
+| BELM | 6e-14 | 8e-14 | 1e-13 | 9e-14 | 2e-13 | 3e-13 | 4e-13 |
+| BDIA | 6e-16 | 7e-16 | 8e-16 | 6e-16 | 8e-16 | 1e-15 | 9e-16 |
+| BDIA, γ=0.5 | 9e-14 | 4e-11 | 7e-06 | 6e+06 | 1e+30 | 2e+78 | nan |
+| EDICT | 8e-15 | 1e-15 | 2e-15 | 3e-15 | 1e-11 | 7e-02 | 6e+18 |
+| MF(DPMSolver1), λ=1 | 1e-13 | 5e-15 | 1e-15 | 2e-15 | 3e-15 | 5e-15 | 5e-15 |
+| MF(DPMSolver1), λ=0.999 | 2e-14 | 8e-15 | 1e-14 | 7e-15 | 7e-15 | 9e-15 | 7e-15 |
+| MF(DPMSolver1), λ=0.99 | 9e-15 | 4e-15 | 4e-15 | 4e-15 | 4e-15 | 6e-15 | 4e-14 |
+| MF(DPMSolver1), λ=0.9 | 3e-14 | 9e-15 | 1e-14 | 3e-13 | 2e-09 | 1e-02 | 5e+12 |
+| MF(DPMSolver1), λ=0.5 | 3e-13 | 3e-10 | 2e-05 | 2e+07 | 4e+30 | 4e+78 | nan |
+| MF(DPMSolver2), λ=1 | 1e-14 | 7e-15 | 1e-14 | 8e-15 | 1e-14 | 1e-14 | 1e-14 |
+| MF(DPMSolver2), λ=0.999 | 1e-14 | 1e-14 | 1e-14 | 1e-14 | 1e-14 | 2e-14 | 3e-14 |
+| MF(DPMSolver2), λ=0.99 | 9e-15 | 1e-14 | 1e-14 | 3e-14 | 6e-14 | 4e-13 | 8e-12 |
+| MF(DPMSolver2), λ=0.9 | 6e-14 | 6e-14 | 7e-13 | 4e-11 | 2e-07 | 4e+00 | 2e+15 |
+| MF(DPMSolver2), λ=0.5 | 4e-12 | 3e-09 | 3e-03 | 3e+09 | 3e+33 | 5e+81 | nan |
 
 Reconstruction of x_T, float32 (round-off 6e-8):
 
@@ -51,16 +63,20 @@ Reconstruction of x_T, float32 (round-off 6e-8):
 | --- | --- | --- | --- | --- | --- | --- | --- |
 | ReversibleHeun | 5e-06 | 3e-06 | 1e-06 | 3e-06 | 2e-06 | 8e-06 | 6e-06 |
 | AsyncLeapfrog | 3e-06 | 7e-07 | 1e-06 | 2e-06 | 2e-06 | 8e-06 | 7e-06 |
-| MF(DPMSolver1), λ=1 | 2e-06 | 9e-07 | 1e-06 | 2e-06 | 2e-06 | 4e-06 | 5e-06 |
-| MF(DPMSolver1), λ=0.999 | 4e-06 | 3e-06 | 3e-06 | 3e-06 | 4e-06 | 5e-06 | 8e-06 |
-| MF(DPMSolver1), λ=0.99 | 5e-06 | 2e-06 | 2e-06 | 4e-06 | 5e-06 | 9e-06 | 2e-04 |
-| MF(DPMSolver1), λ=0.9 | 7e-06 | 5e-06 | 1e-05 | 1e-04 | 8e-01 | 9e+06 | nan |
-| MF(DPMSolver1), λ=0.5 | 2e-04 | 6e-01 | 2e+04 | 5e+15 | nan | nan | nan |
-| MF(DPMSolver2), λ=1 | 1e-05 | 1e-05 | 1e-05 | 2e-05 | 2e-05 | 4e-05 | 5e-05 |
-| MF(DPMSolver2), λ=0.999 | 2e-05 | 2e-05 | 2e-05 | 3e-05 | 4e-05 | 8e-05 | 1e-04 |
-| MF(DPMSolver2), λ=0.99 | 2e-05 | 2e-05 | 3e-05 | 6e-05 | 1e-04 | 1e-03 | 3e-02 |
-| MF(DPMSolver2), λ=0.9 | 6e-05 | 1e-04 | 1e-03 | 7e-02 | 4e+02 | 1e+10 | nan |
-| MF(DPMSolver2), λ=0.5 | 4e-03 | 6e+00 | 5e+06 | 5e+18 | nan | nan | nan |
+| BELM | 4e-05 | 1e-04 | 3e-05 | 5e-05 | 1e-04 | 2e-04 | 9e-05 |
+| BDIA | 4e-07 | 3e-07 | 4e-07 | 4e-07 | 3e-07 | 7e-07 | 5e-07 |
+| BDIA, γ=0.5 | 4e-05 | 1e-02 | 3e+03 | 7e+14 | nan | nan | nan |
+| EDICT | 4e-06 | 2e-06 | 6e-06 | 1e-05 | 1e-02 | 2e+07 | nan |
+| MF(DPMSolver1), λ=1 | 6e-05 | 2e-06 | 5e-07 | 1e-06 | 2e-06 | 2e-06 | 3e-06 |
+| MF(DPMSolver1), λ=0.999 | 3e-06 | 5e-06 | 2e-06 | 2e-06 | 2e-06 | 2e-06 | 3e-06 |
+| MF(DPMSolver1), λ=0.99 | 9e-06 | 2e-06 | 2e-06 | 3e-06 | 3e-06 | 3e-06 | 2e-05 |
+| MF(DPMSolver1), λ=0.9 | 5e-06 | 2e-06 | 3e-06 | 1e-04 | 6e-01 | 5e+06 | nan |
+| MF(DPMSolver1), λ=0.5 | 9e-05 | 5e-02 | 6e+03 | 2e+15 | nan | nan | nan |
+| MF(DPMSolver2), λ=1 | 3e-06 | 4e-06 | 5e-06 | 4e-06 | 6e-06 | 5e-06 | 6e-06 |
+| MF(DPMSolver2), λ=0.999 | 1e-05 | 5e-06 | 4e-06 | 6e-06 | 5e-06 | 6e-06 | 1e-05 |
+| MF(DPMSolver2), λ=0.99 | 6e-06 | 7e-06 | 9e-06 | 2e-05 | 2e-05 | 3e-05 | 2e-04 |
+| MF(DPMSolver2), λ=0.9 | 1e-05 | 3e-05 | 3e-04 | 2e-02 | 7e+01 | 7e+08 | nan |
+| MF(DPMSolver2), λ=0.5 | 2e-03 | 2e+00 | 2e+06 | 1e+18 | nan | nan | nan |
 
 Forward accuracy ("fwd"), float64:
 
@@ -70,6 +86,10 @@ Forward accuracy ("fwd"), float64:
 | DPMSolver2 | 1e-01 | 9e-03 | 3e-03 | 1e-03 | 3e-04 | 8e-05 | 2e-05 |
 | ReversibleHeun | 6e-01 | 2e-01 | 2e-02 | 3e-04 | 9e-05 | 2e-05 | 5e-06 |
 | AsyncLeapfrog | 1e-02 | 5e-03 | 2e-03 | 5e-04 | 1e-04 | 3e-05 | 7e-06 |
+| BELM | 1e-01 | 1e-02 | 3e-03 | 7e-04 | 2e-04 | 5e-05 | 1e-05 |
+| BDIA | 1e+00 | 3e-01 | 5e-02 | 5e-03 | 9e-05 | 2e-05 | 5e-06 |
+| BDIA, γ=0.5 | 2e-01 | 1e-02 | 5e-03 | 2e-03 | 1e-03 | 5e-04 | 2e-04 |
+| EDICT | 8e+00 | 1e+00 | 3e-01 | 2e-01 | 4e-03 | 2e-03 | 1e-03 |
 | MF(DPMSolver1), λ=1 | 2e+00 | 1e+00 | 9e-01 | 5e-01 | 2e-01 | 1e-01 | 6e-02 |
 | MF(DPMSolver1), λ=0.999 | 2e+00 | 1e+00 | 8e-01 | 5e-01 | 2e-01 | 1e-01 | 4e-02 |
 | MF(DPMSolver1), λ=0.99 | 2e+00 | 1e+00 | 7e-01 | 3e-01 | 9e-02 | 1e-02 | 3e-03 |
@@ -129,6 +149,8 @@ T_END = 1e-3
 def _label(sampler) -> str:
     if isinstance(sampler, aj.McCallumFoster):
         return f"MF({type(sampler.base).__name__}), λ={sampler.coupling:g}"
+    if isinstance(sampler, aj.BDIA) and sampler.gamma != 1:
+        return f"BDIA, γ={sampler.gamma:g}"
     return type(sampler).__name__
 
 
