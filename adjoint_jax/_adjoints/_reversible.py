@@ -3,7 +3,6 @@ recovered algebraically from the last one during the backward pass."""
 
 import warnings
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -218,40 +217,28 @@ class _EpsFromPredict:
         return self.predict(x, t, True)[1]
 
 
-def _tree_sub(x, y):
-    return jtu.tree_map(lambda a, b: a - b, x, y)
+# The replay of a recorded evaluation: the value `out` recorded at (x_r, θ_0, z_0)
+# and the linearisation J there, as the function
+#     e(x, θ, z) = out + J·(x − x_r, θ − θ_0, z − z_0)
+# at a point equal to the recording one (the step recomputes x_r from the rebuilt
+# state; the two agree to round-off). Its value is `out` and its tangent
+# d(out) + J·(dx, dθ, dz): the term (dJ)·(x − x_r) vanishes at that point, so the
+# tangents of J's residuals are not needed. Written as a custom JVP so that the
+# step's VJP transposes J without evaluating J·(x − x_r) (a wasted linearised pass
+# of the network) and so that a model with its own custom VJP, whose linearisation
+# JAX can transpose but not differentiate, works; second derivatives (jvp-of-grad)
+# differentiate the rule itself.
+@jax.custom_jvp
+def _replay(args, out, lin):
+    del args, lin
+    return out
 
 
-def _has_custom_vjp(jaxpr) -> bool:
-    for eqn in jaxpr.eqns:
-        if "custom_vjp" in eqn.primitive.name:
-            return True
-        if any(_has_custom_vjp(j) for j in jax.extend.core.jaxprs_in_params(eqn.params)):
-            return True
-    return False
-
-
-@eqx.filter_custom_vjp
-def _replay(args, recorded):
-    """The recorded value of ε (or of `predict`) at (x, θ, z) = `args`, whose VJP is
-    the recorded pullback: a model evaluation made once, by `step_back`, and used
-    again by the step's VJP without evaluating the model."""
-    del args
-    return recorded[0]
-
-
-@_replay.def_fwd
-def _replay_fwd(perturbed, args, recorded):
-    del perturbed, args
-    return recorded[0], None
-
-
-@_replay.def_bwd
-def _replay_bwd(residuals, ct, perturbed, args, recorded):
-    del residuals, perturbed, args
-    out, pullback = recorded
-    fill = lambda g, o: None if o is None else (jnp.zeros_like(o) if g is None else g)
-    return pullback(jtu.tree_map(fill, ct, out, is_leaf=lambda v: v is None))
+@_replay.defjvp
+def _replay_jvp(primals, tangents):
+    args, out, lin = primals
+    d_args, d_out, _ = tangents
+    return out, jtu.tree_map(lambda a, b: a + b, d_out, lin(*d_args))
 
 
 def _count_calls(sampler, schedule, state, t, s, i) -> int:
@@ -278,11 +265,8 @@ def _count_calls(sampler, schedule, state, t, s, i) -> int:
 # pullback of ε at the m points P_j(s_i). `step_back` evaluates ε at exactly those
 # points while rebuilding s_i from s_{i+1}, so each of its evaluations is made as
 # `jax.linearize` of ε in (x, θ, z_i), and the VJP of S_i is then taken with ε
-# replaced by its linearisation e(x, θ, z) = e_j + J_j·(x − x_j, θ − θ_0, z − z_i):
-# same derivative, no second evaluation, and still differentiable (jvp-of-grad).
-# A model with a custom VJP inside cannot have its linearisation differentiated by
-# JAX, so its evaluations are recorded as `jax.vjp` and replayed by a custom VJP
-# (`_replay`); forward-over-reverse through such a model is impossible anyway. Per step: the evaluations of `step_back`
+# replaced by its linearisation e(x, θ, z) = e_j + J_j·(x − x_j, θ − θ_0, z − z_i)
+# (`_replay`): same derivative, no second evaluation. Per step: the evaluations of `step_back`
 # (which are the step's), each with its VJP; nothing else. A start-up evaluation of
 # step 0 that `step_back` does not make (leapfrog's v_0 = ε(x_T, t_0)) is the first
 # call of `step` and is evaluated with its VJP as usual: `step_back`'s evaluations
@@ -305,12 +289,8 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
 
         def record(x, tt, derive=True):
             fn = lambda x_, th_, z_: model(th_, z_).predict(x_, tt, derive)
-            if _has_custom_vjp(jax.make_jaxpr(fn)(x, theta0, z0).jaxpr):
-                out, pullback = jax.vjp(fn, x, theta0, z0)
-                recorded.append(("vjp", x, out, pullback))
-            else:
-                out, lin = jax.linearize(fn, x, theta0, z0)
-                recorded.append(("lin", x, out, lin))
+            out, lin = jax.linearize(fn, x, theta0, z0)
+            recorded.append((out, lin))
             return out
 
         rec = _EpsFromPredict(record)
@@ -331,11 +311,8 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
                 calls[0] += 1
                 if j < offset:  # a start-up evaluation: evaluated (with its VJP)
                     return model(th, z).predict(x, tt, derive)
-                kind, x_r, out, fn = recorded[k - 1 - (j - offset)]
-                if kind == "vjp":
-                    return _replay((x, th, z), (out, fn))
-                delta = fn(_tree_sub(x, x_r), _tree_sub(th, theta0), _tree_sub(z, z0))
-                return jtu.tree_map(lambda a, b: a + b, out, delta)
+                out, lin = recorded[k - 1 - (j - offset)]
+                return _replay((x, th, z), out, lin)
 
             return sampler.step(_EpsFromPredict(replay), schedule, st, t, s, i, None)
 
