@@ -109,7 +109,6 @@ class ConvEps:
     "sampler,adjoint",
     [
         (aj.DPMSolver2(), aj.DTO()),
-        (aj.DPMSolver2(), aj.DTO(checkpoints="steps")),
         (aj.DPMSolver2(), aj.AdjointDEIS()),
         (aj.AsyncLeapfrog(), aj.ReversibleAdjoint()),
     ],

@@ -194,9 +194,15 @@ def _matrix_pairs():
     # reversible samplers (whose reversibility it never uses) add nothing its rows
     # with the explicit ODE samplers do not check, and cost ~15 s of compilation
     # each.
+    # BDIA and EDICT have BELM's interface (two x-sized slots, `rebuild="shared"`):
+    # they run with DTO and ReversibleAdjoint only.
     def keep(s, a):
         if not isinstance(s, aj.AbstractReversibleSampler):
             return True
+        if isinstance(s, (aj.BDIA, aj.EDICT)) and not isinstance(
+            a, (aj.DTO, aj.ReversibleAdjoint)
+        ):
+            return False
         return _is_first_variant(a) and not isinstance(a, aj.AdjointDPM)
 
     return [(s, a, e) for s, a, e in valid_pairs() if keep(s, a)]
