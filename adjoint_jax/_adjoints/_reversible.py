@@ -171,12 +171,8 @@ def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T
     sampler, schedule = solve.sampler, solve.schedule
     theta = diff.theta_with(diff.theta)
     cond = diff.cond_with(diff.cond)
-    out, out_vjp = jax.vjp(sampler.output, state_N)
-    (ct_state,) = out_vjp(ct_x0)
 
-    def body(carry, xs):
-        state_next, ct_next, ct_theta, ct_cond = carry
-        t, s, i = xs
+    def back_step(state_next, ct_next, t, s, i):
         eps = solve.eps_fn(theta, solve.cond_at(cond, i))
         eps_prev = solve.eps_fn(theta, solve.cond_at(cond, jnp.maximum(i - 1, 0)))
         state = sampler.step_back(eps, eps_prev, schedule, state_next, t, s, i, None)
@@ -187,7 +183,24 @@ def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T
             return sampler.step(e, schedule, st, t, s, i, None)
 
         _, step_vjp = jax.vjp(step, state, diff.theta, diff.cond_at(solve, i))
-        ct_state_i, ct_theta_i, ct_z_i = step_vjp(ct_next)
+        return (state, *step_vjp(ct_next))
+
+    return _state_scan(solve, state_N, ct_x0, diff, x_T, back_step)
+
+
+def _state_scan(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T, back_step):
+    """The backward scan shared by the rules that carry the sampler state:
+    `back_step(s_{i+1}, ā_{i+1}, t_i, t_{i+1}, i) -> (s_i, ā_i, θ̄_i, z̄_i)` rebuilds
+    the state before step i and pulls the cotangent back through the step; this
+    sums θ̄ (and z̄ for a constant z), stacks z̄ for a scheduled one, and applies the
+    VJPs of `output` and `init` at the ends."""
+    sampler, schedule = solve.sampler, solve.schedule
+    _, out_vjp = jax.vjp(sampler.output, state_N)
+    (ct_state,) = out_vjp(ct_x0)
+
+    def body(carry, xs):
+        state_next, ct_next, ct_theta, ct_cond = carry
+        state, ct_state_i, ct_theta_i, ct_z_i = back_step(state_next, ct_next, *xs)
         ct_theta = tree_acc(ct_theta, ct_theta_i)
         if solve.scheduled:
             return (state, ct_state_i, ct_theta, ct_cond), ct_z_i
@@ -274,12 +287,8 @@ def _count_calls(sampler, schedule, state, t, s, i) -> int:
 def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
     sampler, schedule = solve.sampler, solve.schedule
     theta0 = diff.theta
-    _, out_vjp = jax.vjp(sampler.output, state_N)
-    (ct_state,) = out_vjp(ct_x0)
 
-    def body(carry, xs):
-        state_next, ct_next, ct_theta, ct_cond = carry
-        t, s, i = xs
+    def back_step(state_next, ct_next, t, s, i):
         z0, z_rest = diff.cond_at(solve, i), diff.cond_rest_at(solve, i)
 
         def model(th, z):
@@ -317,19 +326,9 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
             return sampler.step(_EpsFromPredict(replay), schedule, st, t, s, i, None)
 
         _, step_vjp = jax.vjp(step, state, theta0, z0)
-        ct_state_i, ct_theta_i, ct_z_i = step_vjp(ct_next)
-        ct_theta = tree_acc(ct_theta, ct_theta_i)
-        if solve.scheduled:
-            return (state, ct_state_i, ct_theta, ct_cond), ct_z_i
-        return (state, ct_state_i, ct_theta, tree_acc(ct_cond, ct_z_i)), None
+        return (state, *step_vjp(ct_next))
 
-    ct_cond0 = None if solve.scheduled else acc_zeros(diff.cond)
-    init = (state_N, ct_state, acc_zeros(diff.theta), ct_cond0)
-    xs = (solve.ts[:-1], solve.ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
-    (_, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
-    _, init_vjp = jax.vjp(lambda x: sampler.init(x, schedule, solve.ts), x_T)
-    (ct_x_T,) = init_vjp(ct_state0)
-    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond, None
+    return _state_scan(solve, state_N, ct_x0, diff, x_T, back_step)
 
 
 # The fused backward rule of reversible Heun (`rebuild = "previous"`). Its step i

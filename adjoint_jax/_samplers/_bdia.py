@@ -1,20 +1,15 @@
 """BDIA (Zhang et al. 2024): bidirectional integration approximation, an exactly
 invertible two-step DDIM with one evaluation per step."""
 
-from typing import ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
-from jaxtyping import Array, PyTree
 
-from .._misc import lincomb
-from .._schedule import AbstractSchedule
-from ._base import AbstractReversibleSampler, EpsFn
-from ._belm import _safe_div, previous_time, where_tree
+from ._belm import AbstractTwoStepSampler, previous_time
 from ._reversible_heun import rho_coeffs
 
 
-class BDIA(AbstractReversibleSampler[tuple]):
+class BDIA(AbstractTwoStepSampler):
     """BDIA-DDIM (Zhang, Lewis and Kleijn, ECCV 2024): exactly invertible, second
     order, **one model evaluation per step**. With `aj.ReversibleAdjoint` (fused
     backward: N VJPs, no other evaluations) it gives exact gradients in O(1) memory.
@@ -70,12 +65,6 @@ class BDIA(AbstractReversibleSampler[tuple]):
 
     gamma: float = eqx.field(default=1.0, static=True)
 
-    is_sde: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
-    steps_to_sigma_zero: ClassVar[bool] = False
-    steps_from_alpha_zero: ClassVar[bool] = False
-    rebuild: ClassVar[str] = "shared"
-
     def __check_init__(self):
         g = self.gamma
         if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
@@ -88,35 +77,12 @@ class BDIA(AbstractReversibleSampler[tuple]):
     def order(self) -> int:
         return 2 if self.gamma == 1 else 1
 
-    def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
-        del schedule
-        return (x_T, x_T, ts)
-
     def _coeffs(self, schedule, ts, t, s, i):
         """(c_prev, c_x, c_e) of x_{i+1} = c_prev x_{i−1} + c_x x_i + c_e e_i."""
         a_f, k_f = rho_coeffs(schedule, t, s)
         a_b, k_b = rho_coeffs(schedule, t, previous_time(ts, t, i))
         g = jnp.where(i > 0, self.gamma, 0.0)
         return g, a_f - g * a_b, k_f - g * k_b
-
-    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
-        del noise
-        x_prev, x, ts = state
-        e = eps(x, t)
-        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
-        return (x, lincomb((c_p, x_prev), (c_x, x), (c_e, e)), ts)
-
-    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
-        del eps_prev, noise
-        x, x_s, ts = state
-        e = eps(x, t)
-        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
-        inv = _safe_div(1.0, c_p, i > 0)
-        rebuilt = lincomb((inv, x_s), (-inv * c_x, x), (-inv * c_e, e))
-        return (where_tree(i > 0, rebuilt, x), x, ts)
-
-    def output(self, state) -> PyTree:
-        return state[1]
 
 
 BDIA.__init__.__doc__ = """**Arguments:**

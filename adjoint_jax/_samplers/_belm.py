@@ -2,6 +2,7 @@
 two-step linear multistep method of the probability-flow ODE, one evaluation per
 step."""
 
+import abc
 from typing import ClassVar
 
 import jax.numpy as jnp
@@ -37,7 +38,49 @@ def _safe_div(num, den, ok):
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-class BELM(AbstractReversibleSampler[tuple]):
+class AbstractTwoStepSampler(AbstractReversibleSampler[tuple]):
+    """An exactly invertible two-step method with one evaluation per step,
+    x_{i+1} = c_p x_{i−1} + c_x x_i + c_e ε(x_i, t_i) (c_p = 0 on step 0), whose
+    inverse x_{i−1} = (x_{i+1} − c_x x_i − c_e ε(x_i, t_i))/c_p evaluates ε where the
+    step did. The state holds (x_{i−1}, x_i) and the time grid (for t_{i−1}).
+    Subclasses give the coefficients (`_coeffs`)."""
+
+    is_sde: ClassVar[bool] = False
+    evals_per_step: ClassVar[int] = 1
+    steps_to_sigma_zero: ClassVar[bool] = False
+    steps_from_alpha_zero: ClassVar[bool] = False
+    rebuild: ClassVar[str] = "shared"
+
+    @abc.abstractmethod
+    def _coeffs(self, schedule, ts, t, s, i):
+        """(c_p, c_x, c_e) of the step t_i = t → t_{i+1} = s."""
+
+    def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
+        del schedule
+        return (x_T, x_T, ts)
+
+    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
+        del noise
+        x_prev, x, ts = state
+        e = eps(x, t)
+        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
+        return (x, lincomb((c_p, x_prev), (c_x, x), (c_e, e)), ts)
+
+    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
+        del eps_prev, noise
+        x, x_s, ts = state
+        e = eps(x, t)
+        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
+        inv = _safe_div(1.0, c_p, i > 0)
+        rebuilt = lincomb((inv, x_s), (-inv * c_x, x), (-inv * c_e, e))
+        # Step 0 started from init's (x_T, x_T): its x_{−1} slot is x_T itself.
+        return (where_tree(i > 0, rebuilt, x), x, ts)
+
+    def output(self, state) -> PyTree:
+        return state[1]
+
+
+class BELM(AbstractTwoStepSampler):
     """The Bidirectional Explicit Linear Multistep sampler with the O-BELM
     coefficients (Wang et al. 2024): exactly invertible, second order, **one model
     evaluation per step**. With `aj.ReversibleAdjoint` it gives the exact gradient
@@ -99,15 +142,6 @@ class BELM(AbstractReversibleSampler[tuple]):
     """
 
     order: ClassVar[int] = 2
-    is_sde: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
-    steps_to_sigma_zero: ClassVar[bool] = False
-    steps_from_alpha_zero: ClassVar[bool] = False
-    rebuild: ClassVar[str] = "shared"
-
-    def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
-        del schedule
-        return (x_T, x_T, ts)
 
     def _coeffs(self, schedule, ts, t, s, i):
         """(c_prev, c_x, c_e) of x_{i+1} = c_prev x_{i−1} + c_x x_i + c_e e_i."""
@@ -118,27 +152,6 @@ class BELM(AbstractReversibleSampler[tuple]):
         # y_{i−1} = x_{i−1}/α_{i−1} enters x_{i+1} = α_{i+1} y_{i+1} with α_{i+1}/α_{i−1}
         # = A_i A_p; Δ_{i−1} with α_{i+1} Δ_{i−1} = A_i k_p.
         return a * a_i * a_p, (1.0 - a) * a_i, k_i + a * a_i * k_p
-
-    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
-        del noise
-        x_prev, x, ts = state
-        e = eps(x, t)
-        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
-        return (x, lincomb((c_p, x_prev), (c_x, x), (c_e, e)), ts)
-
-    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
-        del eps_prev, noise
-        x, x_s, ts = state
-        e = eps(x, t)
-        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
-        inv = _safe_div(1.0, c_p, i > 0)
-        rebuilt = lincomb((inv, x_s), (-inv * c_x, x), (-inv * c_e, e))
-        # Step 0 started from init's (x_T, x_T): its x_{−1} slot is x_T itself.
-        x_prev = where_tree(i > 0, rebuilt, x)
-        return (x_prev, x, ts)
-
-    def output(self, state) -> PyTree:
-        return state[1]
 
 
 def where_tree(pred, a: PyTree, b: PyTree) -> PyTree:
