@@ -194,16 +194,22 @@ def _matrix_pairs():
     # reversible samplers (whose reversibility it never uses) add nothing its rows
     # with the explicit ODE samplers do not check, and cost ~15 s of compilation
     # each.
-    # BDIA and EDICT have BELM's interface (two x-sized slots, `rebuild="shared"`):
-    # they run with DTO and ReversibleAdjoint only.
+    # The samplers with a start-up evaluation (reversible Heun, leapfrog: their step 0
+    # runs outside the scan, and the recorded and interpolated adjoints take steps
+    # their own way) run with every class; McCallumFoster and BELM with DTO, the
+    # continuous adjoint and ReversibleAdjoint; BDIA and EDICT, which have BELM's
+    # interface (two x-sized slots, `rebuild = "shared"`), with DTO and
+    # ReversibleAdjoint.
     def keep(s, a):
         if not isinstance(s, aj.AbstractReversibleSampler):
             return True
-        if isinstance(s, (aj.BDIA, aj.EDICT)) and not isinstance(
-            a, (aj.DTO, aj.ReversibleAdjoint)
-        ):
+        if not _is_first_variant(a) or isinstance(a, aj.AdjointDPM):
             return False
-        return _is_first_variant(a) and not isinstance(a, aj.AdjointDPM)
+        if s.startup_eval:
+            return True
+        if isinstance(s, (aj.BDIA, aj.EDICT)):
+            return isinstance(a, (aj.DTO, aj.ReversibleAdjoint))
+        return isinstance(a, (aj.DTO, aj.AdjointDEIS, aj.ReversibleAdjoint))
 
     return [(s, a, e) for s, a, e in valid_pairs() if keep(s, a)]
 
