@@ -198,8 +198,7 @@ def _matrix_pairs():
     # runs outside the scan, and the recorded and interpolated adjoints take steps
     # their own way) run with every class; McCallumFoster and BELM with DTO, the
     # continuous adjoint and ReversibleAdjoint; BDIA and EDICT, which have BELM's
-    # interface (two x-sized slots, `rebuild = "shared"`), with DTO and
-    # ReversibleAdjoint.
+    # interface (two x-sized slots, `rebuild = "shared"`), with ReversibleAdjoint.
     def keep(s, a):
         if not isinstance(s, aj.AbstractReversibleSampler):
             return True
@@ -207,8 +206,8 @@ def _matrix_pairs():
             return False
         if s.startup_eval:
             return True
-        if isinstance(s, (aj.BDIA, aj.EDICT)):
-            return isinstance(a, (aj.DTO, aj.ReversibleAdjoint))
+        if isinstance(s, (aj.BDIA, aj.EDICT)):  # (checked against DTO there)
+            return isinstance(a, aj.ReversibleAdjoint)
         return isinstance(a, (aj.DTO, aj.AdjointDEIS, aj.ReversibleAdjoint))
 
     return [(s, a, e) for s, a, e in valid_pairs() if keep(s, a)]
