@@ -42,14 +42,14 @@ _CONV = "conv_general_dilated"
 _INLINE = ("jit", "pjit", "closed_call", "core_call")
 
 
-def _enabled() -> bool:
-    return _STATE["force"] if _STATE["force"] is not None else (
-        jax.default_backend() == "cpu"
-    )
-
-
 # Tests switch the rewrite on or off regardless of the backend.
 _STATE = {"force": None}
+
+
+def _enabled() -> bool:
+    if _STATE["force"] is not None:
+        return _STATE["force"]
+    return jax.default_backend() == "cpu"
 
 
 def _canonical_specs(nd: int):
@@ -68,9 +68,8 @@ def _bind(lhs, rhs, params, specs):
 
 
 def _perm_to(spec) -> tuple[int, ...]:
-    """The permutation taking an operand with (a, b, spatial...) spec `spec` to the
-    layout (a, spatial..., b) (NHWC for lhs/out, with (in, out) for a kernel given
-    as (out, in, ...): see callers)."""
+    """The permutation taking an activation with (batch, feature, spatial...) spec
+    `spec` to NHWC, i.e. (batch, spatial..., feature)."""
     return (spec[0],) + tuple(spec[2:]) + (spec[1],)
 
 

@@ -149,6 +149,12 @@ def fn_name(fn: Callable) -> str:
     return getattr(fn, "__name__", type(fn).__name__)
 
 
+def check_unit_interval(arg: str, value, note: str) -> None:
+    """Raises a `ValueError` naming `arg` unless `value` is a number in (0, 1]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise ValueError(f"`{arg}` must be a number in (0, 1] ({note}); got {value!r}.")
+
+
 def describe_class_error(arg: str, value, example: str) -> str | None:
     """The message for a class passed where an instance is expected (`aj.DTO` for
     `aj.DTO()`), or None if `value` is not a class."""

@@ -420,3 +420,11 @@ def test_first_step_outside_the_scan(sampler, getkey):
     ref = grad(aj.DTO())
     for adj in [aj.DTO(checkpoints="steps"), aj.ReversibleAdjoint()]:
         assert rel_err(grad(adj), ref) < 1e-10, adj
+
+
+def test_two_step_and_edict_validation():
+    for bad in (0, 0.0, 1.5, True, "1"):
+        with pytest.raises(ValueError, match=r"`BDIA\(gamma=...\)` must be a number in"):
+            aj.BDIA(gamma=bad)
+        with pytest.raises(ValueError, match=r"`EDICT\(mix=...\)` must be a number in"):
+            aj.EDICT(mix=bad)

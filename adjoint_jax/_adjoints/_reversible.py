@@ -185,34 +185,48 @@ def _reversible_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T
         _, step_vjp = jax.vjp(step, state, diff.theta, diff.cond_at(solve, i))
         return (state, *step_vjp(ct_next))
 
-    return _state_scan(solve, state_N, ct_x0, diff, x_T, back_step)
+    return _state_backward(solve, state_N, ct_x0, diff, x_T, back_step)
 
 
-def _state_scan(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T, back_step):
-    """The backward scan shared by the rules that carry the sampler state:
-    `back_step(s_{i+1}, ā_{i+1}, t_i, t_{i+1}, i) -> (s_i, ā_i, θ̄_i, z̄_i)` rebuilds
-    the state before step i and pulls the cotangent back through the step; this
-    sums θ̄ (and z̄ for a constant z), stacks z̄ for a scheduled one, and applies the
-    VJPs of `output` and `init` at the ends."""
-    sampler, schedule = solve.sampler, solve.schedule
-    _, out_vjp = jax.vjp(sampler.output, state_N)
-    (ct_state,) = out_vjp(ct_x0)
+def _state_scan(solve: Solve, diff: Differentiated, back_step, carry0, ct_state):
+    """The backward scan shared by the reversible rules: `back_step(c_{i+1},
+    ā_{i+1}, t_i, t_{i+1}, i) -> (c_i, ā_i, θ̄_i, z̄_i)` rebuilds what the rule
+    carries (the sampler state, or reversible Heun's partial state) and pulls the
+    state's cotangent back through step i; this sums θ̄ (and z̄ for a constant z) and
+    stacks z̄ for a scheduled one. Returns (c_0, ā_0, θ̄, z̄)."""
 
     def body(carry, xs):
-        state_next, ct_next, ct_theta, ct_cond = carry
-        state, ct_state_i, ct_theta_i, ct_z_i = back_step(state_next, ct_next, *xs)
+        c_next, ct_next, ct_theta, ct_cond = carry
+        c, ct_state_i, ct_theta_i, ct_z_i = back_step(c_next, ct_next, *xs)
         ct_theta = tree_acc(ct_theta, ct_theta_i)
         if solve.scheduled:
-            return (state, ct_state_i, ct_theta, ct_cond), ct_z_i
-        return (state, ct_state_i, ct_theta, tree_acc(ct_cond, ct_z_i)), None
+            return (c, ct_state_i, ct_theta, ct_cond), ct_z_i
+        return (c, ct_state_i, ct_theta, tree_acc(ct_cond, ct_z_i)), None
 
     ct_cond0 = None if solve.scheduled else acc_zeros(diff.cond)
-    init = (state_N, ct_state, acc_zeros(diff.theta), ct_cond0)
+    init = (carry0, ct_state, acc_zeros(diff.theta), ct_cond0)
     xs = (solve.ts[:-1], solve.ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
-    (_, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
-    _, init_vjp = jax.vjp(lambda x: sampler.init(x, schedule, solve.ts), x_T)
-    (ct_x_T,) = init_vjp(ct_state0)
-    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond, None
+    (c0, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
+    return c0, ct_state0, ct_theta, ct_z if solve.scheduled else ct_cond
+
+
+def _output_ct(solve: Solve, state_N, ct_x0):
+    """The cotangent of the final sampler state, from that of x_0."""
+    _, out_vjp = jax.vjp(solve.sampler.output, state_N)
+    return out_vjp(ct_x0)[0]
+
+
+def _init_ct(solve: Solve, ct_state0, x_T):
+    """∂L/∂x_T from the cotangent of the initial sampler state."""
+    _, init_vjp = jax.vjp(lambda x: solve.sampler.init(x, solve.schedule, solve.ts), x_T)
+    return init_vjp(ct_state0)[0]
+
+
+def _state_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T, back_step):
+    """A rule whose scan carries the sampler state itself."""
+    ct_state = _output_ct(solve, state_N, ct_x0)
+    _, ct_state0, ct_theta, ct_c = _state_scan(solve, diff, back_step, state_N, ct_state)
+    return ct_theta, _init_ct(solve, ct_state0, x_T), ct_c, None
 
 
 # ---- fused backward passes ------------------------------------------------------------
@@ -307,9 +321,10 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
         k = len(recorded)
         offset = _count_calls(sampler, schedule, state, t, s, i) - k
         if offset < 0:
-            raise NotImplementedError(
+            raise TypeError(
                 f"{sampler!r} declares `rebuild = 'shared'` but its `step_back` "
-                "evaluates the model more often than its `step`."
+                "evaluates the model more often than its `step`; declare "
+                "`rebuild = 'separate'`."
             )
 
         def step(st, th, z):
@@ -328,7 +343,7 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
         _, step_vjp = jax.vjp(step, state, theta0, z0)
         return (state, *step_vjp(ct_next))
 
-    return _state_scan(solve, state_N, ct_x0, diff, x_T, back_step)
+    return _state_backward(solve, state_N, ct_x0, diff, x_T, back_step)
 
 
 # The fused backward rule of reversible Heun (`rebuild = "previous"`). Its step i
@@ -353,10 +368,8 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
 # evaluation, one more VJP), and x̄_T = x̄_0 + x̂̄_0. Evaluations: N + 1, all inside
 # VJPs, as many as the forward pass made.
 def _heun_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
-    sampler, schedule = solve.sampler, solve.schedule
+    schedule = solve.schedule
     theta0 = diff.theta
-    _, out_vjp = jax.vjp(sampler.output, state_N)
-    (ct_state,) = out_vjp(ct_x0)
 
     def eps_vjp(x, t, i):
         z0, z_rest = diff.cond_at(solve, i), diff.cond_rest_at(solve, i)
@@ -365,43 +378,37 @@ def _heun_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
         )
         return jax.vjp(fn, x, theta0, z0)
 
-    def body(carry, xs):
-        (q, xh_s, c), (gx, gxh, geh), ct_theta, ct_cond = carry
-        t, s, i = xs
+    def back_step(carry, ct_next, t, s, i):
+        (q, xh_s, c), (gx, gxh, geh) = carry, ct_next
         e_s, pullback = eps_vjp(xh_s, s, i)
         x_s = lincomb((1.0, q), (c, e_s))
         b, kb = rho_coeffs(schedule, s, t)
         xh = lincomb((2.0 * b, x_s), (-b, xh_s), (kb, e_s))
         q_new = lincomb((b, x_s), (0.5 * kb, e_s))
         a, k = rho_coeffs(schedule, t, s)
-        g_e = lincomb((1.0, geh), (0.5 * k, gx))
-        d_xh, ct_theta_i, ct_z_i = pullback(g_e)
+        d_xh, ct_theta_i, ct_z_i = pullback(lincomb((1.0, geh), (0.5 * k, gx)))
         g = lincomb((1.0, gxh), (1.0, d_xh))
         ct = (
             lincomb((2.0 * a, g), (a, gx)),
             lincomb((-a, g),),
             lincomb((k, g), (0.5 * k, gx)),
         )
-        ct_theta = tree_acc(ct_theta, ct_theta_i)
-        new = ((q_new, xh, 0.5 * kb), ct, ct_theta)
-        if solve.scheduled:
-            return (*new, ct_cond), ct_z_i
-        return (*new, tree_acc(ct_cond, ct_z_i)), None
+        return (q_new, xh, 0.5 * kb), ct, ct_theta_i, ct_z_i
 
     x_N, xh_N, _ = state_N
-    zero = jnp.zeros((), solve.ts.dtype)
-    ct_cond0 = None if solve.scheduled else acc_zeros(diff.cond)
-    init = ((x_N, xh_N, zero), ct_state, acc_zeros(diff.theta), ct_cond0)
-    xs = (solve.ts[:-1], solve.ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
-    carry, ct_z = jax.lax.scan(body, init, xs, reverse=True)
-    (_, xh_0, _), (gx, gxh, geh), ct_theta, ct_cond = carry
-    # Step 0's start-up evaluation ε̂_0 = ε_0(x̂_0, t_0).
+    carry0 = (x_N, xh_N, jnp.zeros((), solve.ts.dtype))
+    ct_state = _output_ct(solve, state_N, ct_x0)
+    (_, xh_0, _), ct_state0, ct_theta, ct_c = _state_scan(
+        solve, diff, back_step, carry0, ct_state
+    )
+    # Step 0's start-up evaluation ε̂_0 = ε_0(x̂_0, t_0) (`init` holds a placeholder
+    # in the ε̂ slot, so its cotangent goes here).
     _, pullback = eps_vjp(xh_0, solve.ts[0], jnp.zeros((), jnp.int32))
-    d_xh, ct_theta_0, ct_z_0 = pullback(geh)
+    d_xh, ct_theta_0, ct_z_0 = pullback(ct_state0[2])
     ct_theta = tree_acc(ct_theta, ct_theta_0)
     if solve.scheduled:
-        ct_z = jtu.tree_map(lambda a, b: a.at[0].add(b.astype(a.dtype)), ct_z, ct_z_0)
+        ct_c = jtu.tree_map(lambda a, b: a.at[0].add(b.astype(a.dtype)), ct_c, ct_z_0)
     else:
-        ct_cond = tree_acc(ct_cond, ct_z_0)
-    ct_x_T = lincomb((1.0, gx), (1.0, gxh), (1.0, d_xh))
-    return ct_theta, ct_x_T, ct_z if solve.scheduled else ct_cond, None
+        ct_c = tree_acc(ct_c, ct_z_0)
+    ct_x_T = lincomb((1.0, _init_ct(solve, ct_state0, x_T)), (1.0, d_xh))
+    return ct_theta, ct_x_T, ct_c, None

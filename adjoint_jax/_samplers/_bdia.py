@@ -5,6 +5,7 @@ invertible two-step DDIM with one evaluation per step."""
 import equinox as eqx
 import jax.numpy as jnp
 
+from .._misc import check_unit_interval
 from ._belm import AbstractTwoStepSampler, previous_time
 from ._reversible_heun import rho_coeffs
 
@@ -66,12 +67,10 @@ class BDIA(AbstractTwoStepSampler):
     gamma: float = eqx.field(default=1.0, static=True)
 
     def __check_init__(self):
-        g = self.gamma
-        if isinstance(g, bool) or not isinstance(g, (int, float)) or not 0 < g <= 1:
-            raise ValueError(
-                f"`BDIA(gamma=...)` must be a number in (0, 1] (γ = 0 is DDIM, which "
-                f"has no inverse; γ = 1 is the exactly invertible setting); got {g!r}."
-            )
+        check_unit_interval(
+            "BDIA(gamma=...)", self.gamma,
+            "γ = 0 is DDIM, which has no inverse; γ = 1 is the exactly invertible setting",
+        )
 
     @property
     def order(self) -> int:

@@ -6,7 +6,7 @@ from typing import ClassVar
 import equinox as eqx
 from jaxtyping import Array, PyTree
 
-from .._misc import lincomb
+from .._misc import check_unit_interval, lincomb
 from .._schedule import AbstractSchedule
 from ._base import AbstractReversibleSampler, EpsFn
 from ._reversible_heun import rho_coeffs
@@ -69,12 +69,7 @@ class EDICT(AbstractReversibleSampler[tuple]):
     rebuild: ClassVar[str] = "shared"
 
     def __check_init__(self):
-        p = self.mix
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
-            raise ValueError(
-                f"`EDICT(mix=...)` must be a number in (0, 1] (the paper uses 0.93); "
-                f"got {p!r}."
-            )
+        check_unit_interval("EDICT(mix=...)", self.mix, "the paper uses 0.93")
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
         del schedule, ts
