@@ -15,6 +15,7 @@ from ._adjoints import AdjointDPM as AdjointDPM
 from ._adjoints import InterpolatedAdjoint as InterpolatedAdjoint
 from ._adjoints import RecordedAdjoint as RecordedAdjoint
 from ._adjoints import ReversibleAdjoint as ReversibleAdjoint
+from ._adjoints import Truncated as Truncated
 from ._diffusers import DiffusersSetup as DiffusersSetup
 from ._diffusers import diffusers_model as diffusers_model
 from ._diffusers import diffusers_sampler as diffusers_sampler
@@ -22,10 +23,14 @@ from ._diffusers import diffusers_schedule as diffusers_schedule
 from ._diffusers import diffusers_timesteps as diffusers_timesteps
 from ._diffusers import discrete_timestep_model as discrete_timestep_model
 from ._diffusers import from_diffusers as from_diffusers
+from ._estimators import draft_lv as draft_lv
+from ._estimators import trajectory_surrogate as trajectory_surrogate
 from ._model import AbstractPredictor as AbstractPredictor
 from ._model import Scheduled as Scheduled
 from ._model import as_eps as as_eps
 from ._model import cfg as cfg
+from ._regularisers import chi_norm_regulariser as chi_norm_regulariser
+from ._regularisers import dno_regulariser as dno_regulariser
 from ._sample import sample as sample
 from ._samplers import BDIA as BDIA
 from ._samplers import BELM as BELM

@@ -8,3 +8,4 @@ from ._dto import DTO as DTO
 from ._interpolated import InterpolatedAdjoint as InterpolatedAdjoint
 from ._recorded import RecordedAdjoint as RecordedAdjoint
 from ._reversible import ReversibleAdjoint as ReversibleAdjoint
+from ._truncated import Truncated as Truncated

@@ -141,14 +141,17 @@ class Solve(eqx.Module):
         record: bool = False,
         remat: bool = False,
         state0=None,
+        step=None,
     ):
         """Runs the sampler; returns the final sampler state and, if `record`, the
         stacked samples x_{t_1}, ..., x_{t_N} after each step (leading axis N).
-        `state0` replaces `sampler.init(x_T, ...)` (to continue a solve)."""
+        `state0` replaces `sampler.init(x_T, ...)` (to continue a solve); `step`
+        replaces `self.step` (same signature)."""
+        step = self.step if step is None else step
 
         def make_body(may_be_first):
             def body(state, xs):
-                new = self.step(theta, cond, state, xs, may_be_first)
+                new = step(theta, cond, state, xs, may_be_first)
                 return new, (self.sampler.output(new) if record else None)
 
             return jax.checkpoint(body) if remat else body

@@ -63,21 +63,36 @@ class DTO(AbstractAdjoint):
         )
 
     def loop(self, solve: Solve, theta, x_T, cond, noise):
+        x0 = solve.sampler.output(self.run(solve, theta, x_T, cond, noise))
+        msg = self.forward_mode_error()
+        return x0 if msg is None else _no_second_order(msg, x0)
+
+    def run(self, solve: Solve, theta, x_T, cond, noise, state0=None, step=None):
+        """The final sampler state of `solve`, differentiable by JAX's autodiff with
+        this strategy's checkpointing, starting from the sampler state `state0`
+        (default `sampler.init(x_T, ...)`); `step` replaces `solve.step` (same
+        signature; `aj.Truncated` gates the steps with it)."""
         if self.checkpoints is None or self.checkpoints == "steps":
             state, _ = solve.forward(
-                theta, x_T, cond, noise, remat=self.checkpoints == "steps"
+                theta, x_T, cond, noise, remat=self.checkpoints == "steps",
+                state0=state0, step=step,
             )
-            return solve.sampler.output(state)
+            return state
+        step = solve.step if step is None else step
         n = solve.num_steps
         ts = solve.ts
+        first = jnp.array(solve.first_index, jnp.int32)
 
         def body(carry):
             i, state = carry
             z = solve.cond_at(cond, i) if solve.scheduled else None
             xi = None if noise is None else index_tree(noise, i)
-            return i + 1, solve.step(theta, cond, state, (ts[i], ts[i + 1], i, z, xi))
+            xs = (ts[i], ts[i + 1], first + i, z, xi)
+            return i + 1, step(theta, cond, state, xs)
 
-        init = (jnp.array(0, jnp.int32), solve.sampler.init(x_T, solve.schedule, ts))
+        if state0 is None:
+            state0 = solve.sampler.init(x_T, solve.schedule, ts)
+        init = (jnp.array(0, jnp.int32), state0)
         _, state = eqxi.while_loop(
             lambda carry: carry[0] < n,
             body,
@@ -86,7 +101,7 @@ class DTO(AbstractAdjoint):
             kind="checkpointed",
             checkpoints=min(self.checkpoints, n),
         )
-        return _no_second_order(self.forward_mode_error(), solve.sampler.output(state))
+        return state
 
 
 # Identity whose backward pass refuses to be differentiated: binomial checkpointing's
