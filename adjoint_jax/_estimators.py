@@ -12,13 +12,13 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoints._base import AbstractAdjoint, Solve
-from ._adjoints._truncated import Truncated, _Gated
 from ._adjoints._dto import DTO
+from ._adjoints._truncated import Truncated, _Gated
 from ._misc import is_concrete, tree_normal
 from ._model import Scheduled, closure_convert
+from ._sample import sample
 from ._samplers._base import AbstractSampler
 from ._schedule import AbstractSchedule
-from ._sample import sample
 
 
 def draft_lv(
@@ -86,7 +86,7 @@ def draft_lv(
         kj = jax.random.fold_in(k_renoise, j)
         xi = tree_normal(kj, x0, last.dtype)
         x1 = jtu.tree_map(
-            lambda a, e: (alpha * a + sigma * e).astype(a.dtype), x0, xi
+            lambda a, e: alpha.astype(a.dtype) * a + sigma.astype(a.dtype) * e, x0, xi
         )
         return sample(
             model, params, x1, cond, schedule=schedule, ts=last, sampler=sampler,

@@ -129,7 +129,7 @@ class Truncated(AbstractAdjoint):
         lo, hi = self._range()
         if lo == hi and self.key is None:
             return lo
-        return jax.random.randint(self.key, (), lo, hi + 1)
+        return jax.random.randint(self.key, (), lo, hi + 1, dtype=jnp.int32)
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
         self.inner.check_sampler(sampler)
