@@ -7,8 +7,10 @@ import os
 import time
 from collections.abc import Callable, Sequence
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 
 import adjoint_jax as aj
@@ -135,3 +137,27 @@ def gaussian_penalty(x_T) -> jax.Array:
     """(‖x_T‖²/d − 1)² per sample: keeps x_T on the shell where N(0, I) samples lie."""
     d = int(np.prod(x_T.shape[1:]))
     return (jnp.sum(x_T**2, axis=tuple(range(1, x_T.ndim))) / d - 1.0) ** 2
+
+
+def ink(x0):
+    """Soft ink coverage per image: mean of (x + 1)/2 ∈ [0, 1] (ink is +1)."""
+    return jnp.mean((jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0, axis=(-2, -1))
+
+
+def trainable_mask(params, subset: str):
+    if subset == "all":
+        return jtu.tree_map(lambda _: True, params)
+    mask = jtu.tree_map(lambda _: False, params)
+    if subset == "head":
+        return eqx.tree_at(
+            lambda p: (p.norm_out, p.conv_out), mask,
+            replace=(jtu.tree_map(lambda _: True, params.norm_out),
+                     jtu.tree_map(lambda _: True, params.conv_out)),
+        )
+    if subset == "film":
+        films = tuple(b.film for b in params.blocks)
+        return eqx.tree_at(
+            lambda p: tuple(b.film for b in p.blocks), mask,
+            replace=tuple(jtu.tree_map(lambda _: True, f) for f in films),
+        )
+    raise ValueError(f"--subset must be all, head or film; got {subset!r}")

@@ -21,31 +21,17 @@ import optax
 
 import adjoint_jax as aj
 
-from _common import parser, progress, sample_fn, save_curve, save_grid, strategy, timed
-
-
-def ink(x0):
-    """Soft ink coverage per image: mean of (x + 1)/2 ∈ [0, 1] (ink is +1)."""
-    return jnp.mean((jnp.clip(x0, -1.0, 1.0) + 1.0) / 2.0, axis=(-2, -1))
-
-
-def trainable_mask(params, subset: str):
-    if subset == "all":
-        return jtu.tree_map(lambda _: True, params)
-    mask = jtu.tree_map(lambda _: False, params)
-    if subset == "head":
-        return eqx.tree_at(
-            lambda p: (p.norm_out, p.conv_out), mask,
-            replace=(jtu.tree_map(lambda _: True, params.norm_out),
-                     jtu.tree_map(lambda _: True, params.conv_out)),
-        )
-    if subset == "film":
-        films = tuple(b.film for b in params.blocks)
-        return eqx.tree_at(
-            lambda p: tuple(b.film for b in p.blocks), mask,
-            replace=tuple(jtu.tree_map(lambda _: True, f) for f in films),
-        )
-    raise ValueError(f"--subset must be all, head or film; got {subset!r}")
+from _common import (
+    ink,
+    parser,
+    progress,
+    sample_fn,
+    save_curve,
+    save_grid,
+    strategy,
+    timed,
+    trainable_mask,
+)
 
 
 def run(argv=None) -> dict:

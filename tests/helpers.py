@@ -44,6 +44,9 @@ all_adjoints = [
     (aj.RecordedAdjoint(order=2), False),
     (aj.InterpolatedAdjoint(every=3), False),
     (aj.ReversibleAdjoint(), True),
+    # Biased by design (DRaFT-K / AlignProp): checked against hand-written truncations
+    # in tests/test_truncated.py; here for the transformations, closures and dtypes.
+    (aj.Truncated(last=2, detach="eps"), False),
     # Heun (2 stages) rather than the default Tsit5 (7): the same backward pass at a
     # third of the compile time; test_adjoint_dpm.py tests the default.
     (aj.AdjointDPM(solver=diffrax.Heun()), False),

@@ -78,3 +78,26 @@ def test_sharded_guidance_matches_single_device(tmp_path):
     assert r["grad_rel_diff_vs_single_device"] < 1e-5
     assert r["loss_final"] < r["loss_first"]
     assert r["step_compilations"] == 1
+
+
+def test_reward_finetune(examples, tmp_path):
+    # Two estimators (a truncated and a randomised one), tiny: every output written,
+    # the reward rises (the loss, minus the held-out reward, falls).
+    r = examples("reward_finetune").run(
+        ["--quiet", "--steps", "4", "--batch", "4", "--budget", "40", "--lr", "3e-3",
+         "--only", "AlignProp,DRaFT-5", "--out", str(tmp_path)])
+    assert [row["estimator"][:12] for row in r["rows"]] == ["Truncated(la"] * 2
+    for row in r["rows"]:
+        assert r["loss_final"][row["estimator"]] < r["loss_first"]
+        assert row["steps"] == 40 // row["nfe_per_step"] and row["temp_mib"] > 0
+    assert os.path.exists(r["table"]) and os.path.exists(r["plot"])
+
+
+def test_noise_optimisation(examples, tmp_path):
+    r = examples("noise_optimisation").run(
+        ["--quiet", "--steps", "3", "--batch", "2", "--iters", "4", "--out",
+         str(tmp_path)])
+    assert len(r["rows"]) == 4
+    for row in r["rows"]:
+        assert row["loss_final"] < row["loss_first"], row
+    assert os.path.exists(r["table"]) and os.path.exists(r["png"])

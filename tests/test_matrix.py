@@ -199,7 +199,11 @@ def _matrix_pairs():
     # their own way) run with every class; McCallumFoster and BELM with DTO, the
     # continuous adjoint and ReversibleAdjoint; BDIA and EDICT, which have BELM's
     # interface (two x-sized slots, `rebuild = "shared"`), with ReversibleAdjoint.
+    # Truncated runs a sampler through DTO's own step loop (after a detached part):
+    # a multistep, a stochastic and a start-up sampler cover its paths.
     def keep(s, a):
+        if isinstance(a, aj.Truncated):
+            return s in (aj.DPMSolver2(), aj.DDIM(eta=1.0), aj.ReversibleHeun())
         if not isinstance(s, aj.AbstractReversibleSampler):
             return True
         if not _is_first_variant(a) or isinstance(a, aj.AdjointDPM):
