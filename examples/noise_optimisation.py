@@ -50,6 +50,8 @@ def parse(argv):
     p.add_argument("--weight", type=float, default=0.05,
                    help="weight of the DNO regulariser (per image)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None,
+                   help="comma-separated run names (e.g. 'x_T,x_T + noises'): run only those")
     p.add_argument("--out", default="examples/out",
                    help="folder for the table (.md, .json) and the sample grid")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -90,8 +92,15 @@ def run(argv=None) -> dict:
         return x0, float(jnp.mean(ink(x0))), acc
 
     x0_start, reward0, acc0 = evaluate(x_T0, noise0)
+    runs = RUNS
+    if args.only:
+        names = [s.strip() for s in args.only.split(",") if s.strip()]
+        unknown = [nm for nm in names if nm not in RUNS]
+        if unknown:
+            raise ValueError(f"--only: unknown run(s) {unknown}; choose from {list(RUNS)}")
+        runs = {nm: RUNS[nm] for nm in names}
     rows, grids = [], [x0_start]
-    for name, (noises, regularised) in RUNS.items():
+    for name, (noises, regularised) in runs.items():
         def loss_fn(z, key, noises=noises, regularised=regularised):
             x_T, noise = z if noises else (z, noise0)
             loss = -jnp.mean(ink(sample(x_T, noise)))
@@ -142,7 +151,7 @@ def run(argv=None) -> dict:
     with open(os.path.join(args.out, "noise_optimisation.json"), "w") as f:
         json.dump(result, f, indent=1)
     result["png"] = save_grid(os.path.join(args.out, "noise_optimisation.png"), grids,
-                              ["start"] + list(RUNS), [str(int(v)) for v in labels])
+                              ["start"] + list(runs), [str(int(v)) for v in labels])
     print("\n".join(md))
     print(f"saved {result['table']} and {result['png']}")
     return result

@@ -127,7 +127,7 @@ def test_random_truncation_distribution_and_one_compile():
             return jax.grad(_run(aj.DPMSolver2(), adj), argnums=(0, 1))(p, x, COND, None)
 
         seen = set()
-        for seed in (0, 2, 3):  # draws k = 3, 5, 5 (the jitted step runs 3 times)
+        for seed in (0, 2):  # draws k = 3 and 5
             key = jax.random.key(seed)
             k = int(aj.Truncated(last=(lo, hi), key=key).num_differentiated())
             seen.add(k)
@@ -135,7 +135,7 @@ def test_random_truncation_distribution_and_one_compile():
                           aj.DPMSolver2())[:2]
             assert tree_allclose(grad_step(PB.params, X_T, key), want, rtol=1e-12,
                                  atol=1e-14)
-        assert len(seen) > 1 and len(traces) == 1
+        assert seen == {3, 5} and len(traces) == 1
 
 
 def _temp_bytes(adjoint, n):
@@ -293,6 +293,8 @@ def test_bad_arguments_are_clear_errors():
         aj.Truncated(last=(1, 3))
     with pytest.raises(ValueError, match="lo <= hi"):
         aj.Truncated(last=(3, 1), key=jax.random.key(0))
+    with pytest.raises(TypeError, match="tuple"):
+        aj.Truncated(last=[1, 3], key=jax.random.key(0))
     with pytest.raises(ValueError, match="detach"):
         aj.Truncated(last=1, detach="x")
     with pytest.raises(TypeError, match="inner"):

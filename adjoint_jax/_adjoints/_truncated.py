@@ -71,8 +71,6 @@ class Truncated(AbstractAdjoint):
 
     def __check_init__(self):
         last = self.last
-        if isinstance(last, list):
-            last = tuple(last)
         is_int = lambda v: isinstance(v, int) and not isinstance(v, bool)
         if is_int(last):
             if last < 1:
@@ -98,7 +96,7 @@ class Truncated(AbstractAdjoint):
                 )
         else:
             raise TypeError(
-                "`Truncated(last=...)` must be an int k or a pair (lo, hi) of ints; "
+                "`Truncated(last=...)` must be an int k or a tuple (lo, hi) of ints; "
                 f"got {self.last!r}."
             )
         if self.detach not in _DETACH:
@@ -120,7 +118,7 @@ class Truncated(AbstractAdjoint):
             )
 
     def _range(self) -> tuple[int, int]:
-        last = tuple(self.last) if isinstance(self.last, list) else self.last
+        last = self.last
         return (last, last) if isinstance(last, int) else last
 
     def num_differentiated(self) -> int | Array:
