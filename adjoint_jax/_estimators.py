@@ -15,7 +15,7 @@ from ._adjoints._base import AbstractAdjoint, Solve
 from ._adjoints._dto import DTO
 from ._adjoints._truncated import Truncated, _Gated
 from ._misc import is_concrete, tree_normal
-from ._model import Scheduled, closure_convert
+from ._model import Scheduled
 from ._sample import sample
 from ._samplers._base import AbstractSampler
 from ._schedule import AbstractSchedule
@@ -74,10 +74,8 @@ def draft_lv(
         key=k_sample if sampler.is_sde and noise is None else None,
     )
     x0 = jax.lax.stop_gradient(x0)
-    ts = np.asarray(ts) if is_concrete(ts) else jnp.asarray(ts)
-    if ts.shape[0] < 2:
-        raise ValueError(f"`ts` must have at least 2 times; got shape {ts.shape}.")
-    last = ts[-2:]
+    # (`sample` has checked `ts`.)
+    last = (np.asarray(ts) if is_concrete(ts) else jnp.asarray(ts))[-2:]
     alpha, sigma = schedule.alpha(last[0]), schedule.sigma(last[0])
     if isinstance(cond, Scheduled):
         cond = Scheduled(jtu.tree_map(lambda v: v[-1:], cond.values))
@@ -171,12 +169,9 @@ class _TrajectorySurrogate(AbstractAdjoint):
                 f"`trajectory_surrogate(steps={self.steps!r})` must name at least one "
                 f"step in 0, ..., N - 1 = {n - 1} (or -N, ..., -1)."
             )
-        model, theta = closure_convert(
-            solve.model, theta, x_T, solve.ts[0], solve.cond_at(cond, 0)
-        )
-        solve = dataclasses.replace(solve, model=model)
-        constant = _Gated(model, True)
-        at_state = _Gated(model, True, only_x=True)
+        solve, theta = solve.closure_converted(theta, x_T, cond)
+        constant = _Gated(solve.model, True)
+        at_state = _Gated(solve.model, True, only_x=True)
         state, pos = None, 0
 
         def run(a, b, gated, state):

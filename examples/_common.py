@@ -38,6 +38,25 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
     return p
 
 
+def study_parser(doc: str, *, steps: tuple, batch: tuple, lr: float, only: str,
+                 out: str) -> argparse.ArgumentParser:
+    """The command line of the examples that compare several runs (each a
+    `(default, help)` pair or help text): description from the docstring's first
+    paragraph, defaults shown in `--help`."""
+    p = argparse.ArgumentParser(
+        description=doc.split("\n\n")[0].replace("\n", " "),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--steps", type=int, default=steps[0], help=steps[1])
+    p.add_argument("--batch", type=int, default=batch[0], help=batch[1])
+    p.add_argument("--lr", type=float, default=lr, help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--only", default=None, help=only)
+    p.add_argument("--out", default="examples/out", help=out)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
 def strategy(args) -> tuple:
     sampler = parse(args.sampler, "sampler")
     adjoint = parse(args.adjoint, "adjoint")

@@ -25,7 +25,7 @@ import optax
 
 import adjoint_jax as aj
 
-from _common import ink, progress, save_grid
+from _common import ink, progress, save_grid, study_parser
 
 
 RUNS = {
@@ -37,24 +37,14 @@ RUNS = {
 
 
 def parse(argv):
-    import argparse
-
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--steps", type=int, default=10, help="sampler steps N (DDIM η = 1)")
-    p.add_argument("--batch", type=int, default=10, help="images, one per class")
+    p = study_parser(
+        __doc__, steps=(10, "sampler steps N (DDIM η = 1)"),
+        batch=(10, "images, one per class"), lr=0.05,
+        only="comma-separated run names (e.g. 'x_T,x_T + noises'): run only those",
+        out="folder for the table (.md, .json) and the sample grid")
     p.add_argument("--iters", type=int, default=60, help="optimisation steps")
-    p.add_argument("--lr", type=float, default=0.05, help="Adam learning rate")
     p.add_argument("--weight", type=float, default=0.05,
                    help="weight of the DNO regulariser (per image)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default=None,
-                   help="comma-separated run names (e.g. 'x_T,x_T + noises'): run only those")
-    p.add_argument("--out", default="examples/out",
-                   help="folder for the table (.md, .json) and the sample grid")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 

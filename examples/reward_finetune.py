@@ -28,7 +28,7 @@ import optax
 import adjoint_jax as aj
 from adjoint_jax.bench import count_evals
 
-from _common import ink, progress, timed, trainable_mask
+from _common import ink, progress, study_parser, timed, trainable_mask
 
 
 def estimators(n: int, seed: int) -> dict:
@@ -50,23 +50,12 @@ def estimators(n: int, seed: int) -> dict:
 
 
 def parse(argv):
-    import argparse
-
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0].replace("\n", " "),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--steps", type=int, default=20, help="sampler steps N")
-    p.add_argument("--batch", type=int, default=16, help="images per optimisation step")
+    p = study_parser(
+        __doc__, steps=(20, "sampler steps N"), batch=(16, "images per optimisation step"),
+        lr=3e-4, only="comma-separated substrings: run only the matching estimators",
+        out="folder for the table (.md, .json) and the plot")
     p.add_argument("--budget", type=int, default=1200,
                    help="model evaluations (forward + VJP) per estimator")
-    p.add_argument("--lr", type=float, default=3e-4, help="Adam learning rate")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", default=None,
-                   help="comma-separated substrings: run only the matching estimators")
-    p.add_argument("--out", default="examples/out",
-                   help="folder for the table (.md, .json) and the plot")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 

@@ -84,6 +84,15 @@ class Solve(eqx.Module):
             None if noise is None else cut(noise)
         )
 
+    def closure_converted(self, theta, x_T, cond) -> tuple["Solve", PyTree]:
+        """This solve and θ with every array the model closes over (jit or vmap
+        tracers included) hoisted into θ's first slot (`closure_convert`), so that a
+        custom VJP or a `stop_gradient` on θ reaches them too."""
+        model, theta = closure_convert(
+            self.model, theta, x_T, self.ts[0], self.cond_at(cond, 0)
+        )
+        return dataclasses.replace(self, model=model), theta
+
     def cond_at(self, cond: PyTree, i) -> PyTree:
         """Step i's conditioning value."""
         return index_tree(cond, i) if self.scheduled else cond
@@ -320,10 +329,7 @@ def custom_vjp_loop(
 ):
     # Closure conversion first: after it, every array the output depends on is an
     # explicit input (θ's first slot holds the model's closed-over arrays).
-    model, theta = closure_convert(
-        solve.model, theta, x_T, solve.ts[0], solve.cond_at(cond, 0)
-    )
-    solve = dataclasses.replace(solve, model=model)
+    solve, theta = solve.closure_converted(theta, x_T, cond)
     solve_arrays, solve_static = eqx.partition(solve, eqx.is_array)
     return _custom_loop((theta, x_T, cond, noise, solve_arrays), solve_static, adjoint)
 

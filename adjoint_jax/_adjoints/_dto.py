@@ -64,8 +64,7 @@ class DTO(AbstractAdjoint):
 
     def loop(self, solve: Solve, theta, x_T, cond, noise):
         x0 = solve.sampler.output(self.run(solve, theta, x_T, cond, noise))
-        msg = self.forward_mode_error()
-        return x0 if msg is None else _no_second_order(msg, x0)
+        return refuse_second_order(self.forward_mode_error(), x0)
 
     def run(self, solve: Solve, theta, x_T, cond, noise, state0=None, step=None):
         """The final sampler state of `solve`, differentiable by JAX's autodiff with
@@ -122,6 +121,12 @@ def _no_second_order_bwd(msg, _, ct):
 
 
 _no_second_order.defvjp(_no_second_order_fwd, _no_second_order_bwd)
+
+
+def refuse_second_order(msg: str | None, x0):
+    """x0, whose backward pass refuses differentiation with `msg` (a strategy's
+    `forward_mode_error()`); x0 itself when `msg` is None."""
+    return x0 if msg is None else _no_second_order(msg, x0)
 
 
 DTO.__init__.__doc__ = """**Arguments:**

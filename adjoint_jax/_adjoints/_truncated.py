@@ -8,10 +8,9 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._model import closure_convert
 from .._samplers._base import AbstractSampler
 from ._base import AbstractAdjoint, Solve
-from ._dto import DTO, _no_second_order
+from ._dto import DTO, refuse_second_order
 
 
 _DETACH = ("state", "eps")
@@ -145,10 +144,7 @@ class Truncated(AbstractAdjoint):
             )
         # Every array the model closes over becomes an input (θ's first slot), so
         # that the detached steps detach it too (a closure over a traced value).
-        model, theta = closure_convert(
-            solve.model, theta, x_T, solve.ts[0], solve.cond_at(cond, 0)
-        )
-        solve = dataclasses.replace(solve, model=model)
+        solve, theta = solve.closure_converted(theta, x_T, cond)
         a = n - hi  # the steps before a are never differentiated
         state = None
         if a > 0:
@@ -158,9 +154,7 @@ class Truncated(AbstractAdjoint):
             solve = solve.sub(a, n)
         step = None if lo == hi else self._gated_step(solve, n - self.num_differentiated())
         state = self.inner.run(solve, theta, x_T, cond, noise, state0=state, step=step)
-        x0 = solve.sampler.output(state)
-        msg = self.forward_mode_error()
-        return x0 if msg is None else _no_second_order(msg, x0)
+        return refuse_second_order(self.forward_mode_error(), solve.sampler.output(state))
 
     def _detached_steps(self, solve: Solve, theta, x_T, cond, noise):
         """The sampler state after the steps of `solve`, none of them differentiated
