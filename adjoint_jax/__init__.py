@@ -6,6 +6,9 @@ The public surface is this module; everything else is private.
 import importlib.metadata
 
 from . import zoo as zoo
+from ._adjoint_matching import adjoint_matching_loss as adjoint_matching_loss
+from ._adjoint_matching import lean_adjoint as lean_adjoint
+from ._adjoint_matching import memoryless_diffusion as memoryless_diffusion
 from ._adjoints import DTO as DTO
 from ._adjoints import AbstractAdjoint as AbstractAdjoint
 from ._adjoints import AbstractContinuousAdjoint as AbstractContinuousAdjoint
@@ -25,6 +28,8 @@ from ._diffusers import discrete_timestep_model as discrete_timestep_model
 from ._diffusers import from_diffusers as from_diffusers
 from ._estimators import draft_lv as draft_lv
 from ._estimators import trajectory_surrogate as trajectory_surrogate
+from ._implicit_diffusion import ImplicitDiffusion as ImplicitDiffusion
+from ._implicit_diffusion import ImplicitDiffusionState as ImplicitDiffusionState
 from ._model import AbstractPredictor as AbstractPredictor
 from ._model import Scheduled as Scheduled
 from ._model import as_eps as as_eps

@@ -4,13 +4,15 @@ with an instrumented model."""
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 import jax.tree_util as jtu
 
 
 class EvalCount:
     """Counts of one run: `forward` model evaluations (every primal call, including
     those made inside a backward pass to rebuild activations) and `vjp` model
-    vector-Jacobian products."""
+    vector-Jacobian products. A call under `jax.vmap` is one batched evaluation and
+    counts once (the network runs once, on the stacked inputs)."""
 
     def __init__(self):
         self.forward = 0
@@ -18,6 +20,25 @@ class EvalCount:
 
     def __repr__(self):
         return f"EvalCount(forward={self.forward}, vjp={self.vjp})"
+
+
+def _batched_once(tick: Callable) -> Callable:
+    """`tick(t)` as a debug callback that runs once per call, also under `jax.vmap`
+    (whose default rule for a callback would run it once per batch element): a
+    vmapped model call is one batched evaluation."""
+
+    @jax.custom_batching.custom_vmap
+    def once(t):
+        jax.debug.callback(tick, t)
+        return t
+
+    @once.def_vmap
+    def _(axis_size, in_batched, t):
+        del axis_size
+        jax.debug.callback(tick, jnp.reshape(t, (-1,))[0])
+        return t, in_batched[0]
+
+    return once
 
 
 def counting_model(model: Callable, count: EvalCount) -> Callable:
@@ -38,19 +59,21 @@ def counting_model(model: Callable, count: EvalCount) -> Callable:
     def _vjp_tick(_):
         count.vjp += 1
 
+    fwd_tick, vjp_tick = _batched_once(_fwd_tick), _batched_once(_vjp_tick)
+
     @jax.custom_vjp
     def wrapped(params, x, t, cond):
-        jax.debug.callback(_fwd_tick, t)
+        fwd_tick(t)
         return model(params, x, t, cond)
 
     def fwd(params, x, t, cond):
-        jax.debug.callback(_fwd_tick, t)
+        fwd_tick(t)
         out, vjp = jax.vjp(model, params, x, t, cond)
         return out, (vjp, t)
 
     def bwd(res, g):
         vjp, t = res
-        jax.debug.callback(_vjp_tick, t)
+        vjp_tick(t)
         return vjp(g)
 
     wrapped.defvjp(fwd, bwd)
