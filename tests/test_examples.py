@@ -65,7 +65,8 @@ def test_bad_strategy_is_a_clear_error(examples):
 
 
 def test_sharded_guidance_matches_single_device(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=4")
     out = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "sharded_guidance.py"), "--quiet",
          "--json", "--steps", "4", "--batch", "8", "--iters", "3"],
@@ -90,6 +91,30 @@ def test_reward_finetune(examples, tmp_path):
     for row in r["rows"]:
         assert r["loss_final"][row["estimator"]] < r["loss_first"]
         assert row["steps"] == 40 // row["nfe_per_step"] and row["temp_mib"] > 0
+    assert os.path.exists(r["table"]) and os.path.exists(r["plot"])
+
+
+def test_implicit_adjoint_matching(examples, tmp_path):
+    # All three methods, tiny (N = 3): every output written, each method spends at
+    # most the budget (Implicit Diffusion's warm-up included), the evaluation
+    # counts are the documented ones, and the reward rises.
+    r = examples("implicit_adjoint_matching").run(
+        ["--quiet", "--steps", "3", "--batch", "4", "--budget", "120", "--lr", "3e-3",
+         "--num-times", "2", "--out", str(tmp_path)])
+    rows = {row["method"]: row for row in r["rows"]}
+    assert list(rows) == ["DTO()", "ImplicitDiffusion", "adjoint_matching_loss"]
+    # Per step, in evaluations of one batch: DTO N + N; Implicit Diffusion one
+    # sampling call and one VJP (with its forward) over N slots, 3N, after a warm-up
+    # of (2N − 2) N + (N − 1) 2N; Adjoint Matching N (sampling) + 2N (lean adjoint)
+    # + 3K (both models at K times, the fine-tuned one's VJP).
+    assert rows["DTO()"]["evals_per_step"] == 6
+    assert rows["ImplicitDiffusion"]["evals_per_step"] == 9
+    assert rows["ImplicitDiffusion"]["warm_up_evals"] == 4 * 3 * 2
+    assert rows["adjoint_matching_loss"]["evals_per_step"] == 9 + 6
+    for row in rows.values():
+        assert row["evals"] <= 120 and row["steps"] >= 1
+        assert 0 <= row["accuracy"] <= 1 and row["diversity"] > 0
+    assert max(row["reward"] for row in rows.values()) > r["reward_before"]
     assert os.path.exists(r["table"]) and os.path.exists(r["plot"])
 
 

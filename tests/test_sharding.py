@@ -49,7 +49,8 @@ SCRIPT = textwrap.dedent(
 
 
 def test_sharded_equals_single_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "")
+               + " --xla_force_host_platform_device_count=4")
     proc = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True,
                           text=True, env=env, check=True)
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -11,34 +11,48 @@ import jax.tree_util as jtu
 class EvalCount:
     """Counts of one run: `forward` model evaluations (every primal call, including
     those made inside a backward pass to rebuild activations) and `vjp` model
-    vector-Jacobian products. A call under `jax.vmap` is one batched evaluation and
-    counts once (the network runs once, on the stacked inputs)."""
+    vector-Jacobian products.
+
+    A call under `jax.vmap` is one batched evaluation: it counts once in `forward`
+    (or `vjp`), and `forward_lanes` (`vjp_lanes`) counts its lanes, i.e. how many
+    unbatched calls it stands for (equal to `forward` when nothing is vmapped).
+    Under nested `vmap`s a call counts once per lane of the outer ones.
+    """
 
     def __init__(self):
         self.forward = 0
         self.vjp = 0
+        self.forward_lanes = 0
+        self.vjp_lanes = 0
 
     def __repr__(self):
         return f"EvalCount(forward={self.forward}, vjp={self.vjp})"
 
 
 def _batched_once(tick: Callable) -> Callable:
-    """`tick(t)` as a debug callback that runs once per call, also under `jax.vmap`
-    (whose default rule for a callback would run it once per batch element): a
-    vmapped model call is one batched evaluation."""
+    """`tick(lanes)` as a debug callback that runs once per model call, also under
+    `jax.vmap` (whose default rule for a callback would run it once per batch
+    element), with the number of lanes of that call. It takes the time `t` and a
+    scalar probe of x so that it is batched whenever the model call is."""
 
     @jax.custom_batching.custom_vmap
-    def once(t):
-        jax.debug.callback(tick, t)
+    def once(t, probe):
+        jax.debug.callback(lambda _: tick(1), t)
         return t
 
     @once.def_vmap
-    def _(axis_size, in_batched, t):
-        del axis_size
-        jax.debug.callback(tick, jnp.reshape(t, (-1,))[0])
+    def _(axis_size, in_batched, t, probe):
+        del probe
+        jax.debug.callback(lambda _: tick(axis_size), jnp.reshape(t, (-1,))[0])
         return t, in_batched[0]
 
     return once
+
+
+def _probe(tree) -> jax.Array:
+    """A scalar that depends on (and is batched like) the first leaf of `tree`."""
+    leaf = jtu.tree_leaves(tree)[0]
+    return jnp.reshape(leaf, (-1,))[0]
 
 
 def counting_model(model: Callable, count: EvalCount) -> Callable:
@@ -53,27 +67,29 @@ def counting_model(model: Callable, count: EvalCount) -> Callable:
     re-runs.
     """
 
-    def _fwd_tick(_):
+    def _fwd_tick(lanes):
         count.forward += 1
+        count.forward_lanes += lanes
 
-    def _vjp_tick(_):
+    def _vjp_tick(lanes):
         count.vjp += 1
+        count.vjp_lanes += lanes
 
     fwd_tick, vjp_tick = _batched_once(_fwd_tick), _batched_once(_vjp_tick)
 
     @jax.custom_vjp
     def wrapped(params, x, t, cond):
-        fwd_tick(t)
+        fwd_tick(t, _probe(x))
         return model(params, x, t, cond)
 
     def fwd(params, x, t, cond):
-        fwd_tick(t)
+        fwd_tick(t, _probe(x))
         out, vjp = jax.vjp(model, params, x, t, cond)
         return out, (vjp, t)
 
     def bwd(res, g):
         vjp, t = res
-        vjp_tick(t)
+        vjp_tick(t, _probe(g))
         return vjp(g)
 
     wrapped.defvjp(fwd, bwd)
