@@ -50,6 +50,7 @@ from ._sample import sample
 from ._samplers._ddim import DDIM
 from ._schedule import AbstractSchedule
 
+
 _WEIGHTINGS = ("uniform", "control")
 
 

@@ -17,8 +17,16 @@ import adjoint_jax as aj
 from adjoint_jax.bench import count_evals, parse
 
 
-def parser(description: str, **defaults) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description)
+def describe(doc: str) -> str:
+    """An example's `--help` description: its docstring's first paragraph."""
+    return " ".join(doc.strip().split("\n\n")[0].split())
+
+
+def parser(doc: str, **defaults) -> argparse.ArgumentParser:
+    """The command line of the single-run examples; `doc` is the example's docstring
+    (its first paragraph is the description); defaults are shown in `--help`."""
+    p = argparse.ArgumentParser(description=describe(doc),
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--sampler", default=defaults.get("sampler", "DPMSolver2()"),
                    help="forward sampler, as its repr, e.g. 'DPMSolver1()', "
                         "'McCallumFoster(DPMSolver2())'")
@@ -29,11 +37,13 @@ def parser(description: str, **defaults) -> argparse.ArgumentParser:
                    help="sampler steps N")
     p.add_argument("--iters", type=int, default=defaults.get("iters", 30),
                    help="optimisation steps")
-    p.add_argument("--batch", type=int, default=defaults.get("batch", 16))
-    p.add_argument("--lr", type=float, default=defaults.get("lr", 0.05))
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=defaults.get("batch", 16),
+                   help="images optimised together")
+    p.add_argument("--lr", type=float, default=defaults.get("lr", 0.05),
+                   help="Adam learning rate")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=defaults.get("out", "examples/out"),
-                   help="folder for the PNGs")
+                   help="folder for the figures")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p
 
@@ -44,8 +54,7 @@ def study_parser(doc: str, *, steps: tuple, batch: tuple, lr: float, only: str,
     `(default, help)` pair or help text): description from the docstring's first
     paragraph, defaults shown in `--help`."""
     p = argparse.ArgumentParser(
-        description=doc.split("\n\n")[0].replace("\n", " "),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description=describe(doc), formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
     p.add_argument("--steps", type=int, default=steps[0], help=steps[1])
     p.add_argument("--batch", type=int, default=batch[0], help=batch[1])

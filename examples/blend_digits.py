@@ -71,8 +71,9 @@ def blend_loss(d, x0, ea, eb):
     return 0.5 * (jnp.linalg.norm(e - ea, axis=-1) + jnp.linalg.norm(e - eb, axis=-1))
 
 
-def run(argv=None, *, scheduled: bool = False, name: str = "blend_digits") -> dict:
-    p = parser(__doc__.splitlines()[0], iters=30, batch=8, lr=0.05)
+def run(argv=None, *, scheduled: bool = False, name: str = "blend_digits",
+        doc: str = __doc__) -> dict:
+    p = parser(doc, iters=30, batch=8, lr=0.05)
     args = p.parse_args(argv)
     sampler, adjoint = strategy(args)
     d = aj.zoo.digits()

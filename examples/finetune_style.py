@@ -35,8 +35,9 @@ from _common import (
 
 
 def run(argv=None) -> dict:
-    p = parser(__doc__.splitlines()[0], iters=20, batch=20, lr=1e-3)
-    p.add_argument("--subset", default="film", choices=["all", "head", "film"])
+    p = parser(__doc__, iters=20, batch=20, lr=1e-3)
+    p.add_argument("--subset", default="film", choices=["all", "head", "film"],
+                   help="which weights are fine-tuned")
     p.add_argument("--ink-scale", type=float, default=1.3,
                    help="target ink coverage as a multiple of the initial one")
     p.add_argument("--no-compare", action="store_true",

@@ -29,7 +29,7 @@ from _common import (
 
 
 def run(argv=None) -> dict:
-    p = parser(__doc__.splitlines()[0], iters=30, batch=20, lr=0.1)
+    p = parser(__doc__, iters=30, batch=20, lr=0.1)
     p.add_argument("--penalty", type=float, default=1.0, help="weight of the prior term")
     args = p.parse_args(argv)
     sampler, adjoint = strategy(args)

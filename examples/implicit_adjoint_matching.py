@@ -70,7 +70,6 @@ def run(argv=None) -> dict:
     labels = jnp.arange(b) % d.num_classes
     cond = d.cond(labels)
     train0, frozen = eqx.partition(d.params, trainable_mask(d.params, "film"))
-    base = d.params
     held_labels = jnp.arange(64) % d.num_classes
     held_x = jax.random.normal(jax.random.key(10_000 + args.seed), (64, *d.shape),
                                jnp.float32)

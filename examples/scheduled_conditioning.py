@@ -16,7 +16,8 @@ import blend_digits
 
 
 def run(argv=None) -> dict:
-    return blend_digits.run(argv, scheduled=True, name="scheduled_conditioning")
+    return blend_digits.run(argv, scheduled=True, name="scheduled_conditioning",
+                           doc=__doc__)
 
 
 if __name__ == "__main__":

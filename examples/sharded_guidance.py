@@ -27,11 +27,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
 
 import adjoint_jax as aj  # noqa: E402
 
-from _common import gaussian_penalty, parser, progress, sample_fn, strategy  # noqa: E402
+from _common import (  # noqa: E402
+    gaussian_penalty,
+    parser,
+    progress,
+    sample_fn,
+    save_curve,
+    save_grid,
+    strategy,
+)
 
 
 def run(argv=None) -> dict:
-    p = parser(__doc__.splitlines()[0], iters=10, batch=8, lr=0.1)
+    p = parser(__doc__, iters=10, batch=8, lr=0.1)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
     sampler, adjoint = strategy(args)
@@ -96,13 +104,23 @@ def run(argv=None) -> dict:
         "loss_final": float(loss_fn(x, ps, cs, ys)),
         "step_compilations": step._cache_size(),
     }
+    # The figures in --out: the samples before and after guidance (gathered from
+    # the devices) and the loss curve.
+    x0_before = jax.device_get(sample(d.params, x_T, cond))
+    x0_after = jax.device_get(sample(d.params, x, cs))
+    result["png"] = save_grid(os.path.join(args.out, "sharded_guidance.png"),
+                              [x0_before, x0_after], ["before", "after"],
+                              [str(int(t)) for t in targets])
+    result["curve"] = save_curve(os.path.join(args.out, "sharded_guidance_loss.png"),
+                                 {repr(adjoint): losses}, "loss")
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{result['devices']} devices, {result['adjoint']} with {result['sampler']}: "
               f"sharded vs single-device gradient rel. diff {rel:.1e}; output sharding "
               f"= input sharding: {result['grad_sharding_is_input_sharding']}; loss "
-              f"{result['loss_first']:.3f} -> {result['loss_final']:.3f}")
+              f"{result['loss_first']:.3f} -> {result['loss_final']:.3f}; saved "
+              f"{result['png']} and {result['curve']}")
     return result
 
 

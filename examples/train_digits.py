@@ -1,4 +1,4 @@
-"""Trains the model zoo's digits models and writes them into `adjoint_jax/zoo/`.
+"""Trains the model zoo's digits models (by default into `~/adjoint_jax/digits/`).
 
 - a class-conditional ε-prediction network (Equinox, `adjoint_jax/zoo/_digits.py`) on
   the 1,797 8×8 handwritten digits that ship with scikit-learn, under `aj.VPLinear()`;
@@ -6,16 +6,17 @@
   penultimate layer is the embedding, on a held-out split of the same digits;
 
 then samples 50 images per class with `aj.DPMSolver2` and measures how many the
-classifier recognises as their class. `aj.zoo.digits()` loads the result
-(`aj.zoo.digits(path=DIR)` for `--out DIR`).
+classifier recognises as their class. `aj.zoo.digits(path=DIR)` loads the result of
+`--out DIR`; the weights that ship with the package (which `aj.zoo.digits()` loads)
+were written by `--out adjoint_jax/zoo` from a source checkout, which only a
+maintainer regenerating them should do.
 
 Float32 and deterministic given the seed (two runs write identical weights). The
 default run takes about 9.5 CPU-minutes (an estimated 5–6 minutes of wall time on 2
 idle cores); measured: 13 minutes on 2 cores shared with other jobs (load ~5). It writes
-`adjoint_jax/zoo/digits_eps.eqx`, `digits_classifier.msgpack`, `digits.json` (the
-hyperparameters, the measured accuracies and the size and SHA-256 of both weights
-files, which `aj.zoo.digits()` verifies before loading them) and
-`examples/out/digits_samples.png`.
+`digits_eps.eqx`, `digits_classifier.msgpack`, `digits.json` (the hyperparameters, the
+measured accuracies and the size and SHA-256 of both weights files, which
+`aj.zoo.digits()` verifies before loading them) and `digits_samples.png` into `--out`.
 
     pip install adjoint_jax[examples]
     python examples/train_digits.py
@@ -41,29 +42,44 @@ from adjoint_jax.zoo._digits import DigitsEpsNet, to_model_space, to_pixel_space
 from adjoint_jax.zoo._zoo import eps_net_spec, file_record
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ZOO_DIR = os.path.join(os.path.dirname(HERE), "adjoint_jax", "zoo")
+USER_DIR = os.path.join(os.path.expanduser("~"), "adjoint_jax", "digits")
 EPS_FILE = "digits_eps.eqx"
 CLASSIFIER_FILE = "digits_classifier.msgpack"
 
 
-def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=ZOO_DIR, help="where the weights and JSON go")
-    p.add_argument("--png", default=os.path.join(HERE, "out", "digits_samples.png"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eps-steps", type=int, default=3000)
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--channels", type=int, default=48)
-    p.add_argument("--blocks", type=int, default=3)
-    p.add_argument("--cond-dim", type=int, default=16)
-    p.add_argument("--label-dropout", type=float, default=0.1)
-    p.add_argument("--ema", type=float, default=0.999)
-    p.add_argument("--clf-steps", type=int, default=1000)
-    p.add_argument("--eval-per-class", type=int, default=50)
-    p.add_argument("--eval-steps", type=int, default=25)
-    return p.parse_args()
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description=" ".join(__doc__.strip().split("\n\n")[0].split()),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default=USER_DIR,
+                   help="folder for the weights, the JSON and the sample grid (load "
+                        "with aj.zoo.digits(path=...); `adjoint_jax/zoo` overwrites "
+                        "the shipped weights)")
+    p.add_argument("--png", default=os.path.join("OUT", "digits_samples.png"),
+                   help="path of the sample grid (OUT: the --out folder)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--eps-steps", type=int, default=3000,
+                   help="training steps of the ε-network")
+    p.add_argument("--batch", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate")
+    p.add_argument("--channels", type=int, default=48, help="ε-network width")
+    p.add_argument("--blocks", type=int, default=3, help="ε-network residual blocks")
+    p.add_argument("--cond-dim", type=int, default=16,
+                   help="class embedding dimension")
+    p.add_argument("--label-dropout", type=float, default=0.1,
+                   help="probability of training with the null class (for CFG)")
+    p.add_argument("--ema", type=float, default=0.999,
+                   help="decay of the weights' exponential moving average")
+    p.add_argument("--clf-steps", type=int, default=1000,
+                   help="training steps of the classifier")
+    p.add_argument("--eval-per-class", type=int, default=50,
+                   help="samples per class for the accuracy check")
+    p.add_argument("--eval-steps", type=int, default=25,
+                   help="DPMSolver2 steps of the accuracy check")
+    args = p.parse_args(argv)
+    if args.png == os.path.join("OUT", "digits_samples.png"):
+        args.png = os.path.join(args.out, "digits_samples.png")
+    return args
 
 
 # ---- data ---------------------------------------------------------------------------

@@ -69,7 +69,8 @@ def test_sharded_guidance_matches_single_device(tmp_path):
                + " --xla_force_host_platform_device_count=4")
     out = subprocess.run(
         [sys.executable, os.path.join(EXAMPLES, "sharded_guidance.py"), "--quiet",
-         "--json", "--steps", "4", "--batch", "8", "--iters", "3"],
+         "--json", "--steps", "4", "--batch", "8", "--iters", "3", "--out",
+         str(tmp_path)],
         capture_output=True, text=True, env=env, check=True, cwd=EXAMPLES,
     )
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -79,6 +80,54 @@ def test_sharded_guidance_matches_single_device(tmp_path):
     assert r["grad_rel_diff_vs_single_device"] < 1e-5
     assert r["loss_final"] < r["loss_first"]
     assert r["step_compilations"] == 1
+    assert os.path.exists(r["png"]) and os.path.exists(r["curve"])
+    assert os.path.dirname(r["png"]) == str(tmp_path)
+
+
+HELP_DESCRIPTIONS = {
+    "blend_digits": "Digit blending, the seed papers' \"morph\" task",
+    "scheduled_conditioning": "Digit blending with time-scheduled conditioning",
+    "guide_latent": "Guided generation by latent optimisation",
+    "finetune_style": "Weight fine-tuning through the sampler",
+    "reward_finetune": "Reward fine-tuning of the digits model's FiLM layers",
+    "noise_optimisation": "Direct noise optimisation (DNO, Tang et al. 2025)",
+    "implicit_adjoint_matching": "Reward fine-tuning of the digits model's FiLM layers "
+                                 "three ways",
+    "train_digits": "Trains the model zoo's digits models",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HELP_DESCRIPTIONS))
+def test_help_is_complete_with_defaults(examples, name, capsys):
+    mod = examples(name)
+    entry = mod.parse_args if name == "train_digits" else mod.run
+    with pytest.raises(SystemExit):
+        entry(["--help"])
+    _check_help(capsys.readouterr().out, HELP_DESCRIPTIONS[name])
+
+
+def test_help_of_sharded_guidance():
+    # In a subprocess: the script sets XLA_FLAGS when imported.
+    out = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "sharded_guidance.py"), "--help"],
+        capture_output=True, text=True, check=True, cwd=EXAMPLES,
+    ).stdout
+    _check_help(out, "Latent guidance with the batch sharded across devices")
+
+
+def _check_help(out: str, start: str):
+    usage, rest = out.split("\n\n", 1)
+    description, options = rest.split("\n\noptions:\n", 1)
+    description = " ".join(description.split())
+    # The first paragraph of the docstring, whole: a sentence that ends.
+    assert description.startswith(start), description
+    assert description.endswith("."), description
+    # Every option but -h documents itself and shows its default.
+    blocks = [b for b in options.replace("\n  -", "\n\x00-").split("\x00")[1:]
+              if not b.startswith("-h")]
+    assert blocks
+    for block in blocks:
+        assert "(default:" in block, block
 
 
 def test_reward_finetune(examples, tmp_path):
@@ -95,19 +144,20 @@ def test_reward_finetune(examples, tmp_path):
 
 
 def test_implicit_adjoint_matching(examples, tmp_path):
-    # All three methods, tiny (N = 3): every output written, each method spends at
-    # most the budget (Implicit Diffusion's warm-up included), the evaluation
-    # counts are the documented ones, and the reward rises.
+    # The two new methods (DTO's path is the other examples'), tiny (N = 3): every
+    # output written, each method spends at most the budget (Implicit Diffusion's
+    # warm-up included), the evaluation counts are the documented ones, and the
+    # reward rises.
     r = examples("implicit_adjoint_matching").run(
         ["--quiet", "--steps", "3", "--batch", "4", "--budget", "120", "--lr", "3e-3",
-         "--num-times", "2", "--out", str(tmp_path)])
+         "--num-times", "2", "--only", "ImplicitDiffusion,adjoint_matching", "--out",
+         str(tmp_path)])
     rows = {row["method"]: row for row in r["rows"]}
-    assert list(rows) == ["DTO()", "ImplicitDiffusion", "adjoint_matching_loss"]
-    # Per step, in evaluations of one batch: DTO N + N; Implicit Diffusion one
-    # sampling call and one VJP (with its forward) over N slots, 3N, after a warm-up
-    # of (2N − 2) N + (N − 1) 2N; Adjoint Matching N (sampling) + 2N (lean adjoint)
+    assert list(rows) == ["ImplicitDiffusion", "adjoint_matching_loss"]
+    # Per step, in evaluations of one batch: Implicit Diffusion one sampling call
+    # and one VJP (with its forward) over N slots, 3N, after a warm-up of
+    # (2N − 2) N + (N − 1) 2N; Adjoint Matching N (sampling) + 2N (lean adjoint)
     # + 3K (both models at K times, the fine-tuned one's VJP).
-    assert rows["DTO()"]["evals_per_step"] == 6
     assert rows["ImplicitDiffusion"]["evals_per_step"] == 9
     assert rows["ImplicitDiffusion"]["warm_up_evals"] == 4 * 3 * 2
     assert rows["adjoint_matching_loss"]["evals_per_step"] == 9 + 6

@@ -266,7 +266,7 @@ def _load(directory: pathlib.Path | None) -> Digits:
         remedy = (
             "These are the files shipped with adjoint_jax: re-install the package "
             "(in a source checkout, restore them with git or re-run `python "
-            "examples/train_digits.py`)."
+            "examples/train_digits.py --out adjoint_jax/zoo`)."
         )
     else:
         remedy = (
