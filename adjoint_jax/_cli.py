@@ -170,7 +170,13 @@ def _compare(args, parser) -> int:
     jax.config.update("jax_enable_x64", True)
     import jax.numpy as jnp
     from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from .bench import _compare as cmp
     from .bench import _report as rep
@@ -218,21 +224,40 @@ def _compare(args, parser) -> int:
     total = len(pairs) * len(steps)
     err_console = Console(stderr=True)
     start = time.perf_counter()
+    # In a terminal: a live bar with the elapsed time and an ETA. Otherwise (a log, a
+    # pipe, CI): one line per finished measurement, with its ETA.
+    live = not args.quiet and err_console.is_terminal
+    lines = not args.quiet and not live
     with Progress(
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         TextColumn("{task.completed}/{task.total}"),
         TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
         console=err_console,
-        disable=args.quiet,
+        disable=not live,
         transient=True,
     ) as progress:
         task = progress.add_task(f"{args.problem}: preparing", total=total)
         done = [0]
+        current = [None]
+
+        def finished():
+            if current[0] is None:
+                return
+            elapsed = time.perf_counter() - start
+            eta = elapsed / done[0] * (total - done[0])
+            print(f"[{done[0]}/{total}] {current[0]} done; {elapsed:.0f} s elapsed, "
+                  f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
         def tick(desc):
+            if current[0] is not None:
+                done[0] += 1
+                if lines:
+                    finished()
             progress.update(task, description=desc, completed=done[0])
-            done[0] += 1
+            current[0] = desc
 
         records = cmp.compare(
             problem,
@@ -242,6 +267,10 @@ def _compare(args, parser) -> int:
             repeats=args.repeats,
             progress=tick,
         )
+        if current[0] is not None:
+            done[0] += 1
+            if lines:
+                finished()
         progress.update(task, completed=total)
 
     json_path, csv_path = rep.write_results(records, args.out)

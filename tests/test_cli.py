@@ -41,10 +41,11 @@ KEYS = {
 }
 
 
-def _run(tmp_path, *argv):
+def _run(tmp_path, *argv, quiet=True):
     out = str(tmp_path)
+    flags = ["--quiet"] if quiet else []
     assert (
-        main(["compare", "--problem", "gaussian", "--out", out, "--quiet", *argv]) == 0
+        main(["compare", "--problem", "gaussian", "--out", out, *flags, *argv]) == 0
     )
     with open(os.path.join(out, "results.json")) as f:
         return json.load(f), out
@@ -90,7 +91,7 @@ def _cosine(a, b):
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def test_compare_writes_results_and_matches_direct_computation(tmp_path):
+def test_compare_writes_results_and_matches_direct_computation(tmp_path, capsys):
     records, out = _run(
         tmp_path,
         "--steps",
@@ -105,7 +106,16 @@ def test_compare_writes_results_and_matches_direct_computation(tmp_path):
         "xT,params",
         "--repeats",
         "2",
+        quiet=False,
     )
+    # Not a terminal: one progress line per finished (sampler, adjoint, N), with an
+    # ETA, then the table on stdout.
+    captured = capsys.readouterr()
+    progress = [ln for ln in captured.err.splitlines() if ln.startswith("[")]
+    assert [ln.split("]")[0] for ln in progress] == [f"[{k}/4" for k in range(1, 5)]
+    assert all(" done; " in ln and "ETA" in ln for ln in progress)
+    assert progress[-1].endswith("ETA 0 s")
+    assert "AdjointDEIS()" in captured.out
     for name in (
         "results.csv",
         "error_vs_steps.png",
