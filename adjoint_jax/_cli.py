@@ -243,19 +243,19 @@ def _compare(args, parser) -> int:
         done = [0]
         current = [None]
 
-        def finished():
+        def finish_current():
+            """Counts the measurement under way (if any) as done."""
             if current[0] is None:
                 return
-            elapsed = time.perf_counter() - start
-            eta = elapsed / done[0] * (total - done[0])
-            print(f"[{done[0]}/{total}] {current[0]} done; {elapsed:.0f} s elapsed, "
-                  f"ETA {eta:.0f} s", file=sys.stderr, flush=True)
+            done[0] += 1
+            if lines:
+                elapsed = time.perf_counter() - start
+                eta = elapsed / done[0] * (total - done[0])
+                print(f"[{done[0]}/{total}] {current[0]} done; {elapsed:.0f} s "
+                      f"elapsed, ETA {eta:.0f} s", file=sys.stderr, flush=True)
 
         def tick(desc):
-            if current[0] is not None:
-                done[0] += 1
-                if lines:
-                    finished()
+            finish_current()
             progress.update(task, description=desc, completed=done[0])
             current[0] = desc
 
@@ -267,10 +267,7 @@ def _compare(args, parser) -> int:
             repeats=args.repeats,
             progress=tick,
         )
-        if current[0] is not None:
-            done[0] += 1
-            if lines:
-                finished()
+        finish_current()
         progress.update(task, completed=total)
 
     json_path, csv_path = rep.write_results(records, args.out)

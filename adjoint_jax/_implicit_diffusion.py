@@ -12,9 +12,9 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoints._base import Solve
 from ._adjoints._dto import DTO
-from ._misc import describe_class_error, is_concrete, tree_normal
+from ._misc import is_concrete, step_noise, tree_normal
 from ._model import Scheduled, split_model
-from ._sample import sample
+from ._sample import check_types, sample
 from ._samplers._base import AbstractSampler
 from ._schedule import AbstractSchedule
 
@@ -26,7 +26,8 @@ class ImplicitDiffusionState(eqx.Module):
     - `states`: N sampler states; slot j holds the state entering step j of the
         trajectory admitted j iterations ago.
     - `history`: the last 2N − 1 iterations' (state, noise) pairs of every slot,
-        leading axes (2N − 1, N): what the backward register replays.
+        leading axes (2N − 1, N): what the backward register replays (noise None
+        for a deterministic sampler).
     - `cotangents`: N sampler-state cotangents; slot j holds the adjoint of the
         state leaving step j − 1, which the next iteration pulls back through step
         j − 1 (slot 0's is the adjoint of x_T of the trajectory it finished).
@@ -100,7 +101,7 @@ class ImplicitDiffusion(eqx.Module):
 
     model: Callable
     schedule: AbstractSchedule
-    ts: Array
+    ts: np.ndarray
     sampler: AbstractSampler
     loss: Callable
     cond: PyTree = None
@@ -115,30 +116,11 @@ class ImplicitDiffusion(eqx.Module):
         loss: Callable,
         cond: PyTree = None,
     ):
-        for arg, value, example in (
-            ("model", model, "my_model"),
-            ("sampler", sampler, "aj.DPMSolver2()"),
-            ("schedule", schedule, "aj.VPLinear()"),
-        ):
-            msg = describe_class_error(arg, value, example)
-            if msg:
-                raise TypeError(msg)
-        if not callable(model):
-            raise TypeError(f"`model` must be callable; got {type(model).__name__}.")
+        check_types(model, schedule, sampler, sampler_example="aj.DPMSolver2()")
         if not callable(loss):
             raise TypeError(
                 "`loss` must be a callable `loss(x0) -> scalar` (e.g. minus the mean "
                 f"reward of the batch); got {type(loss).__name__}."
-            )
-        if not isinstance(sampler, AbstractSampler):
-            raise TypeError(
-                "`sampler` must be an `aj` sampler such as `aj.DPMSolver2()`; got "
-                f"{type(sampler).__name__}."
-            )
-        if not isinstance(schedule, AbstractSchedule):
-            raise TypeError(
-                "`schedule` must be an `aj` schedule such as `aj.VPLinear()`; got "
-                f"{type(schedule).__name__}."
             )
         if not is_concrete(ts):
             raise ValueError(
@@ -152,7 +134,9 @@ class ImplicitDiffusion(eqx.Module):
             )
         self.model = model
         self.schedule = schedule
-        self.ts = jnp.asarray(ts.astype(jax.dtypes.canonicalize_dtype(ts.dtype)))
+        # Kept as NumPy: concrete wherever the module is built (also inside a `jit`,
+        # where `jnp.asarray` would trace it).
+        self.ts = ts.astype(jax.dtypes.canonicalize_dtype(ts.dtype))
         self.sampler = sampler
         self.loss = loss
         self.cond = cond
@@ -161,7 +145,9 @@ class ImplicitDiffusion(eqx.Module):
     def num_steps(self) -> int:
         return self.ts.shape[0] - 1
 
-    def _solve(self, params, x_like):
+    def _solve(self, params):
+        # Only `Solve.step` is used (the grid's endpoints matter to the custom
+        # adjoints alone), with each step's noise passed in: no key.
         model_call, arrays = split_model(self.model)
         solve = Solve(
             model_call,
@@ -170,8 +156,6 @@ class ImplicitDiffusion(eqx.Module):
             self.sampler,
             None,
             isinstance(self.cond, Scheduled),
-            starts_at_alpha_zero=False,
-            ends_at_sigma_zero=bool(np.asarray(self.ts)[-1] == 0),
         )
         cond = self.cond.values if isinstance(self.cond, Scheduled) else self.cond
         return solve, (arrays, params), cond
@@ -182,9 +166,9 @@ class ImplicitDiffusion(eqx.Module):
         x_T = tree_normal(k_x, x_like, self.ts.dtype)
         if not self.sampler.is_sde:
             return x_T, None
-        n = self.num_steps
-        noise = jax.vmap(lambda j: tree_normal(jax.random.fold_in(k_n, j), x_like,
-                                               self.ts.dtype))(jnp.arange(n))
+        noise = jax.vmap(lambda j: step_noise(k_n, j, x_like, self.ts.dtype))(
+            jnp.arange(self.num_steps)
+        )
         return x_T, noise
 
     def _slot_inputs(self, noise):
@@ -210,14 +194,10 @@ class ImplicitDiffusion(eqx.Module):
         stepped and the history written, and the finished sample."""
         n = self.num_steps
         x_T, noise = self._draw(key, x_like)
-        if noise is None:
-            noise_rec = jtu.tree_map(lambda v: jnp.zeros((n,) + v.shape, v.dtype), x_like)
-        else:
-            noise_rec = noise
         stepped = self._forward(solve, theta, cond, reg.states, noise)
         slot = jnp.mod(reg.iteration, 2 * n - 1)
         history = jtu.tree_map(
-            lambda h, v: h.at[slot].set(v), reg.history, (reg.states, noise_rec)
+            lambda h, v: h.at[slot].set(v), reg.history, (reg.states, noise)
         )
         last = jtu.tree_map(lambda v: v[-1], stepped)
         fresh = self.sampler.init(x_T, self.schedule, self.ts)
@@ -235,8 +215,6 @@ class ImplicitDiffusion(eqx.Module):
         js = jnp.arange(n, dtype=jnp.int32)
         rows = jnp.mod(k - 2 * n + 2 + 2 * js, 2 * n - 1)
         states, noise = jtu.tree_map(lambda h: h[rows, js], reg.history)
-        if not self.sampler.is_sde:
-            noise = None
         # Slot j's cotangent: the one slot j + 1 produced last iteration, and for the
         # last slot the finished sample's.
         cts = jtu.tree_map(
@@ -298,7 +276,7 @@ class ImplicitDiffusion(eqx.Module):
             params,
         )
         n = self.num_steps
-        solve, theta, cond = self._solve(params, x_like)
+        solve, theta, cond = self._solve(params)
         key, first = jax.random.split(key)
         state0 = self.sampler.init(self._draw(first, x_like)[0], self.schedule, self.ts)
         zeros = lambda tree, *lead: jtu.tree_map(
@@ -312,7 +290,10 @@ class ImplicitDiffusion(eqx.Module):
         )
         reg = ImplicitDiffusionState(
             states=states,
-            history=(zeros(state0, 2 * n - 1, n), zeros(x_like, 2 * n - 1, n)),
+            history=(
+                zeros(state0, 2 * n - 1, n),
+                zeros(x_like, 2 * n - 1, n) if self.sampler.is_sde else None,
+            ),
             cotangents=zeros(state0, n),
             iteration=jnp.asarray(-(2 * n - 2), jnp.int32),
         )
@@ -342,5 +323,5 @@ class ImplicitDiffusion(eqx.Module):
         new registers, and the finished sample x_0 with its loss.
         """
         x_like = self.sampler.output(jtu.tree_map(lambda v: v[0], state.states))
-        solve, theta, cond = self._solve(params, x_like)
+        solve, theta, cond = self._solve(params)
         return self._iteration(solve, theta, cond, state, key, x_like)

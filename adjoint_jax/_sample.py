@@ -29,6 +29,32 @@ from ._samplers._base import AbstractSampler
 from ._schedule import AbstractSchedule
 
 
+def check_types(
+    model, schedule, sampler, adjoint=None, *, sampler_example: str = "aj.DPMSolver1()"
+) -> None:
+    """Raises a `TypeError` naming the argument if `model` is not callable or
+    `schedule`, `sampler` or `adjoint` (when given) is not an instance of the library's
+    class (a class passed for an instance included)."""
+    for arg, value, example in (
+        ("model", model, "my_model"),
+        ("schedule", schedule, "aj.VPLinear()"),
+        ("sampler", sampler, sampler_example),
+        ("adjoint", adjoint, "aj.DTO()"),
+    ):
+        msg = describe_class_error(arg, value, example)
+        if msg:
+            raise TypeError(msg)
+    if not callable(model):
+        raise TypeError(f"`model` must be callable; got {type(model).__name__}.")
+    for arg, value, base, example in (
+        ("schedule", schedule, AbstractSchedule, "an `aj` schedule such as `aj.VPLinear()`"),
+        ("sampler", sampler, AbstractSampler, f"an `aj` sampler such as `{sampler_example}`"),
+        ("adjoint", adjoint, AbstractAdjoint, "an `aj` gradient strategy such as `aj.DTO()`"),
+    ):
+        if (value is not None or arg != "adjoint") and not isinstance(value, base):
+            raise TypeError(f"`{arg}` must be {example}; got {type(value).__name__}.")
+
+
 def sample(
     model: Callable,
     params: PyTree,
@@ -116,32 +142,7 @@ def sample(
         ```
     """
     # ---- static checks: types, shapes, combinations --------------------------------
-    for arg, value, example in (
-        ("model", model, "my_model"),
-        ("schedule", schedule, "aj.VPLinear()"),
-        ("sampler", sampler, "aj.DPMSolver1()"),
-        ("adjoint", adjoint, "aj.DTO()"),
-    ):
-        msg = describe_class_error(arg, value, example)
-        if msg:
-            raise TypeError(msg)
-    if not callable(model):
-        raise TypeError(f"`model` must be callable; got {type(model).__name__}.")
-    if not isinstance(schedule, AbstractSchedule):
-        raise TypeError(
-            "`schedule` must be an `aj` schedule such as `aj.VPLinear()`; got "
-            f"{type(schedule).__name__}."
-        )
-    if not isinstance(sampler, AbstractSampler):
-        raise TypeError(
-            "`sampler` must be an `aj` sampler such as `aj.DPMSolver1()`; got "
-            f"{type(sampler).__name__}."
-        )
-    if not isinstance(adjoint, AbstractAdjoint):
-        raise TypeError(
-            "`adjoint` must be an `aj` gradient strategy such as `aj.DTO()`; got "
-            f"{type(adjoint).__name__}."
-        )
+    check_types(model, schedule, sampler, adjoint)
     adjoint.check_sampler(sampler)
 
     x_leaves = jtu.tree_leaves(x_T)

@@ -161,6 +161,30 @@ def save_curve(path: str, curves: dict[str, Sequence[float]], ylabel: str) -> st
     return path
 
 
+def save_reward_curves(path: str, curves: dict, baseline: float, xlabel: str) -> str:
+    """Reward (ink, held-out samples) against evaluations spent, one series per
+    run (`curves[name]` = [(evaluations, reward), ...]), the starting reward as a
+    grey line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    styles = ["-", "--", "-.", ":"]
+    for i, (name, pts) in enumerate(curves.items()):
+        x, y = np.array(pts).T
+        ax.plot(x, y, styles[i // 10 % 4], marker="o", ms=3, label=name)
+    ax.axhline(baseline, color="grey", lw=0.5)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("reward (ink, held-out samples)")
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def gaussian_penalty(x_T) -> jax.Array:
     """(‖x_T‖²/d − 1)² per sample: keeps x_T on the shell where N(0, I) samples lie."""
     d = int(np.prod(x_T.shape[1:]))

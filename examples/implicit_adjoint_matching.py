@@ -25,13 +25,12 @@ import time
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import adjoint_jax as aj
 from adjoint_jax.bench import count_evals
 
-from _common import ink, progress, study_parser, trainable_mask
+from _common import ink, progress, save_reward_curves, study_parser, trainable_mask
 
 
 METHODS = ("DTO()", "ImplicitDiffusion", "adjoint_matching_loss")
@@ -51,7 +50,7 @@ def parse(argv):
     return p.parse_args(argv)
 
 
-def diversity(x0, labels, num_classes):
+def diversity(x0, labels):
     """Mean pairwise Euclidean distance between samples of the same class (images
     clipped to the pixel range [−1, 1])."""
     flat = jnp.clip(x0, -1.0, 1.0).reshape(x0.shape[0], -1)
@@ -80,87 +79,74 @@ def run(argv=None) -> dict:
     def evaluate(train):
         x0 = aj.sample(d.model, eqx.combine(train, frozen), held_x, held_cond, **kw)
         acc = jnp.mean(jnp.argmax(d.classify(x0), -1) == held_labels)
-        return jnp.mean(ink(x0)), acc, diversity(x0, held_labels, d.num_classes)
+        return jnp.mean(ink(x0)), acc, diversity(x0, held_labels)
 
     def reward_loss(x0):
         return -jnp.mean(ink(x0))
 
-    def model_of(train):
-        return eqx.combine(train, frozen)
-
     # The fine-tuned model sees `train` as params; the FiLM-free rest is closed over.
     def ft_model(train, x, t, c):
-        return d.model(model_of(train), x, t, c)
+        return d.model(eqx.combine(train, frozen), x, t, c)
 
     opt = optax.adam(args.lr)
     methods = [m for m in METHODS if not args.only
                or any(s.strip() in m for s in args.only.split(",") if s.strip())]
     ink0, acc0, div0 = (float(v) for v in evaluate(train0))
     rows, curves = [], {}
+    def dto_loss(train, key, model):
+        x_T = jax.random.normal(key, shape, jnp.float32)
+        return reward_loss(aj.sample(model, train, x_T, cond, **kw))
+
+    def am_loss(train, key, model):
+        k_x, k_am = jax.random.split(key)
+        x_T = jax.random.normal(k_x, shape, jnp.float32)
+        return aj.adjoint_matching_loss(
+            model, train, train0, x_T, cond, schedule=d.schedule, ts=ts,
+            terminal_cost=lambda x0: -jnp.sum(ink(x0)) / args.lam, key=k_am,
+            num_times=args.num_times)
+
+    def make_id(model):
+        return aj.ImplicitDiffusion(model, schedule=d.schedule, ts=ts,
+                                    sampler=aj.DPMSolver2(), loss=reward_loss, cond=cond)
+
     for name in methods:
         key = jax.random.key(args.seed)
-        warm_units = 0
-        if name == "DTO()":
-            def loss(train, key, model=ft_model):
-                x_T = jax.random.normal(key, shape, jnp.float32)
-                return reward_loss(aj.sample(model, train, x_T, cond, **kw))
+        warm_units, warm_time, aux = 0, 0.0, None
+        # grads(train, aux, key, model) -> (gradient, aux): aux is Implicit
+        # Diffusion's register state (None for the others).
+        if name == "ImplicitDiffusion":
+            def grads(train, aux, key, model=ft_model):
+                return make_id(model).step(train, aux, key)[:2]
 
-            units = _units(count_evals(lambda m, tr: jax.grad(loss)(tr, key, model=m),
-                                       ft_model, train0))
-
-            @jax.jit
-            def step(train, ostate, aux, key, loss=loss):
-                g = jax.grad(loss)(train, key)
-                u, ostate = opt.update(g, ostate, train)
-                return optax.apply_updates(train, u), ostate, aux
-
-            aux = None
-        elif name == "ImplicitDiffusion":
-            make = lambda m: aj.ImplicitDiffusion(m, schedule=d.schedule, ts=ts,
-                                                  sampler=aj.DPMSolver2(),
-                                                  loss=reward_loss, cond=cond)
-            idf = make(ft_model)
             x_like = jnp.zeros(shape, jnp.float32)
             warm_units = _units(count_evals(
-                lambda m, tr: make(m).init(tr, x_like, key), ft_model, train0))
+                lambda m, tr: make_id(m).init(tr, x_like, key), ft_model, train0))
             t0 = time.perf_counter()
-            aux = jax.jit(lambda tr, k: idf.init(tr, x_like, k))(train0, key)
+            aux = jax.jit(lambda tr, k: make_id(ft_model).init(tr, x_like, k))(train0, key)
             jax.block_until_ready(aux)
             warm_time = time.perf_counter() - t0
-            units = _units(count_evals(
-                lambda m, tr, st: make(m).step(tr, st, key), ft_model, train0, aux))
-
-            @jax.jit
-            def step(train, ostate, aux, key, idf=idf):
-                g, aux, _ = idf.step(train, aux, key)
-                u, ostate = opt.update(g, ostate, train)
-                return optax.apply_updates(train, u), ostate, aux
         else:
-            def loss(train, key, model=ft_model):
-                k_x, k_am = jax.random.split(key)
-                x_T = jax.random.normal(k_x, shape, jnp.float32)
-                return aj.adjoint_matching_loss(
-                    model, train, train0, x_T, cond, schedule=d.schedule, ts=ts,
-                    terminal_cost=lambda x0: -jnp.sum(ink(x0)) / args.lam, key=k_am,
-                    num_times=args.num_times)
+            loss = dto_loss if name == "DTO()" else am_loss
 
-            units = _units(count_evals(lambda m, tr: jax.grad(loss)(tr, key, model=m),
-                                       ft_model, train0))
+            def grads(train, aux, key, model=ft_model, loss=loss):
+                return jax.grad(loss)(train, key, model), aux
 
-            @jax.jit
-            def step(train, ostate, aux, key, loss=loss):
-                g = jax.grad(loss)(train, key)
-                u, ostate = opt.update(g, ostate, train)
-                return optax.apply_updates(train, u), ostate, aux
+        units = _units(count_evals(lambda m, tr, a: grads(tr, a, key, model=m),
+                                   ft_model, train0, aux))
 
-            aux = None
+        @jax.jit
+        def step(train, ostate, aux, key, grads=grads):
+            g, aux = grads(train, aux, key)
+            u, ostate = opt.update(g, ostate, train)
+            return optax.apply_updates(train, u), ostate, aux
+
         iters = max(1, (args.budget - warm_units) // units)
         train, ostate = train0, opt.init(train0)
         curve = [(warm_units, ink0)]
         every = max(1, iters // 8)
         # Compile outside the timing (the result of this call is discarded).
         jax.block_until_ready(step(train, ostate, aux, key))
-        elapsed = warm_time if name == "ImplicitDiffusion" else 0.0
+        elapsed = warm_time
         for it in progress(range(iters), name, args.quiet):
             t0 = time.perf_counter()
             train, ostate, aux = step(train, ostate, aux, jax.random.fold_in(key, it))
@@ -196,8 +182,9 @@ def run(argv=None) -> dict:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(args.out, "implicit_adjoint_matching.json"), "w") as f:
         json.dump(result | {"curves": curves}, f, indent=1)
-    result["plot"] = _plot(os.path.join(args.out, "implicit_adjoint_matching.png"),
-                           curves, ink0)
+    result["plot"] = save_reward_curves(
+        os.path.join(args.out, "implicit_adjoint_matching.png"), curves, ink0,
+        "network evaluations of one batch spent (forward + VJP)")
     print("\n".join(md))
     print(f"saved {result['table']} and {result['plot']}")
     return result
@@ -207,26 +194,6 @@ def _units(c) -> int:
     # Lanes: a call vmapped over k batches (Implicit Diffusion's N slots, Adjoint
     # Matching's K regression times) is k evaluations of one batch.
     return c.forward_lanes + c.vjp_lanes
-
-
-def _plot(path, curves, ink0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.0, 3.4))
-    for name, pts in curves.items():
-        x, y = np.array(pts).T
-        ax.plot(x, y, marker="o", ms=3, label=name)
-    ax.axhline(ink0, color="grey", lw=0.5)
-    ax.set_xlabel("network evaluations of one batch spent (forward + VJP)")
-    ax.set_ylabel("reward (ink, held-out samples)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

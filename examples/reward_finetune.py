@@ -22,13 +22,12 @@ import sys
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import adjoint_jax as aj
 from adjoint_jax.bench import count_evals
 
-from _common import ink, progress, study_parser, timed, trainable_mask
+from _common import ink, progress, save_reward_curves, study_parser, timed, trainable_mask
 
 
 def estimators(n: int, seed: int) -> dict:
@@ -155,33 +154,14 @@ def run(argv=None) -> dict:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(args.out, "reward_finetune.json"), "w") as f:
         json.dump(result | {"curves": curves}, f, indent=1)
-    result["plot"] = _plot(os.path.join(args.out, "reward_finetune.png"), curves, ink0)
+    result["plot"] = save_reward_curves(
+        os.path.join(args.out, "reward_finetune.png"), curves, ink0,
+        "model evaluations spent (forward + VJP)")
     print("\n".join(md))
     print(f"saved {result['table']} and {result['plot']}")
     result["loss_first"] = -ink0
     result["loss_final"] = {r["estimator"]: -r["reward"] for r in rows}
     return result
-
-
-def _plot(path, curves, ink0):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    styles = ["-", "--", "-.", ":"]
-    for i, (name, pts) in enumerate(curves.items()):
-        x, y = np.array(pts).T
-        ax.plot(x, y, styles[i // 10 % 4], marker="o", ms=3, label=name)
-    ax.axhline(ink0, color="grey", lw=0.5)
-    ax.set_xlabel("model evaluations spent (forward + VJP)")
-    ax.set_ylabel("reward (ink, held-out samples)")
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":
