@@ -3,7 +3,9 @@ computation, its fitted slopes match the samplers' orders, and bad options fail 
 one-line message."""
 
 import csv
+import io
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,10 +14,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rich.console import Console
 
 import adjoint_jax as aj
 from adjoint_jax._cli import main
 from adjoint_jax.bench import GaussianProblem, make_problem
+from adjoint_jax.bench._compare import add_slopes, is_asymptotic, local_slopes
+from adjoint_jax.bench._report import TABLE_WIDTH, print_table
 
 from .helpers import rel_err
 
@@ -116,7 +121,11 @@ def test_compare_writes_results_and_matches_direct_computation(tmp_path, capsys)
     assert all(" done; " in ln and "ETA" in ln for ln in progress)
     assert progress[-1].endswith("ETA 0 s")
     assert "AdjointDEIS()" in captured.out
+    # The table fits 100 columns, whatever the names (every field is in the CSV).
+    width = max(len(line) for line in captured.out.splitlines())
+    assert width <= 100, width
     for name in (
+        "results.json",
         "results.csv",
         "error_vs_steps.png",
         "pareto.png",
@@ -166,6 +175,36 @@ def test_fitted_slopes_match_sampler_orders(tmp_path):
     for r in records:
         assert abs(r["slope"] - orders[r["sampler"]]) < 0.25, r
         assert r["slope_discrete"] is None  # DTO against itself: no error to fit
+        assert r["asymptotic"] is True, r  # local slopes agree: an order
+
+
+def test_pre_asymptotic_orders_are_flagged_with_a_working_suggestion():
+    # Local slopes 1.0, 1.0 (an order) against 6.6, 0.9 (AdjointDEIS-2 at N = 10 ... 40).
+    assert is_asymptotic([10, 20, 40], [0.4, 0.2, 0.1])
+    assert not is_asymptotic([10, 20, 40], [3.6e3, 3.6e1, 2.0e1])
+    assert not is_asymptotic([10, 20], [0.4, 0.2])  # two N cannot show it
+    assert local_slopes([40, 10, 20], [0.1, 0.4, 0.2]) == pytest.approx([1.0, 1.0])
+
+    def rec(adjoint, n, err):
+        return dict(
+            problem="p", sampler="DPMSolver2()", adjoint=adjoint, steps=n, wrt="xT",
+            rel_error=err, cosine=0.9, rel_error_discrete=err, cosine_discrete=0.9,
+            slope=math.nan, slope_discrete=math.nan, asymptotic=False, nfe_forward=n,
+            nfe_backward=n, vjp_backward=n, grad_time_s=1e-3, sample_time_s=5e-4,
+            ratio=2.0, temp_bytes=1024, compile_time_s=0.1, dtype="float64", batch=1,
+        )
+
+    records = add_slopes(
+        [rec("DTO()", n, 4.0 / n) for n in (10, 20, 40)]
+        + [rec("AdjointDEIS(order=2)", n, e) for n, e in zip((10, 20, 40), (3.6e3, 36, 20))]
+    )
+    buf = io.StringIO()
+    print_table(records, Console(file=buf, width=TABLE_WIDTH))
+    text = buf.getvalue()
+    assert max(len(line) for line in text.splitlines()) <= TABLE_WIDTH
+    orders = [ln.split()[-1] for ln in text.splitlines() if ln.strip().startswith(("DTO", "Adj"))]
+    assert orders[0] == "1.00" and orders[1].endswith("*"), orders
+    assert "pre-asymptotic" in text and "--steps 40 80 160" in text
 
 
 @pytest.mark.parametrize(
@@ -206,3 +245,19 @@ def test_console_script_and_module_entry_point():
     )
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_overview_set_is_valid_and_has_every_family():
+    from adjoint_jax.bench._compare import overview_pairs
+    from adjoint_jax.bench._report import family
+
+    pairs = overview_pairs()
+    for s, a in pairs:
+        a.check_sampler(s)
+    fams = {family(repr(a)) for _, a in pairs}
+    assert {"DTO", "continuous", "ReversibleAdjoint"} <= fams
+    # Every sampler of the set has its exact gradient (DTO) measured first.
+    firsts = {}
+    for s, a in pairs:
+        firsts.setdefault(repr(s), repr(a))
+    assert set(firsts.values()) == {"DTO()"}

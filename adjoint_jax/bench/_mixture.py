@@ -108,29 +108,50 @@ class MixtureProblem(eqx.Module):
         dy/dρ = ε(α y, t(ρ)) in y = x/α against ρ = σ/α. Differentiable (diffrax's
         checkpointed adjoint), so `jax.grad` of a loss of it is the reference
         gradient."""
-        sch = self.schedule
-        dtype = x_T.dtype
-        t_start = jnp.asarray(t_start, dtype)
-        t_end = jnp.asarray(t_end, dtype)
-
-        def vf(rho, y, args):
-            params_, cond_ = args
-            t = sch.t_of_lam(-jnp.log(rho))
-            return self.model(
-                params_, jnp.exp(sch.log_alpha(t)).astype(dtype) * y, t, cond_
-            )
-
-        y0 = x_T / jnp.exp(sch.log_alpha(t_start)).astype(dtype)
-        sol = diffrax.diffeqsolve(
-            diffrax.ODETerm(vf),
-            diffrax.Dopri8(),
-            t0=jnp.exp(-sch.lam(t_start)),
-            t1=jnp.exp(-sch.lam(t_end)),
-            dt0=None,
-            y0=y0,
-            args=(params, cond),
-            stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-            max_steps=max_steps,
+        return reference_flow(
+            self.model, self.schedule, params, x_T, cond, t_start, t_end,
+            rtol=rtol, atol=atol, max_steps=max_steps,
         )
-        y1 = sol.ys[0]
-        return jnp.exp(sch.log_alpha(t_end)).astype(dtype) * y1
+
+
+def reference_flow(
+    model,
+    schedule: AbstractSchedule,
+    params,
+    x_T: Array,
+    cond,
+    t_start,
+    t_end,
+    *,
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    max_steps: int = 100_000,
+) -> Array:
+    """The probability-flow ODE solution of any ε-model `model(params, x, t, cond)` at
+    `t_end` from `x_T` at `t_start`: a converged adaptive solve (diffrax `Dopri8`, PID
+    step-size control) of dy/dρ = ε(α y, t(ρ)) in y = x/α against ρ = σ/α.
+    Differentiable (diffrax's checkpointed adjoint): `jax.grad` of a loss of it is a
+    reference gradient."""
+    sch = schedule
+    dtype = x_T.dtype
+    t_start = jnp.asarray(t_start, dtype)
+    t_end = jnp.asarray(t_end, dtype)
+
+    def vf(rho, y, args):
+        params_, cond_ = args
+        t = sch.t_of_lam(-jnp.log(rho))
+        return model(params_, jnp.exp(sch.log_alpha(t)).astype(dtype) * y, t, cond_)
+
+    y0 = x_T / jnp.exp(sch.log_alpha(t_start)).astype(dtype)
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(vf),
+        diffrax.Dopri8(),
+        t0=jnp.exp(-sch.lam(t_start)),
+        t1=jnp.exp(-sch.lam(t_end)),
+        dt0=None,
+        y0=y0,
+        args=(params, cond),
+        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        max_steps=max_steps,
+    )
+    return jnp.exp(sch.log_alpha(t_end)).astype(dtype) * sol.ys[0]

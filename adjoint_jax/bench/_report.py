@@ -50,92 +50,105 @@ def _bytes(b):
     return f"{b} B"
 
 
+def _short(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+# The terminal table's width: it fits this many columns whatever the terminal
+# (every field is in results.csv).
+TABLE_WIDTH = 100
+
+
 def print_table(records: Sequence[dict], console=None) -> None:
-    """Prints one row per record and a table of the fitted orders."""
+    """Prints one table per sampler, one row per (adjoint, N, input), in at most
+    `TABLE_WIDTH` columns: errors against the truth and against DTO, cosine, model
+    evaluations, R, XLA temporary memory, and the fitted order, flagged where the
+    errors are pre-asymptotic. Every other field is in `results.csv`."""
     from rich import box
     from rich.console import Console
     from rich.table import Table
 
-    console = console or Console()
+    console = console or Console(width=TABLE_WIDTH)
     if not records:
         console.print("no records")
         return
     r0 = records[0]
-    table = Table(
-        title=f"adjoint-jax compare: {r0['problem']} "
-        f"({r0['dtype']}, batch {r0['batch']})",
-        caption="err, cos: relative L2 error and cosine similarity of the gradient "
-        "against the continuous-time truth; err/DTO, cos/DTO: against the exact "
-        "gradient of the same sampler (DTO()); R = gradient time / sampling time; "
-        "temp: XLA temporary memory of the jitted gradient",
-        title_justify="left",
-        caption_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
+    wrts = list(dict.fromkeys(r["wrt"] for r in records))
+    several = len(wrts) > 1
+    truth = any(
+        r["rel_error"] is not None and math.isfinite(r["rel_error"]) for r in records
     )
-    for name in [
-        "sampler",
-        "adjoint",
-        "N",
-        "wrt",
-        "err",
-        "cos",
-        "err/DTO",
-        "cos/DTO",
-        "NFE fwd",
-        "NFE bwd",
-        "VJP bwd",
-        "grad ms",
-        "sample ms",
-        "R",
-        "temp",
-        "compile s",
-    ]:
-        left = name in ("sampler", "adjoint", "wrt")
-        table.add_column(name, justify="left" if left else "right", no_wrap=True)
-    last = None
-    for r in records:
-        key = (r["sampler"], r["adjoint"])
-        if last is not None and key != last:
-            table.add_section()
-        first = key != last
-        last = key
-        table.add_row(
-            r["sampler"] if first else "",
-            r["adjoint"] if first else "",
-            str(r["steps"]),
-            r["wrt"],
-            _fmt(r["rel_error"], ".2e"),
-            _fmt(r["cosine"], ".4f"),
-            _fmt(r["rel_error_discrete"], ".2e"),
-            _fmt(r["cosine_discrete"], ".4f"),
-            str(r["nfe_forward"]),
-            str(r["nfe_backward"]),
-            str(r["vjp_backward"]),
-            _fmt(1e3 * r["grad_time_s"], ".3f"),
-            _fmt(1e3 * r["sample_time_s"], ".3f"),
-            _fmt(r["ratio"], ".2f"),
-            _bytes(r["temp_bytes"]),
-            _fmt(r["compile_time_s"], ".2f"),
+    console.print(
+        f"[bold]adjoint-jax compare: {r0['problem']}[/bold] ({r0['dtype']}, batch "
+        f"{r0['batch']}"
+        + ("" if several else f", d loss / d {wrts[0]}")
+        + ")"
+    )
+    flagged = False
+    for sampler in dict.fromkeys(r["sampler"] for r in records):
+        table = Table(
+            title=_short(sampler, TABLE_WIDTH - 4),
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            pad_edge=False,
         )
-    console.print(table)
+        cols = ["adjoint", "N"] + (["wrt"] if several else [])
+        cols += (["err", "cos"] if truth else []) + ["err/DTO"]
+        cols += ["NFE f+b", "R", "temp", "order"]
+        for name in cols:
+            left = name in ("adjoint", "wrt")
+            table.add_column(name, justify="left" if left else "right", no_wrap=True)
+        last = None
+        for r in records:
+            if r["sampler"] != sampler:
+                continue
+            first = r["adjoint"] != last
+            if last is not None and first:
+                table.add_section()
+            last = r["adjoint"]
+            slope = r["slope"]
+            if slope is None or not math.isfinite(slope):  # no truth: against DTO
+                slope = r["slope_discrete"]
+            order = "" if not (first or several) else _fmt(slope, ".2f")
+            if order not in ("", "–") and not r.get("asymptotic", True):
+                order += "*"
+                flagged = True
+            row = [_short(r["adjoint"], 26) if first else "", str(r["steps"])]
+            row += [r["wrt"]] if several else []
+            if truth:
+                row += [_fmt(r["rel_error"], ".1e"), _fmt(r["cosine"], ".4f")]
+            row += [
+                _fmt(r["rel_error_discrete"], ".1e"),
+                f"{r['nfe_forward']}+{r['nfe_backward']}",
+                _fmt(r["ratio"], ".1f"),
+                _bytes(r["temp_bytes"]),
+                order,
+            ]
+            table.add_row(*row)
+        console.print(table)
+    notes = [
+        ("err, cos: relative L2 error and cosine of the gradient against the "
+         "continuous-time truth; " if truth else "")
+        + "err/DTO: against the exact gradient of the same sampler (DTO()); NFE "
+        "f+b: model evaluations of the sampler and of the backward pass; R: gradient "
+        "time / sampling time; temp: XLA temporary memory of the jitted gradient; "
+        "order: least-squares slope of log(err) against log(1/N) (of err/DTO where "
+        "there is no truth). Every field, timings in ms and compile times: "
+        "results.csv."
+    ]
+    if flagged:
+        from ._compare import SLOPE_SPREAD
 
-    slopes = Table(
-        title="fitted orders: least-squares slope of log(err) against log(1/N)",
-        title_justify="left",
-        box=box.SIMPLE_HEAD,
-        pad_edge=False,
-    )
-    for name in ("sampler", "adjoint", "wrt", "vs truth", "vs DTO"):
-        slopes.add_column(name, no_wrap=True)
-    seen = set()
-    for r in records:
-        key = (r["sampler"], r["adjoint"], r["wrt"])
-        if key in seen:
-            continue
-        seen.add(key)
-        slopes.add_row(*key, _fmt(r["slope"], ".2f"), _fmt(r["slope_discrete"], ".2f"))
-    console.print(slopes)
+        ns = sorted({r["steps"] for r in records})
+        notes.append(
+            "* pre-asymptotic: the local slopes between consecutive N differ by more "
+            f"than {SLOPE_SPREAD} (or fewer than three N were run), so this slope is "
+            "not an order of convergence. Re-run with more steps, e.g. --steps "
+            + " ".join(str(4 * n) for n in ns[-3:])
+            + "."
+        )
+    for note in notes:
+        console.print(note, style="dim")
 
 
 # ---- figures ----------------------------------------------------------------------
@@ -161,136 +174,193 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[tuple[float, flo
     return front
 
 
+_FAMILY_TITLES = {
+    "DTO": "DTO (exact; checkpointed)",
+    "continuous": "continuous adjoints",
+    "ReversibleAdjoint": "reversible samplers, exact",
+    "Truncated": "truncated backprop (biased)",
+}
+
+
+def family(adjoint_repr: str) -> str:
+    """The panel an adjoint is drawn in: `"DTO"`, `"continuous"` (AdjointDEIS,
+    RecordedAdjoint, InterpolatedAdjoint, AdjointDPM), or its class name."""
+    import adjoint_jax as aj
+
+    name = adjoint_repr.split("(")[0].strip()
+    cls = getattr(aj, name, None)
+    if name == "AdjointDPM" or (
+        isinstance(cls, type) and issubclass(cls, aj.AbstractContinuousAdjoint)
+    ):
+        return "continuous"
+    return name
+
+
 def plot_figures(records: Sequence[dict], out_dir: str, prefix: str = "") -> list[str]:
     """Writes `error_vs_steps.png` (log-log, fitted slopes in the legend), `pareto.png`
-    (error against gradient time, with the Pareto front) and `memory_vs_steps.png`
-    into `out_dir`, one panel per differentiated input; colour by adjoint, marker by
-    sampler. Returns their paths."""
+    (error against gradient time; the Pareto front of all strategies in every panel)
+    and `memory_vs_steps.png` into `out_dir` as small multiples: one column of panels
+    per adjoint family (DTO, continuous adjoints, reversible, truncated, ...), one row
+    per differentiated input; colour by sampler (the same in every panel), line style
+    by adjoint. Returns their paths."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FixedLocator, LogLocator, NullFormatter, NullLocator
 
     os.makedirs(out_dir, exist_ok=True)
+    paths: list[str] = []
+    if not records:
+        return paths
     wrts = list(dict.fromkeys(r["wrt"] for r in records))
-    adjoints = list(dict.fromkeys(r["adjoint"] for r in records))
+    fams = list(dict.fromkeys(family(r["adjoint"]) for r in records))
     samplers = list(dict.fromkeys(r["sampler"] for r in records))
-    strategies = list(dict.fromkeys(_strategy(r) for r in records))
-    cmap = plt.get_cmap("tab10" if len(adjoints) <= 10 else "tab20")
-    colour = {a: cmap(i % cmap.N) for i, a in enumerate(adjoints)}
-    markers = "osD^v<>phX*P"
-    marker = {s: markers[i % len(markers)] for i, s in enumerate(samplers)}
+    cmap = plt.get_cmap("tab10" if len(samplers) <= 10 else "tab20")
+    colour = {s: cmap(i % cmap.N) for i, s in enumerate(samplers)}
+    styles, markers = ("-", "--", ":", "-."), "osD^v<>"
+    per_family: dict[str, list[str]] = {}
+    for r in records:
+        adj = per_family.setdefault(family(r["adjoint"]), [])
+        if r["adjoint"] not in adj:
+            adj.append(r["adjoint"])
 
     def style(r):
+        k = per_family[family(r["adjoint"])].index(r["adjoint"])
         return dict(
-            color=colour[r["adjoint"]],
-            marker=marker[r["sampler"]],
-            markersize=4,
-            linewidth=1.0,
+            color=colour[r["sampler"]],
+            linestyle=styles[k % len(styles)],
+            marker=markers[k % len(markers)],
+            markersize=3.5,
+            linewidth=1.2,
         )
 
-    problem = records[0]["problem"] if records else ""
+    problem = records[0]["problem"]
     continuous = any(
         r["rel_error"] is not None and math.isfinite(r["rel_error"]) for r in records
     )
-    ylabel = "relative L2 error of the gradient" + (
-        " (against the continuous truth, else DTO)" if continuous else " (against DTO)"
-    )
-    ncol = 1 if len(strategies) <= 12 else 2
-    rows = -(-len(strategies) // ncol)
+    err_label = "rel. error" + (" (vs truth)" if continuous else " (vs DTO)")
+    steps = sorted({r["steps"] for r in records})
 
-    def panels(title):
+    def series(w, fam):
+        out: dict[tuple, list[dict]] = {}
+        for r in records:
+            if r["wrt"] == w and family(r["adjoint"]) == fam:
+                out.setdefault((r["sampler"], r["adjoint"]), []).append(r)
+        return out
+
+    def label(sampler, adjoint):
+        return _short(sampler, 30) + " + " + _short(adjoint, 26)
+
+    def grid(title):
         fig, axes = plt.subplots(
-            1, len(wrts), figsize=(7.0 * len(wrts), 4.8 + 0.15 * rows), squeeze=False
+            len(wrts),
+            len(fams),
+            figsize=(4.6 * len(fams), 4.4 * len(wrts)),
+            squeeze=False,
         )
-        fig.suptitle(f"{title} — {problem}")
-        return fig, axes[0]
+        fig.suptitle(f"{title} — {problem}", fontsize=11)
+        return fig, axes
 
-    def finish(ax, w, xlabel, ylab, cap=False):
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylab)
-        ax.set_title(f"d loss / d {w}")
-        ax.grid(True, which="both", alpha=0.3)
+    def finish(ax, w, fam, xlabel, ylabel, steps_axis=False, cap=False):
+        ax.set_title(f"{_FAMILY_TITLES.get(fam, fam)} — d/d {w}", fontsize=9)
+        if not ax.get_lines():
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            return
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(axis="both", which="both", labelsize=7)
+        ax.grid(True, which="major", alpha=0.3)
         ys = [y for line in ax.get_lines() for y in line.get_ydata() if y > 0]
+        if ys and max(ys) / min(ys) > 100:  # many decades: fewer, unlabelled minors
+            ax.yaxis.set_major_locator(LogLocator(base=10, numticks=6))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        if steps_axis:
+            ax.xaxis.set_major_locator(FixedLocator(steps))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([str(n) for n in steps])
+        else:
+            ax.xaxis.set_major_locator(LogLocator(base=10, numticks=5))
+            ax.xaxis.set_minor_formatter(NullFormatter())
         if cap and ys and max(ys) > 10.0:
-            # blown-up gradients (error > 10) are off the chart
-            ax.set_ylim(bottom=min(ys) / 3, top=10.0)
+            ax.set_ylim(bottom=min(ys) / 3, top=10.0)  # blow-ups (> 10) off the chart
         ax.legend(
-            fontsize=6,
-            ncol=ncol,
-            loc="upper center",
-            bbox_to_anchor=(0.5, -0.12),
-            frameon=False,
+            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.27), frameon=False
         )
 
     def save(fig, name):
+        fig.tight_layout()
         path = os.path.join(out_dir, prefix + name)
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
         paths.append(path)
 
-    def series(w):
-        out: dict[str, list[dict]] = {}
-        for r in records:
-            if r["wrt"] == w:
-                out.setdefault(_strategy(r), []).append(r)
-        return out
-
-    paths: list[str] = []
-
     # error against N, with fitted slopes
-    fig, axes = panels("gradient error against the number of steps")
-    for ax, w in zip(axes, wrts):
-        for s, rs in series(w).items():
-            pts = [(r["steps"], _error_of(r)) for r in rs if _error_of(r) is not None]
-            if not pts:
-                continue
-            slope = rs[0]["slope"] if continuous else rs[0]["slope_discrete"]
-            label = s + (
-                ""
-                if slope is None or not math.isfinite(slope)
-                else f"  (slope {slope:.2f})"
-            )
-            ax.loglog(*zip(*pts), label=label, **style(rs[0]))
-        finish(ax, w, "steps N", ylabel, cap=True)
+    fig, axes = grid("gradient error against the number of steps")
+    for i, w in enumerate(wrts):
+        for j, fam in enumerate(fams):
+            ax = axes[i][j]
+            for (s, a), rs in series(w, fam).items():
+                pts = [(r["steps"], _error_of(r)) for r in rs if _error_of(r) is not None]
+                if not pts:
+                    continue
+                slope, text = rs[0]["slope"], label(s, a)
+                if slope is None or not math.isfinite(slope):  # no truth: vs DTO
+                    slope = rs[0]["slope_discrete"]
+                    text += " [vs DTO]" if continuous else ""
+                if slope is not None and math.isfinite(slope):
+                    flag = "" if rs[0].get("asymptotic", True) else "*"
+                    text += f" ({slope:.2f}{flag})"
+                ax.loglog(*zip(*pts), label=text, **style(rs[0]))
+            finish(ax, w, fam, "steps N", err_label, steps_axis=True, cap=True)
+    fig.text(
+        0.01, -0.01, "(slope): fitted order; *: pre-asymptotic (local slopes disagree)",
+        fontsize=7,
+    )
     save(fig, "error_vs_steps.png")
 
-    # error against gradient time: the Pareto front
-    fig, axes = panels("gradient error against gradient wall time")
-    for ax, w in zip(axes, wrts):
-        allpts = []
-        for s, rs in series(w).items():
-            pts = [
-                (r["grad_time_s"], _error_of(r)) for r in rs if _error_of(r) is not None
-            ]
-            if not pts:
-                continue
-            allpts += pts
-            ax.loglog(*zip(*sorted(pts)), label=s, alpha=0.85, **style(rs[0]))
+    # error against gradient time, with the Pareto front of all strategies
+    fig, axes = grid("gradient error against gradient wall time")
+    for i, w in enumerate(wrts):
+        allpts = [
+            (r["grad_time_s"], _error_of(r))
+            for r in records
+            if r["wrt"] == w and _error_of(r) is not None
+        ]
         front = pareto_front(allpts)
-        if front:
-            ax.loglog(
-                *zip(*front),
-                color="black",
-                linewidth=4,
-                alpha=0.25,
-                label="Pareto front",
-                zorder=0,
-            )
-        finish(
-            ax, w, "gradient wall time [s] (median of jitted runs)", ylabel, cap=True
-        )
+        for j, fam in enumerate(fams):
+            ax = axes[i][j]
+            if front:
+                ax.loglog(
+                    *zip(*front), color="black", linewidth=4, alpha=0.2, zorder=0,
+                    label="Pareto front (all panels)",
+                )
+            for (s, a), rs in series(w, fam).items():
+                pts = sorted(
+                    (r["grad_time_s"], _error_of(r))
+                    for r in rs
+                    if _error_of(r) is not None
+                )
+                if pts:
+                    ax.loglog(*zip(*pts), label=label(s, a), **style(rs[0]))
+            finish(ax, w, fam, "gradient time [s]", err_label, cap=True)
     save(fig, "pareto.png")
 
     # memory against N
-    fig, axes = panels("XLA temporary memory of the jitted gradient")
-    for ax, w in zip(axes, wrts):
-        for s, rs in series(w).items():
-            pts = [
-                (r["steps"], r["temp_bytes"] / 2**10) for r in rs if r["temp_bytes"] > 0
-            ]
-            if pts:
-                ax.loglog(*zip(*pts), label=s, **style(rs[0]))
-        finish(ax, w, "steps N", "temporary memory [KiB]")
+    fig, axes = grid("XLA temporary memory of the jitted gradient")
+    for i, w in enumerate(wrts):
+        for j, fam in enumerate(fams):
+            ax = axes[i][j]
+            for (s, a), rs in series(w, fam).items():
+                pts = [
+                    (r["steps"], r["temp_bytes"] / 2**20)
+                    for r in rs
+                    if r["temp_bytes"] > 0
+                ]
+                if pts:
+                    ax.loglog(*zip(*pts), label=label(s, a), **style(rs[0]))
+            finish(ax, w, fam, "steps N", "temporary memory [MiB]", steps_axis=True)
     save(fig, "memory_vs_steps.png")
     return paths
