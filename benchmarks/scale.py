@@ -25,7 +25,8 @@ The problem (random weights; only the shapes and costs matter):
 - **Loss**: a small convolutional decoder from latents to pixels (two ×2 up-samplings:
   32×32×4 → 128×128×3), under `jax.checkpoint`, then the mean squared distance to a
   fixed image.
-- **Latents**: 32×32×4 at batch 4 (`--size`, `--batch`, `--channels` for larger).
+- **Latents**: 32×32×4 at batch 4, 32 base channels (`--size`, `--batch`, `--channels`
+  for larger).
 
 Strategies (one registry: the strings are parsed by `adjoint_jax.bench._registry`):
 `DTO()`, `DTO(checkpoints="steps")`, `DTO(checkpoints=k)` and `Truncated(last=1)`
@@ -42,7 +43,8 @@ through `/proc/self/clear_refs`; GPU: `peak_bytes_in_use` of the device, each
 configuration in its own process). Times are medians of `--repeats` runs after a
 warm-up run.
 
-Run (about 10 minutes on a 2-core CPU at the default size):
+Run (17 minutes on a 2-core CPU at the default size with another job running; the
+time is mostly compilation, 24 gradients of a large graph):
 
     python benchmarks/scale.py --out docs/scale
 
@@ -563,7 +565,7 @@ def main(argv=None):
     )
     p.add_argument("--size", type=int, default=32, help="latent side (H = W)")
     p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--channels", type=int, default=64, help="UNet base channels")
+    p.add_argument("--channels", type=int, default=32, help="UNet base channels")
     p.add_argument("--steps", nargs="+", type=int, default=[20, 50])
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16"], help="base weights' dtype")
