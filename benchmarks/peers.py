@@ -5,44 +5,75 @@ Claim checked: at equal gradient error (∂L/∂x_T) on the sharp Gaussian mixtu
 adjoint_jax's best strategy is at least 5× faster than diffrax's `BacksolveAdjoint`
 with adaptive Tsit5, no slower than diffrax's `RecursiveCheckpointAdjoint` on the same
 fixed-step scheme, and faster than torchdiffeq's `odeint_adjoint` (the engine of the
-AdjointDPM reference code) on CPU.
+AdjointDPM reference code) on CPU. On the network-dominated problem (`--problem
+digits`, where the model's cost dominates every participant's, so that the time
+ratios measure the strategies rather than the overheads) the claim put to the test is
+"our Pareto front at or below every peer's at every error from 1e-1 to 1e-5"; the
+report gives a per-peer verdict for that band, from the measurements, and says where
+our front does not reach a peer's error.
+
+Problems (`--problem`):
+
+- `mixture`: a sharp Gaussian mixture, analytic ε (default);
+- `mlp`: a random-weight MLP ε-network (weights copied to PyTorch);
+- `digits`: the shipped trained digits ε-network (`aj.zoo.digits()`: a conv ResNet
+  with GroupNorm and FiLM, ~190k weights), batch 8 of 8×8 images, class-conditional,
+  everything cast to float64, ported to PyTorch layer by layer (`torch_eps`). The loss
+  is the same nonlinear loss as for the other problems (not the classifier's).
 
 Every participant solves the probability-flow ODE in the exponential-integrator
 variables y = x/α against ρ = σ/α,
 
     dy/dρ = ε_θ(α(ρ) y, t(ρ), c),       α(ρ) = (1 + ρ²)^(-1/2),
 
-from ρ(t_start) down to ρ(t_end), with the same ε (the mixture's analytic ε, or the
-MLP with its weights copied to PyTorch), the same x_T, the same loss on x_0 and the
-same truth (`jax.grad` through a converged Dopri8 solve, rtol = atol = 1e-10, float64).
-DPM-Solver-1 *is* Euler in (y, ρ), so diffrax's Euler on the sampler's log-SNR grid
-(`StepTo`) is exactly `aj.DPMSolver1()`, and `RecursiveCheckpointAdjoint` through it is
+from ρ(t_start) down to ρ(t_end), with the same ε, the same x_T, the same loss on x_0
+and the same truth (`jax.grad` through a converged Dopri8 solve, rtol = atol = 1e-10,
+float64; for digits, which has none built in, diffrax's Dopri8 in λ with
+`RecursiveCheckpointAdjoint`, checked against rtol = 1e-9). DPM-Solver-1 *is* Euler in
+(y, ρ), so diffrax's Euler on the sampler's log-SNR grid (`StepTo`) is exactly
+`aj.DPMSolver1()`, and `RecursiveCheckpointAdjoint` through it is
 `aj.DTO(checkpoints=...)` written with diffrax's general machinery.
+
+Before timing anything the run checks the PyTorch port against JAX in float64 and
+stops if it drifts (`check_parity`: ε at a few (y, ρ) to 1e-10, the loss, the
+gradient through `euler` on the sampler's grid, torchdiffeq `odeint` against diffrax
+`Euler` + `RecursiveCheckpointAdjoint`, and torchdiffeq `odeint_adjoint` against
+diffrax `BacksolveAdjoint`, both to 1e-9). `--check` runs only these checks and the
+truth's convergence check.
 
 Participants (gradient with respect to x_T, float64, jitted / torch eager):
 
-- ours: a few (sampler, adjoint) pairs over N, measured by `adjoint_jax.bench.compare`;
+- ours: a few (sampler, adjoint) pairs over N, measured by `adjoint_jax.bench.compare`
+  (on digits only the candidates for the front, `OURS_FRONT`; `--all-pairs`: all);
 - diffrax Euler / Heun / Tsit5 on the sampler's grid (`StepTo` in ρ) with
-  `RecursiveCheckpointAdjoint`, over the same N (diffrax's `BacksolveAdjoint`
-  cannot step a `StepTo` grid backwards);
+  `RecursiveCheckpointAdjoint`, over N (diffrax's `BacksolveAdjoint` cannot step a
+  `StepTo` grid backwards);
 - diffrax Tsit5 with constant steps in λ (the same log-SNR grid points) with
-  `RecursiveCheckpointAdjoint` and `BacksolveAdjoint`, over the same N;
+  `RecursiveCheckpointAdjoint` and `BacksolveAdjoint`, over N;
 - diffrax Tsit5 with a PID controller in λ (faster than in ρ for diffrax on this
   problem) over a sweep of tolerances, both adjoints;
 - torchdiffeq `odeint_adjoint`: `euler` on the same grid over N, `dopri5` over a
   sweep of tolerances.
 
+The sweeps (our N, the peers' N, the tolerances, the repeats, torch's threads) are
+per problem (`DEFAULTS`; each can be overridden on the command line).
+
 For each peer the ratio (peer gradient time) / (our time at the same error) is read
 off the lower envelope (Pareto front) of all our points, interpolated in log-log.
 
-Run (a few minutes on 2 cores; install the extra first: `pip install -e ".[bench]"`):
+Run (install the extra first: `pip install -e ".[bench]"`; the mixture takes a few
+minutes on 2 cores, digits about a quarter of an hour on a quiet machine):
 
     python benchmarks/peers.py --problem mixture --out docs/peers
+    python benchmarks/peers.py --problem digits --out docs/peers_digits
 
-`--quick` runs a reduced sweep (for a smoke test).
+`--quick` runs a reduced sweep (for a smoke test). Timings depend on the machine's
+load: torch with two intra-op threads in particular slows down by an order of
+magnitude when another process keeps a core busy (`--torch-threads 1` then).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -56,12 +87,17 @@ import jax
 jax.config.update("jax_enable_x64", True)
 
 import diffrax  # noqa: E402
+import equinox as eqx  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import adjoint_jax as aj  # noqa: E402
 from adjoint_jax.bench import compare, make_problem  # noqa: E402
-from adjoint_jax.bench._compare import errors  # noqa: E402
+from adjoint_jax.bench._compare import (  # noqa: E402
+    _nonlinear_loss,
+    _weights,
+    errors,
+)
 from adjoint_jax.bench._report import pareto_front  # noqa: E402
 
 
@@ -74,14 +110,35 @@ def t_of_rho(schedule, rho):
     return schedule.t_of_lam(-jnp.log(rho))
 
 
-def _median_time(fn, repeats, min_time=0.2):
-    fn()  # warm-up
+def _median_time(fn, repeats, min_time=0.2, warmup=True, max_time=math.inf):
+    """Median wall time of `fn()`: at least one run, `repeats` runs unless they
+    add up to `max_time` seconds first, and enough to fill `min_time`."""
+    if warmup:
+        fn()
     times = []
-    while len(times) < repeats or (sum(times) < min_time and len(times) < 200):
+    while (
+        not times
+        or (len(times) < repeats and sum(times) < max_time)
+        or (sum(times) < min_time and len(times) < 200)
+    ):
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
+
+
+def jax_eps(problem):
+    """The problem's ε as a function of (ρ, y, (params, cond)): what every JAX
+    participant integrates (dy/dρ = ε)."""
+    sch = problem.schedule
+
+    def eps(rho, y, args):
+        params, cond = args
+        return problem.model(
+            params, y / jnp.sqrt(1.0 + rho * rho), t_of_rho(sch, rho), cond
+        )
+
+    return eps
 
 
 def diffrax_grad(
@@ -108,12 +165,7 @@ def diffrax_grad(
     t0, t1 = sch.t_max if problem.t_start is None else problem.t_start, problem.t_end
     rho0, rho1 = rho_of_t(sch, jnp.asarray(t0)), rho_of_t(sch, jnp.asarray(t1))
     alpha0, alpha1 = jnp.exp(sch.log_alpha(t0)), jnp.exp(sch.log_alpha(t1))
-
-    def eps(rho, y, args):
-        params, cond = args
-        return problem.model(
-            params, y / jnp.sqrt(1.0 + rho * rho), t_of_rho(sch, rho), cond
-        )
+    eps = jax_eps(problem)
 
     if grid is not None or variable == "rho":
         term = diffrax.ODETerm(lambda s, y, args: -eps(-s, y, args))
@@ -148,13 +200,150 @@ def diffrax_grad(
     return jax.jit(jax.grad(loss))
 
 
+# ---- problems --------------------------------------------------------------------
+OURS = [
+    (aj.DPMSolver1(), aj.DTO()),
+    (aj.DPMSolver2(), aj.DTO()),
+    (aj.DPMSolver2(), aj.DTO(checkpoints="steps")),
+    (aj.DPMSolver2(), aj.AdjointDEIS(order=2)),
+    (aj.DPMSolverPP(order=3), aj.DTO()),
+    (aj.DPMSolverPP(order=3, third_order="taylor"), aj.DTO()),
+    (aj.ReversibleHeun(), aj.ReversibleAdjoint()),
+    (aj.McCallumFoster(aj.DPMSolver2()), aj.ReversibleAdjoint()),
+]
+# On digits each pair costs minutes, and every other pair of `OURS` was dominated
+# wherever we measured it (N = 8, 32, and 128, 512 for the third orders): the same
+# error at more time (DTO(checkpoints="steps"), McCallumFoster) or more error at
+# about the same time (DPMSolver1, AdjointDEIS(order=2), ReversibleHeun,
+# DPMSolverPP(order=3, third_order="taylor")). Only the candidates for the front run
+# by default there; `--all-pairs` runs all of `OURS`.
+OURS_FRONT = [
+    (aj.DPMSolver2(), aj.DTO()),
+    (aj.DPMSolverPP(order=3), aj.DTO()),
+]
+
+# Per-problem defaults: `batch`; `steps` (our N); `peer_steps` (the N of the peers'
+# fixed-step series; None: `steps`); `tols` (the peers' adaptive tolerances); `repeats`
+# (timed runs); `max_time` (a peer's timed runs stop once they add up to this many
+# seconds, after at least one run past the warm-up); `ours` (our pairs);
+# `torch_threads`: torch's intra-op threads (None: torch's default). The mixture's and
+# the MLP's tensors are tiny, so extra threads only add synchronisation: one. The
+# digits network's convolutions are worth parallelising: torch's default (the
+# physical cores, 2 here; on a loaded machine two threads can be far slower than one,
+# see `--torch-threads`);
+# `torch_step_t`: make torchdiffeq's adaptive solver step exactly onto the end point
+# ρ(t_end) instead of stepping past it and interpolating back: the digits network
+# embeds λ = −log ρ, undefined for ρ ≤ 0, and ρ(t_end) ≈ 0.01 is close to 0.
+#
+# The mixture and the MLP are cheap: wide sweeps. The digits ε-network (a conv ResNet,
+# ~190k weights, batch 8) dominates every participant's cost, and its λ-embedding
+# (frequencies up to 8 over λ ∈ [−5, 4.6]) is resolved only from N ≈ 100: our
+# multistep solvers reach ~2e-4 at N = 512 (~1e-5 would take N of several thousand),
+# the peers' Tsit5 ~2e-5 at N = 32 (6 evaluations a step). The sweep keeps a full run
+# to about a quarter of an hour on 2 CPU cores; widen it with --steps / --tols.
+_WIDE = dict(
+    batch=16,
+    steps=[8, 16, 32, 64, 128, 256],
+    peer_steps=None,  # = steps
+    tols=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7],
+    repeats=5,
+    max_time=math.inf,
+    ours=OURS,
+    torch_threads=1,
+    torch_step_t=False,
+)
+DEFAULTS = {
+    "mixture": _WIDE,
+    "mlp": _WIDE,
+    "digits": dict(
+        batch=8,
+        steps=[32, 64, 128, 256, 512],
+        peer_steps=[8, 16, 32],
+        tols=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7],
+        repeats=3,
+        max_time=2.0,
+        ours=OURS_FRONT,
+        torch_threads=None,
+        torch_step_t=True,
+    ),
+}
+QUICK = dict(steps=[8, 32], peer_steps=[8, 32], tols=[1e-4], repeats=2)
+TRUTH_RTOL, TRUTH_CHECK_RTOL = 1e-10, 1e-9  # Dopri8 truth, and its convergence check
+TRUTH_CONVERGED = 1e-7  # largest relative change between the two accepted
+PARITY_EPS, PARITY_LOSS, PARITY_GRAD = 1e-10, 1e-12, 1e-9  # torch against JAX
+
+
+def _f64_leaves(tree):
+    return jax.tree_util.tree_map(
+        lambda a: (
+            jnp.asarray(a, jnp.float64)
+            if jnp.issubdtype(jnp.asarray(a).dtype, jnp.floating)
+            else a
+        ),
+        tree,
+    )
+
+
+def digits_problem(batch):
+    """The shipped trained digits ε-network (`aj.zoo.digits()`) in float64 throughout:
+    its weights cast to float64 (the network computes in its weights' dtype), x_T of
+    shape (batch, 8, 8) and the class embeddings in float64, and the nonlinear loss of
+    the other problems (the same one the torch side computes) instead of the
+    classifier's cross-entropy. No closed form: the truth is `converged_truth`."""
+    base = make_problem("digits", batch=batch, dtype=jnp.float64)
+    problem = dataclasses.replace(
+        base,
+        params=_f64_leaves(base.params),
+        x_T=jnp.asarray(base.x_T, jnp.float64),
+        cond=jnp.asarray(base.cond, jnp.float64),
+        loss=_nonlinear_loss(_weights(base.x_T.shape[-1], jnp.float64)),
+        truth=None,
+    )
+    net = eqx.combine(problem.params, problem.model.static)
+    assert net._dtype() == jnp.float64, net._dtype()
+    return problem
+
+
+def converged_truth(problem):
+    """∂L/∂x_T through diffrax's Dopri8 (PID in λ, rtol = atol = `TRUTH_RTOL`,
+    `RecursiveCheckpointAdjoint`), checked against the same at `TRUTH_CHECK_RTOL`:
+    returns (truth, relative difference); raises if they differ by more than
+    `TRUTH_CONVERGED`."""
+    grads = []
+    for rtol in (TRUTH_RTOL, TRUTH_CHECK_RTOL):
+        f = diffrax_grad(
+            problem,
+            diffrax.Dopri8(),
+            diffrax.RecursiveCheckpointAdjoint(),
+            rtol=rtol,
+            max_steps=65536,
+        )
+        grads.append(np.asarray(f(problem.x_T)))
+    change = errors(grads[0], grads[1])[0]
+    if not change <= TRUTH_CONVERGED:
+        raise RuntimeError(
+            f"the Dopri8 truth is not converged: rtol {TRUTH_RTOL:.0e} and "
+            f"{TRUTH_CHECK_RTOL:.0e} differ by {change:.2e} (relative) > "
+            f"{TRUTH_CONVERGED:.0e}"
+        )
+    return grads[0], change
+
+
+def build_problem(problem_name, batch):
+    if problem_name == "digits":
+        return digits_problem(batch)
+    return make_problem(problem_name, batch=batch)
+
+
 # ---- torch -----------------------------------------------------------------------
 def torch_eps(problem_name, problem, torch):
     """The problem's ε ported to PyTorch (float64), as a function of (y, ρ)."""
     sch = problem.schedule
     bmin, bmax = sch.beta_min, sch.beta_max
+    cond = torch.tensor(np.asarray(problem.cond, np.float64))
+    if problem_name == "digits":
+        return _torch_digits_eps(problem, cond, torch)
     p = {k: torch.tensor(np.asarray(v)) for k, v in problem.params.items()}
-    cond = torch.tensor(np.asarray(problem.cond))
 
     def t_alpha(rho):
         big_l = 0.5 * torch.log1p(rho * rho)  # −log α
@@ -198,7 +387,105 @@ def torch_eps(problem_name, problem, torch):
     return eps
 
 
-def torchdiffeq_grad(problem_name, problem, method, *, grid=None, rtol=None):
+def _torch_digits_eps(problem, cond, torch):
+    """`DigitsEpsNet` (`adjoint_jax/zoo/_digits.py`) in PyTorch, float64, NCHW, with
+    the same weights: convolutions HWIO → OIHW ("SAME" = padding 1), the same
+    GroupNorm (biased variance over H, W and the channels of a group, eps 1e-5), FiLM
+    and noise embedding. The network embeds the log-SNR λ(t), which in (y, ρ) is
+    λ = −log ρ: no t needed."""
+    F = torch.nn.functional
+    net = eqx.combine(problem.params, problem.model.static)
+
+    def tt(a):
+        return torch.tensor(np.asarray(a, np.float64))
+
+    def dense(m):
+        w, b = tt(m.weight), tt(m.bias)
+        return lambda x: x @ w + b
+
+    def conv(m):
+        w, b = tt(m.weight).permute(3, 2, 0, 1).contiguous(), tt(m.bias)
+        return lambda x: F.conv2d(x, w, b, padding=1)
+
+    def group_norm(m):
+        scale, shift, groups = (
+            tt(m.scale)[:, None, None],
+            tt(m.shift)[:, None, None],
+            m.groups,
+        )
+
+        def f(x):
+            b, c, h, w = x.shape
+            g = x.reshape(b, groups, c // groups, h, w)
+            mean = g.mean(dim=(2, 3, 4), keepdim=True)
+            var = ((g - mean) ** 2).mean(dim=(2, 3, 4), keepdim=True)
+            g = ((g - mean) * torch.rsqrt(var + 1e-5)).reshape(b, c, h, w)
+            return g * scale + shift
+
+        return f
+
+    silu = F.silu
+    # As in `DigitsEpsNet.embed_noise`: frequencies 1/8 … 8, geometric.
+    freqs = tt(np.exp(np.linspace(math.log(0.125), math.log(8.0), net.num_freqs)))
+    noise0, noise1 = dense(net.noise_mlp[0]), dense(net.noise_mlp[1])
+    cond_emb = dense(net.cond_proj)(cond)  # the conditioning is fixed
+    conv_in, norm_out, conv_out = (
+        conv(net.conv_in),
+        group_norm(net.norm_out),
+        conv(net.conv_out),
+    )
+    blocks = [
+        (
+            group_norm(blk.norm1),
+            conv(blk.conv1),
+            dense(blk.film),
+            group_norm(blk.norm2),
+            conv(blk.conv2),
+        )
+        for blk in net.blocks
+    ]
+
+    def eps(rho, y):  # y (B, 8, 8), ρ a scalar
+        x = y * torch.rsqrt(1.0 + rho * rho)
+        lam = (-torch.log(rho)).expand(x.shape[0])[:, None]  # (B, 1)
+        arg = lam * freqs
+        feats = torch.cat([torch.sin(arg), torch.cos(arg), lam / 8.0], -1)
+        emb = silu(noise1(silu(noise0(feats))) + cond_emb)
+        h = conv_in(x[:, None])
+        for norm1, conv1, film, norm2, conv2 in blocks:
+            z = conv1(silu(norm1(h)))
+            scale, shift = film(emb)[:, :, None, None].chunk(2, dim=1)
+            z = norm2(z) * (1.0 + scale) + shift
+            h = h + conv2(silu(z))
+        return conv_out(silu(norm_out(h)))[:, 0]
+
+    return eps
+
+
+def torch_loss(x0, torch):
+    """The torch side's loss: `_nonlinear_loss` of `adjoint_jax.bench._compare`
+    ((Σ w·sin(x0) + ½ Σ x0²) / scale, w of length 8 over the last axis)."""
+    w = torch.tensor(np.asarray([1.0, -2.0, 0.5, 1.5, -1.0, 0.75, -0.5, 2.0]))
+    w = w[torch.arange(x0.shape[-1]) % 8]
+    scale = x0.numel() // x0.shape[-1]
+    return ((w * torch.sin(x0)).sum() + 0.5 * (x0 * x0).sum()) / scale
+
+
+def torchdiffeq_grad(
+    problem_name,
+    problem,
+    method,
+    *,
+    grid=None,
+    rtol=None,
+    num_steps=None,
+    adjoint=True,
+):
+    """∂L/∂x_T through torchdiffeq in (y, ρ), torch eager, float64: on the sampler's
+    grid (`grid`, ρ values), with `num_steps` constant steps in ρ, or adaptive at
+    rtol = atol = `rtol`. `adjoint=True`: `odeint_adjoint` (the continuous adjoint,
+    solved backwards with the same method and backsolve: the benchmarked peer);
+    `adjoint=False`: backpropagation through `odeint` (only for the parity check)."""
     import torch
     import torchdiffeq
 
@@ -208,10 +495,7 @@ def torchdiffeq_grad(problem_name, problem, method, *, grid=None, rtol=None):
     t0 = sch.t_max if problem.t_start is None else problem.t_start
     alpha0 = float(jnp.exp(sch.log_alpha(t0)))
     alpha1 = float(jnp.exp(sch.log_alpha(problem.t_end)))
-    w = torch.tensor(np.asarray([1.0, -2.0, 0.5, 1.5, -1.0, 0.75, -0.5, 2.0]))
     x_T = torch.tensor(np.asarray(problem.x_T))
-    dim = x_T.shape[-1]
-    w = w[torch.arange(dim) % 8]
 
     class Func(torch.nn.Module):
         def forward(self, rho, y):
@@ -222,44 +506,165 @@ def torchdiffeq_grad(problem_name, problem, method, *, grid=None, rtol=None):
         ts = torch.tensor(np.asarray(grid))
         kw = dict(method=method)
     else:
-        ts = torch.tensor(
-            np.asarray(
-                [
-                    float(rho_of_t(sch, jnp.asarray(t0))),
-                    float(rho_of_t(sch, jnp.asarray(problem.t_end))),
-                ]
-            )
+        rho0 = float(rho_of_t(sch, jnp.asarray(t0)))
+        rho1 = float(rho_of_t(sch, jnp.asarray(problem.t_end)))
+        ts = torch.tensor([rho0, rho1])
+        if num_steps is not None:
+            kw = dict(method=method, options=dict(step_size=(rho0 - rho1) / num_steps))
+        else:
+            kw = dict(method=method, rtol=rtol, atol=rtol)
+            if DEFAULTS[problem_name]["torch_step_t"]:
+                kw["options"] = dict(step_t=ts[1:])
+    if adjoint:
+        solve = lambda y0: torchdiffeq.odeint_adjoint(  # noqa: E731
+            func, y0, ts, adjoint_params=(), **kw
         )
-        kw = dict(method=method, rtol=rtol, atol=rtol)
+    else:
+        solve = lambda y0: torchdiffeq.odeint(func, y0, ts, **kw)  # noqa: E731
 
     def grad():
         x = x_T.clone().requires_grad_(True)
-        ys = torchdiffeq.odeint_adjoint(func, x / alpha0, ts, adjoint_params=(), **kw)
-        x0 = alpha1 * ys[-1]
-        scale = x0.numel() // x0.shape[-1]
-        loss = ((w * torch.sin(x0)).sum() + 0.5 * (x0 * x0).sum()) / scale
-        (g,) = torch.autograd.grad(loss, x)
+        ys = solve(x / alpha0)
+        (g,) = torch.autograd.grad(torch_loss(alpha1 * ys[-1], torch), x)
         return g.detach().numpy()
 
     return grad
 
 
+def check_parity(problem_name, problem, num_steps=8):
+    """The torch port against JAX, in float64. Returns the relative differences of
+
+    - `eps`: ε at a few (y, ρ) (largest over them);
+    - `loss`: the loss at one x_0;
+    - `euler_grad`: backpropagation through torchdiffeq's `euler` (`odeint`) against
+      diffrax's `Euler` + `RecursiveCheckpointAdjoint`, both on the sampler's
+      `num_steps`-step grid (`StepTo`): the same discrete map and its exact gradient;
+    - `euler_adjoint`: torchdiffeq's `odeint_adjoint` (the peer's own machinery)
+      against diffrax's `BacksolveAdjoint`, both `euler` with 4·`num_steps` constant
+      steps in ρ: the same continuous adjoint, discretised alike. (On the sampler's
+      grid `odeint_adjoint` is *not* the discrete gradient: it re-solves y backwards,
+      so it is compared with the truth in the table, not here.)
+
+    Raises `RuntimeError` if any exceeds its bound (`PARITY_*`)."""
+    import torch
+
+    torch.set_default_dtype(torch.float64)
+    sch = problem.schedule
+    t0 = sch.t_max if problem.t_start is None else problem.t_start
+    t_eps = torch_eps(problem_name, problem, torch)
+    j_eps = jax.jit(jax_eps(problem))
+    args = (problem.params, problem.cond)
+    x = np.asarray(problem.x_T)
+    noise = np.asarray(jax.random.normal(jax.random.key(7), x.shape, jnp.float64))
+    eps_diff = 0.0
+    for t in (t0, 0.5, 0.05, problem.t_end):
+        rho = float(rho_of_t(sch, jnp.asarray(t)))
+        for xx in (x, 0.5 * x + noise):
+            y = xx * math.sqrt(1.0 + rho * rho)  # x = α y of order one
+            ej = np.asarray(j_eps(jnp.asarray(rho), jnp.asarray(y), args))
+            et = t_eps(torch.tensor(rho), torch.tensor(y)).numpy()
+            eps_diff = max(eps_diff, errors(et, ej)[0])
+    lj = float(problem.loss(jnp.asarray(x + noise)))
+    lt = float(torch_loss(torch.tensor(x + noise), torch))
+    loss_diff = abs(lj - lt) / abs(lj)
+    rec, back = diffrax.RecursiveCheckpointAdjoint(), diffrax.BacksolveAdjoint()
+    grid = rho_of_t(sch, problem.ts(num_steps))
+    gj = diffrax_grad(problem, diffrax.Euler(), rec, grid=grid)(problem.x_T)
+    gt = torchdiffeq_grad(
+        problem_name, problem, "euler", grid=np.asarray(grid), adjoint=False
+    )()
+    grad_diff = errors(gt, gj)[0]
+    n = 4 * num_steps
+    gj = diffrax_grad(problem, diffrax.Euler(), back, num_steps=n, variable="rho")(
+        problem.x_T
+    )
+    gt = torchdiffeq_grad(problem_name, problem, "euler", num_steps=n)()
+    adj_diff = errors(gt, gj)[0]
+    out = dict(
+        eps=eps_diff,
+        loss=loss_diff,
+        euler_grad=grad_diff,
+        euler_adjoint=adj_diff,
+        steps=num_steps,
+    )
+    print(
+        f"parity torch/JAX ({problem_name}, float64, relative): ε {eps_diff:.1e}, "
+        f"loss {loss_diff:.1e}, euler gradient on the {num_steps}-step grid "
+        f"{grad_diff:.1e}, euler odeint_adjoint/BacksolveAdjoint ({n} steps in ρ) "
+        f"{adj_diff:.1e}",
+        flush=True,
+    )
+    failed = [
+        f"{what} differs by {d:.2e} > {bound:.0e}"
+        for what, d, bound in (
+            ("ε", eps_diff, PARITY_EPS),
+            ("the loss", loss_diff, PARITY_LOSS),
+            (
+                f"the euler gradient on the {num_steps}-step grid",
+                grad_diff,
+                PARITY_GRAD,
+            ),
+            ("odeint_adjoint against BacksolveAdjoint", adj_diff, PARITY_GRAD),
+        )
+        if not d <= bound
+    ]
+    if failed:
+        raise RuntimeError(
+            f"the PyTorch port of the {problem_name} problem does not match JAX "
+            "(relative differences, float64): "
+            + "; ".join(failed)
+            + ". Fix `torch_eps` / `torch_loss` / `torchdiffeq_grad` in "
+            "benchmarks/peers.py before comparing timings."
+        )
+    return out
+
+
 # ---- the run ---------------------------------------------------------------------
-OURS = [
-    (aj.DPMSolver1(), aj.DTO()),
-    (aj.DPMSolver2(), aj.DTO()),
-    (aj.DPMSolver2(), aj.DTO(checkpoints="steps")),
-    (aj.DPMSolver2(), aj.AdjointDEIS(order=2)),
-    (aj.DPMSolverPP(order=3), aj.DTO()),
-    (aj.DPMSolverPP(order=3, third_order="taylor"), aj.DTO()),
-    (aj.ReversibleHeun(), aj.ReversibleAdjoint()),
-    (aj.McCallumFoster(aj.DPMSolver2()), aj.ReversibleAdjoint()),
-]
-
-
-def run(problem_name, steps, tols, batch, repeats, out, skip_torch=False):
-    problem = make_problem(problem_name, batch=batch)
-    truth = problem.truth(problem.params, problem.x_T, problem.cond)[1]
+def run(
+    problem_name,
+    steps,
+    tols,
+    batch,
+    repeats,
+    out,
+    skip_torch=False,
+    *,
+    peer_steps=None,
+    pairs=OURS,
+    max_time=math.inf,
+    torch_threads=None,
+):
+    """The whole comparison; `peer_steps` (default: `steps`) are the N of the peers'
+    fixed-step series, `pairs` our (sampler, adjoint) pairs, `torch_threads` torch's
+    intra-op threads (None: torch's default)."""
+    peer_steps = steps if peer_steps is None else peer_steps
+    t_run = time.perf_counter()
+    problem = build_problem(problem_name, batch)
+    print(f"problem {problem_name}, batch {batch}, gradient with respect to x_T")
+    checks = {}
+    if not skip_torch:
+        checks["parity"] = check_parity(problem_name, problem)
+    if problem.truth is not None:
+        truth = np.asarray(problem.truth(problem.params, problem.x_T, problem.cond)[1])
+        checks["truth"] = dict(kind="the problem's own (make_problem)")
+    else:
+        t_truth = time.perf_counter()
+        truth, change = converged_truth(problem)
+        checks["truth"] = dict(
+            kind="diffrax Dopri8, PID in λ, RecursiveCheckpointAdjoint",
+            rtol=TRUTH_RTOL,
+            check_rtol=TRUTH_CHECK_RTOL,
+            rel_change=change,
+        )
+        print(
+            f"truth: Dopri8 rtol = atol = {TRUTH_RTOL:.0e}; against "
+            f"{TRUTH_CHECK_RTOL:.0e} it changes by {change:.1e} (relative) "
+            f"[{time.perf_counter() - t_truth:.0f} s]",
+            flush=True,
+        )
+    # Every participant, ours included (`compare` asks `problem.truth`), is scored
+    # against this one truth, computed once.
+    problem = dataclasses.replace(problem, truth=lambda p, x, c: (None, truth, None))
     rows = []
 
     def add(engine, method, adjoint, knob, g, t):
@@ -281,10 +686,15 @@ def run(problem_name, steps, tols, batch, repeats, out, skip_torch=False):
             flush=True,
         )
 
-    print(f"problem {problem_name}, batch {batch}, gradient with respect to x_T")
     # ours
     recs = compare(
-        problem, pairs=OURS, steps=steps, wrt=["xT"], repeats=repeats, min_time=0.2
+        problem,
+        pairs=pairs,
+        steps=steps,
+        wrt=["xT"],
+        repeats=repeats,
+        min_time=0.2,
+        progress=lambda what: print(f"  adjoint_jax {what} …", flush=True),
     )
     for r in recs:
         rows.append(
@@ -311,11 +721,16 @@ def run(problem_name, steps, tols, batch, repeats, out, skip_torch=False):
     rec, back = diffrax.RecursiveCheckpointAdjoint(), diffrax.BacksolveAdjoint()
 
     def measure(f, method, adjoint, knob):
-        g = f(*args)
-        t = _median_time(lambda: jax.block_until_ready(f(*args)), repeats)
+        g = f(*args)  # compiles, and is the warm-up run
+        t = _median_time(
+            lambda: jax.block_until_ready(f(*args)),
+            repeats,
+            warmup=False,
+            max_time=max_time,
+        )
         add("diffrax", method, type(adjoint).__name__, knob, g, t)
 
-    for n in steps:
+    for n in peer_steps:
         grid = rho_of_t(sch, problem.ts(n))
         for solver in (diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()):
             f = diffrax_grad(problem, solver, rec, grid=grid)
@@ -332,19 +747,20 @@ def run(problem_name, steps, tols, batch, repeats, out, skip_torch=False):
     if not skip_torch:
         import torch
 
-        # The tensors are tiny: intra-op threads only add synchronisation.
-        torch.set_num_threads(1)
-        for n in steps:
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+        checks["torch_threads"] = torch.get_num_threads()
+        for n in peer_steps:
             grid = np.asarray(rho_of_t(sch, problem.ts(n)))
             f = torchdiffeq_grad(problem_name, problem, "euler", grid=grid)
-            g = f()
+            g = f()  # the warm-up run
             add(
                 "torchdiffeq",
                 "euler (sampler grid, in ρ)",
                 "odeint_adjoint",
                 f"N={n}",
                 g,
-                _median_time(f, repeats),
+                _median_time(f, repeats, warmup=False, max_time=max_time),
             )
         for tol in tols:
             f = torchdiffeq_grad(problem_name, problem, "dopri5", rtol=tol)
@@ -355,7 +771,9 @@ def run(problem_name, steps, tols, batch, repeats, out, skip_torch=False):
                 "odeint_adjoint",
                 f"tol={tol:.0e}",
                 g,
-                _median_time(f, 2, min_time=0.0),
+                _median_time(
+                    f, min(2, repeats), min_time=0.0, warmup=False, max_time=max_time
+                ),
             )
 
     summary = ratios(rows)
@@ -365,15 +783,24 @@ def run(problem_name, steps, tols, batch, repeats, out, skip_torch=False):
             dict(
                 problem=problem_name,
                 batch=batch,
+                steps=list(steps),
+                peer_steps=list(peer_steps),
+                tols=list(tols),
+                repeats=repeats,
+                ours=[f"{s!r} + {a!r}" for s, a in pairs],
+                checks=_clean(checks),
                 rows=_clean(rows),
                 ratios=_clean(summary),
             ),
             fh,
             indent=1,
         )
-    write_markdown(rows, summary, os.path.join(out, "peers.md"), problem_name, batch)
-    plot(rows, os.path.join(out, "peers_pareto.png"), problem_name)
+    write_markdown(
+        rows, summary, os.path.join(out, "peers.md"), problem_name, batch, checks
+    )
+    plot(rows, os.path.join(out, "peers_pareto.png"), problem_name, batch)
     print(open(os.path.join(out, "peers.md")).read())
+    print(f"[run took {time.perf_counter() - t_run:.0f} s]")
     return rows, summary
 
 
@@ -460,7 +887,169 @@ def ratios(rows, keep=lambda r: True):
     return summary
 
 
-def write_markdown(rows, summary, path, problem_name, batch):
+BAND = (1e-5, 1e-1)  # the error band of the claim
+
+
+def _peer_name(engine, method, adjoint):
+    return f"{engine} `{method}` + `{adjoint}`"
+
+
+def verdicts(rows, band=BAND):
+    """Per peer, its points against our Pareto front (all our points with error ≤
+    `USEFUL`), in the error band `band`. For a peer point of error e in the band our
+    time is the front's, interpolated in log-log; if e is above our front's largest
+    error, that of our cheapest point (which is more accurate); if e is below our
+    best error, our front does not reach it. Peer points more accurate than the band
+    are compared with our front at the band's lower end (to reach the band they are a
+    point of the peer's front there)."""
+    ours = [
+        (r["grad_time_s"], r["rel_error"])
+        for r in rows
+        if r["engine"] == "adjoint_jax"
+        and r["rel_error"]
+        and 0 < r["rel_error"] <= USEFUL
+    ]
+    front = pareto_front(ours)  # time increasing, error decreasing
+    le = np.log([e for _, e in front])[::-1]  # error increasing
+    lt = np.log([t for t, _ in front])[::-1]
+
+    def our_time(err):
+        if not front or math.log(err) < le[0]:
+            return math.nan
+        if math.log(err) > le[-1]:
+            return front[0][0]
+        return float(np.exp(np.interp(math.log(err), le, lt)))
+
+    out = []
+    for (engine, method, adjoint), rs in _series(rows).items():
+        if engine == "adjoint_jax":
+            continue
+        inside, faster, slower, beyond, below, below_lost = 0, 0, [], [], 0, []
+        for r in rs:
+            e, t = r["rel_error"], r["grad_time_s"]
+            if not (e and e > 0 and math.isfinite(e)) or e > band[1]:
+                continue
+            if e < band[0]:
+                below += 1
+                ot = our_time(band[0])
+                if not (ot <= t):  # NaN: our front does not reach the band's end
+                    below_lost.append((e, t / ot))
+                continue
+            inside += 1
+            ot = our_time(e)
+            if not math.isfinite(ot):
+                beyond.append(e)
+            elif ot <= t:
+                faster += 1
+            else:
+                slower.append((e, t / ot))
+        out.append(
+            dict(
+                peer=_peer_name(engine, method, adjoint),
+                points=inside,
+                ours_faster=faster,
+                ours_slower=slower,
+                beyond_our_front=beyond,
+                below_band=below,
+                below_band_lost=below_lost,
+                holds=not slower and not beyond and not below_lost,
+            )
+        )
+    best = min((e for _, e in front), default=math.nan)
+    return out, best
+
+
+def _verdict_lines(rows, band=BAND):
+    table, best = verdicts(rows, band)
+    lo, hi = band
+    failing = [v["peer"] for v in table if not v["holds"]]
+    compared = [v for v in table if v["points"] or v["below_band"]]
+    claim = (
+        f"our Pareto front at or below every peer's at every error from {hi:.0e} to "
+        f"{lo:.0e}"
+    )
+    if not compared:
+        head = f"Claim “{claim}”: no peer has a point in the band on this run."
+    elif not failing:
+        head = (
+            f"Claim “{claim}”: **holds on this run** against all {len(compared)} "
+            "peers with points in or below the band."
+        )
+    else:
+        head = (
+            f"Claim “{claim}”: **does not hold on this run** against "
+            f"{len(failing)} of {len(compared)} peers with points in or below the "
+            "band (see the table)."
+        )
+    reach = (
+        f"our front reaches down to {best:.1e}"
+        if math.isfinite(best)
+        else "we have no point with error ≤ 0.5"
+    )
+    lines = [
+        "",
+        f"Verdict in the error band [{lo:.0e}, {hi:.0e}] ({reach}). For each peer "
+        "point with error in the band: is our Pareto front's time at that error "
+        "(interpolated in log-log; our cheapest point's where the peer's error is "
+        "above our front's largest) at most the peer's? Peer points more accurate "
+        f"than {lo:.0e} are compared with our front at {lo:.0e}.",
+        "",
+        head,
+        "",
+        f"| peer | ours ≤ peer / points in band | ours slower at (error: peer/ours) "
+        f"| beyond our front (errors) | points < {lo:.0e}: beating our front at "
+        f"{lo:.0e} |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    fmt_slow = lambda xs: ", ".join(f"{e:.1e}: {q:.2f}×" for e, q in xs) or "–"  # noqa: E731
+    for v in table:
+        beyond = ", ".join(f"{e:.1e}" for e in v["beyond_our_front"]) or "–"
+        if not v["below_band"]:
+            below = "–"
+        else:
+            lost = v["below_band_lost"]
+            detail = ", ".join(
+                f"{e:.1e}" + (": front does not reach" if not math.isfinite(q) else "")
+                for e, q in lost
+            )
+            below = f"{len(lost)} of {v['below_band']}" + (
+                f" ({detail})" if lost else ""
+            )
+        lines.append(
+            f"| {v['peer']} | {v['ours_faster']} / {v['points']} "
+            f"| {fmt_slow(v['ours_slower'])} | {beyond} | {below} |"
+        )
+    return lines
+
+
+def _check_lines(checks):
+    if not checks:
+        return []
+    lines = [""]
+    par = checks.get("parity")
+    if par:
+        lines.append(
+            "Parity of the PyTorch port with JAX (float64, relative differences; the "
+            f"run stops if any exceeds its bound): ε {par['eps']:.1e} (≤ "
+            f"{PARITY_EPS:.0e}), loss {par['loss']:.1e}, gradient through `euler` on "
+            f"the {par['steps']}-step grid (torchdiffeq `odeint` against diffrax "
+            f"`Euler` + `RecursiveCheckpointAdjoint`) {par['euler_grad']:.1e}, "
+            "`odeint_adjoint` against `BacksolveAdjoint` (euler, "
+            f"{4 * par['steps']} steps in ρ) {par['euler_adjoint']:.1e} (≤ "
+            f"{PARITY_GRAD:.0e})."
+        )
+    tr = checks.get("truth")
+    if tr and "rel_change" in tr:
+        lines.append(
+            f"Truth: {tr['kind']}, rtol = atol = {tr['rtol']:.0e}; against rtol = "
+            f"{tr['check_rtol']:.0e} it changes by {tr['rel_change']:.1e} (relative)."
+        )
+    if "torch_threads" in checks:
+        lines.append(f"torch intra-op threads: {checks['torch_threads']}.")
+    return lines
+
+
+def write_markdown(rows, summary, path, problem_name, batch, checks=None):
     lines = [
         f"Peers on `{problem_name}` (batch {batch}, float64, ∂L/∂x_T; times are "
         "medians of jitted runs, torch eager):",
@@ -516,11 +1105,13 @@ def write_markdown(rows, summary, path, problem_name, batch):
             f"| {s['engine']} `{s['method']}` + `{s['adjoint']}` "
             f"| {fmt(s['crossover'])} | {fmt(w['crossover'])} |"
         )
+    lines += _verdict_lines(rows)
+    lines += _check_lines(checks)
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
 
 
-def plot(rows, path, problem_name):
+def plot(rows, path, problem_name, batch=None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -563,7 +1154,8 @@ def plot(rows, path, problem_name):
         )
     ax.set_xlabel("gradient wall time [s] (median)")
     ax.set_ylabel("relative L2 error of dL/dx_T")
-    ax.set_title(f"error against time, {problem_name}: adjoint_jax and peers (CPU)")
+    what = problem_name if batch is None else f"{problem_name} (batch {batch})"
+    ax.set_title(f"error against time, {what}: adjoint_jax and peers (CPU, float64)")
     ax.grid(True, which="both", alpha=0.3)
     finite = [r["rel_error"] for r in rows if r["rel_error"] and r["rel_error"] > 0]
     ax.set_ylim(bottom=min(finite) / 3, top=min(10.0, 3 * max(finite)))  # blow-ups off
@@ -574,16 +1166,42 @@ def plot(rows, path, problem_name):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--problem", default="mixture", choices=["mixture", "mlp"])
-    p.add_argument("--steps", nargs="+", type=int, default=[8, 16, 32, 64, 128, 256])
+    p.add_argument("--problem", default="mixture", choices=list(DEFAULTS))
     p.add_argument(
-        "--tols", nargs="+", type=float, default=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7]
+        "--steps", nargs="+", type=int, help="numbers of steps N (default: per problem)"
     )
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument(
+        "--tols",
+        nargs="+",
+        type=float,
+        help="adaptive tolerances (default: per problem)",
+    )
+    p.add_argument("--batch", type=int, help="batch size (default: per problem)")
+    p.add_argument(
+        "--peer-steps",
+        nargs="+",
+        type=int,
+        help="N of the peers' fixed-step series (default: per problem)",
+    )
+    p.add_argument("--repeats", type=int, help="timed runs (default: per problem)")
+    p.add_argument(
+        "--torch-threads",
+        type=int,
+        help="torch intra-op threads (default: per problem, see DEFAULTS)",
+    )
+    p.add_argument(
+        "--all-pairs",
+        action="store_true",
+        help="all our strategies (digits runs only the candidates for the front)",
+    )
     p.add_argument("--out", default="docs/peers")
     p.add_argument("--no-torch", action="store_true")
     p.add_argument("--quick", action="store_true", help="a reduced sweep (smoke test)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="only the torch/JAX parity check and the truth's convergence check",
+    )
     p.add_argument(
         "--from-json",
         metavar="PATH",
@@ -605,13 +1223,43 @@ def main(argv=None):
             os.path.join(a.out, "peers.md"),
             data["problem"],
             data["batch"],
+            data.get("checks"),
         )
-        plot(rows, os.path.join(a.out, "peers_pareto.png"), data["problem"])
+        plot(
+            rows,
+            os.path.join(a.out, "peers_pareto.png"),
+            data["problem"],
+            data["batch"],
+        )
         print(open(os.path.join(a.out, "peers.md")).read())
         return 0
-    if a.quick:
-        a.steps, a.tols, a.repeats = [8, 32], [1e-4], 2
-    run(a.problem, a.steps, a.tols, a.batch, a.repeats, a.out, skip_torch=a.no_torch)
+    defaults = dict(DEFAULTS[a.problem], **(QUICK if a.quick else {}))
+    for k in ("steps", "peer_steps", "tols", "batch", "repeats"):
+        if getattr(a, k) is None:
+            setattr(a, k, defaults[k])
+    if a.check:
+        problem = build_problem(a.problem, a.batch)
+        check_parity(a.problem, problem)
+        if problem.truth is None:
+            _, change = converged_truth(problem)
+            print(
+                f"truth: Dopri8 rtol {TRUTH_RTOL:.0e} against {TRUTH_CHECK_RTOL:.0e}: "
+                f"relative change {change:.1e}"
+            )
+        return 0
+    run(
+        a.problem,
+        a.steps,
+        a.tols,
+        a.batch,
+        a.repeats,
+        a.out,
+        skip_torch=a.no_torch,
+        peer_steps=a.peer_steps,
+        pairs=OURS if a.all_pairs else defaults["ours"],
+        max_time=defaults["max_time"],
+        torch_threads=a.torch_threads or defaults["torch_threads"],
+    )
     return 0
 
 
