@@ -828,11 +828,12 @@ def _is_third_order(r):
     return r["engine"] == "adjoint_jax" and "order=3" in r["method"]
 
 
-def ratios(rows, keep=lambda r: True):
-    """For each peer series, (peer time) / (our time at the same error), our time read
-    off the Pareto front of all our points (those `keep` accepts), interpolated
-    linearly in log-log; only at errors ≤ `USEFUL`. `crossover` is the largest error
-    at which the peer is faster than us, or reaches an error we do not reach."""
+def _front_time(rows, keep=lambda r: True, above="nan"):
+    """`(our_time, log_errors)`: `our_time(err)` is the time of the Pareto front of our
+    points (those `keep` accepts, error ≤ `USEFUL`) at error `err`, interpolated in
+    log-log; NaN below the front's best error; above its largest error NaN
+    (`above="nan"`) or the time of our cheapest point (`above="cheapest"`).
+    `log_errors` are the front's log-errors, increasing."""
     ours = [
         (r["grad_time_s"], r["rel_error"])
         for r in rows
@@ -842,14 +843,26 @@ def ratios(rows, keep=lambda r: True):
         and 0 < r["rel_error"] <= USEFUL
     ]
     front = pareto_front(ours)  # time increasing, error decreasing
-    le = np.log([e for _, e in front])[::-1]
+    le = np.log([e for _, e in front])[::-1]  # error increasing
     lt = np.log([t for t, _ in front])[::-1]
 
     def our_time(err):
         x = math.log(err)
-        if len(le) == 0 or x < le[0] or x > le[-1]:
+        if not front or x < le[0]:
             return math.nan
+        if x > le[-1]:
+            return front[0][0] if above == "cheapest" else math.nan
         return float(np.exp(np.interp(x, le, lt)))
+
+    return our_time, le
+
+
+def ratios(rows, keep=lambda r: True):
+    """For each peer series, (peer time) / (our time at the same error), our time read
+    off the Pareto front of all our points (those `keep` accepts), interpolated
+    linearly in log-log; only at errors ≤ `USEFUL`. `crossover` is the largest error
+    at which the peer is faster than us, or reaches an error we do not reach."""
+    our_time, le = _front_time(rows, keep)
 
     summary = []
     for (engine, method, adjoint), rs in _series(rows).items():
@@ -902,23 +915,7 @@ def verdicts(rows, band=BAND):
     best error, our front does not reach it. Peer points more accurate than the band
     are compared with our front at the band's lower end (to reach the band they are a
     point of the peer's front there)."""
-    ours = [
-        (r["grad_time_s"], r["rel_error"])
-        for r in rows
-        if r["engine"] == "adjoint_jax"
-        and r["rel_error"]
-        and 0 < r["rel_error"] <= USEFUL
-    ]
-    front = pareto_front(ours)  # time increasing, error decreasing
-    le = np.log([e for _, e in front])[::-1]  # error increasing
-    lt = np.log([t for t, _ in front])[::-1]
-
-    def our_time(err):
-        if not front or math.log(err) < le[0]:
-            return math.nan
-        if math.log(err) > le[-1]:
-            return front[0][0]
-        return float(np.exp(np.interp(math.log(err), le, lt)))
+    our_time, le = _front_time(rows, above="cheapest")
 
     out = []
     for (engine, method, adjoint), rs in _series(rows).items():
@@ -955,7 +952,7 @@ def verdicts(rows, band=BAND):
                 holds=not slower and not beyond and not below_lost,
             )
         )
-    best = min((e for _, e in front), default=math.nan)
+    best = float(np.exp(le[0])) if len(le) else math.nan  # our front's best error
     return out, best
 
 

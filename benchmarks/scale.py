@@ -374,27 +374,18 @@ def _status_kib(field):
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def _cpu_peak_supported():
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        _status_kib("VmHWM")
-        return True
-    except OSError:
-        return False
-
-
 def _peak_bytes(fn, args, device):
     """`fn(*args)` and the peak memory while it runs: on CPU the rise of the process's peak
     resident set (VmHWM, reset through /proc/self/clear_refs) over the resident set
     before the call; elsewhere the device's `peak_bytes_in_use` (a per-process high
     watermark: meaningful when each configuration runs in its own process)."""
     if device.platform == "cpu":
-        if not _cpu_peak_supported():
+        try:
+            before = _status_kib("VmRSS")
+            with open("/proc/self/clear_refs", "w") as fh:  # reset the peak (VmHWM)
+                fh.write("5")
+        except (OSError, RuntimeError):  # not Linux, or no permission
             return jax.block_until_ready(fn(*args)), math.nan
-        before = _status_kib("VmRSS")
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
         out = jax.block_until_ready(fn(*args))
         return out, 1024.0 * max(_status_kib("VmHWM") - before, 0)
     out = jax.block_until_ready(fn(*args))

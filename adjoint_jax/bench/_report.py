@@ -54,6 +54,13 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def _order(r):
+    """The fitted order of a record's series: against the truth, else (no truth, e.g.
+    SDE samplers) against DTO."""
+    s = r["slope"]
+    return s if s is not None and math.isfinite(s) else r["slope_discrete"]
+
+
 # The terminal table's width: it fits this many columns whatever the terminal
 # (every field is in results.csv).
 TABLE_WIDTH = 100
@@ -106,10 +113,7 @@ def print_table(records: Sequence[dict], console=None) -> None:
             if last is not None and first:
                 table.add_section()
             last = r["adjoint"]
-            slope = r["slope"]
-            if slope is None or not math.isfinite(slope):  # no truth: against DTO
-                slope = r["slope_discrete"]
-            order = "" if not (first or several) else _fmt(slope, ".2f")
+            order = "" if not (first or several) else _fmt(_order(r), ".2f")
             if order not in ("", "–") and not r.get("asymptotic", True):
                 order += "*"
                 flagged = True
@@ -306,10 +310,10 @@ def plot_figures(records: Sequence[dict], out_dir: str, prefix: str = "") -> lis
                 pts = [(r["steps"], _error_of(r)) for r in rs if _error_of(r) is not None]
                 if not pts:
                     continue
-                slope, text = rs[0]["slope"], label(s, a)
-                if slope is None or not math.isfinite(slope):  # no truth: vs DTO
-                    slope = rs[0]["slope_discrete"]
-                    text += " [vs DTO]" if continuous else ""
+                slope, text = _order(rs[0]), label(s, a)
+                own = rs[0]["slope"]
+                if continuous and (own is None or not math.isfinite(own)):
+                    text += " [vs DTO]"  # no truth for this series (e.g. SDE)
                 if slope is not None and math.isfinite(slope):
                     flag = "" if rs[0].get("asymptotic", True) else "*"
                     text += f" ({slope:.2f}{flag})"
