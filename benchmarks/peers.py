@@ -1163,7 +1163,8 @@ def plot(rows, path, problem_name, batch=None):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--problem", default="mixture", choices=list(DEFAULTS))
+    p.add_argument("--problem", default="mixture", choices=list(DEFAULTS),
+                   help="the ε-network and data (default: mixture)")
     p.add_argument(
         "--steps", nargs="+", type=int, help="numbers of steps N (default: per problem)"
     )
@@ -1191,8 +1192,10 @@ def main(argv=None):
         action="store_true",
         help="all our strategies (digits runs only the candidates for the front)",
     )
-    p.add_argument("--out", default="docs/peers")
-    p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--out", default="docs/peers",
+                   help="folder for peers.md, peers.json and the figure (default: docs/peers)")
+    p.add_argument("--no-torch", action="store_true",
+                   help="skip torchdiffeq (no torch installed)")
     p.add_argument("--quick", action="store_true", help="a reduced sweep (smoke test)")
     p.add_argument(
         "--check",

@@ -40,11 +40,13 @@ respect to the adapters), R = gradient / sampling time, XLA's compiled temporary
 memory of the gradient, and peak memory while the gradient runs (CPU: the rise of
 the process's peak resident set over its size before the call, the peak reset
 through `/proc/self/clear_refs`; GPU: `peak_bytes_in_use` of the device, each
-configuration in its own process). Times are medians of `--repeats` runs after a
-warm-up run.
+configuration in its own process). Times are medians after a warm-up run: of
+`--repeats` runs for the gradients, and of at least 3 for sampling (one sampling time
+per sampler and N is the denominator of every R in its row group; a single timed run
+of it was off by up to 30%).
 
-Run (17 minutes on a 2-core CPU at the default size with another job running; the
-time is mostly compilation, 24 gradients of a large graph):
+Run (11 minutes on a 2-core CPU at the default size, quiet, 17 with another job
+running; half of it is the compilation of 24 gradients of a large graph):
 
     python benchmarks/scale.py --out docs/scale
 
@@ -393,6 +395,11 @@ def _peak_bytes(fn, args, device):
     return out, float(stats.get("peak_bytes_in_use", math.nan))
 
 
+# Sampling is timed at least this many times: it is cheap, and it is shared by every
+# strategy's R at its sampler and N.
+SAMPLE_REPEATS = 3
+
+
 def _median_time(fn, args, repeats):
     times = []
     for _ in range(repeats):
@@ -459,7 +466,9 @@ def measure(setup, sampler_text, adjoint_text, num_steps, repeats, sample_cache)
     if (sampler_text, num_steps) not in sample_cache:
         fwd = jax.jit(loss).lower(*args).compile()
         jax.block_until_ready(fwd(*args))
-        sample_cache[(sampler_text, num_steps)] = _median_time(fwd, args, repeats)
+        sample_cache[(sampler_text, num_steps)] = _median_time(
+            fwd, args, max(SAMPLE_REPEATS, repeats)
+        )
     t_sample = sample_cache[(sampler_text, num_steps)]
     t0 = time.perf_counter()
     grad = jax.jit(jax.value_and_grad(loss)).lower(*args).compile()
@@ -511,8 +520,9 @@ def write_markdown(result, path):
         f"({meta['unet_params'] / 1e6:.2f} M parameters, {meta['lora_params'] / 1e3:.1f} k "
         f"LoRA), latents {meta['size']}×{meta['size']}×4 at batch {meta['batch']}, CFG "
         "(one batched call of both branches), decoder under `jax.checkpoint` in the loss, "
-        "gradient with respect to the LoRA adapters; times are medians of "
-        f"{meta['repeats']} run(s) after a warm-up; R = gradient / sampling time; temp. = "
+        "gradient with respect to the LoRA adapters; times are medians after a warm-up, "
+        f"of {meta['repeats']} gradient run(s) and "
+        f"{max(SAMPLE_REPEATS, meta['repeats'])} sampling runs; R = gradient / sampling time; temp. = "
         "XLA's compiled temporary memory of the gradient; peak = "
         + (
             "rise of the process's peak resident set during the gradient call."
@@ -555,21 +565,27 @@ def main(argv=None):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--size", type=int, default=32, help="latent side (H = W)")
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--batch", type=int, default=4, help="latents per sample call")
     p.add_argument("--channels", type=int, default=32, help="UNet base channels")
-    p.add_argument("--steps", nargs="+", type=int, default=[20, 50])
+    p.add_argument("--steps", nargs="+", type=int, default=[20, 50],
+                   help="sampler step counts N")
     p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"],
                    choices=["float32", "bfloat16"], help="base weights' dtype")
     p.add_argument("--checkpoints", type=int, default=5, help="k of DTO(checkpoints=k)")
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--only", nargs="+", metavar="ADJOINT", default=None,
-                   help="run only the strategies whose adjoint text is listed")
-    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--repeats", type=int, default=1,
+                   help="timed gradient calls after the warm-up one (the median is reported; "
+                   f"sampling is timed max({SAMPLE_REPEATS}, repeats) times)")
+    p.add_argument("--only", nargs="+", metavar="ADJOINT", default=argparse.SUPPRESS,
+                   help="run only the strategies whose adjoint text is listed "
+                   "(default: all)")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction,
+                   default=argparse.SUPPRESS,
                    help="one process per configuration (default: on accelerators, "
-                   "where peak memory is a per-process high watermark)")
+                   "where peak memory is a per-process high watermark; off on CPU)")
     p.add_argument("--tiny", action="store_true",
                    help="a smoke test: every strategy on a tiny one-level network, N = 2")
-    p.add_argument("--out", default="docs/scale")
+    p.add_argument("--out", default="docs/scale",
+                   help="folder for scale.md and scale.json")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
@@ -580,10 +596,10 @@ def main(argv=None):
         a.size, a.batch, a.channels, a.steps, a.checkpoints = 8, 1, 8, [2], 2
         levels = 1
     device = jax.devices()[0]
-    isolate = a.isolate if a.isolate is not None else device.platform != "cpu"
+    isolate = getattr(a, "isolate", device.platform != "cpu")
     print(f"device: {device_name()}; jax {jax.__version__}", flush=True)
     pairs = [
-        s for s in strategies(a.checkpoints) if a.only is None or s[1] in a.only
+        s for s in strategies(a.checkpoints) if getattr(a, "only", None) is None or s[1] in a.only
     ]
     rows = []
     t_start = time.perf_counter()
