@@ -136,3 +136,32 @@ def test_sampler_gradients_unchanged_and_canonical(sampler, adjoint, getkey):
     assert tree_allclose(got, ref, rtol=1e-11, atol=1e-13)
     specs = conv_specs(jaxpr)
     assert specs and all(s == CANONICAL[4] for s in specs)
+
+
+def test_counted_model_gradients_are_canonical(getkey):
+    """`compare`'s evaluation counter wraps the model in its own custom VJP, which
+    `aj.sample`'s rewrite does not enter: the counter rewrites the model itself, so
+    the counted gradient (run for every pair by `adjoint-jax compare`) keeps every
+    convolution NHWC/HWIO and its value."""
+    from adjoint_jax.bench import EvalCount
+    from adjoint_jax.bench._count import counting_model
+
+    params = (0.3 * jax.random.normal(getkey(), (4, 2, 3, 3)), 0.3 * jax.random.normal(getkey(), (2, 4, 3, 3)))
+    x_T = jax.random.normal(getkey(), (2, 2, 5, 5))
+    ts = jnp.linspace(1.0, 1e-3, 5)
+
+    def loss(model, params):
+        x0 = aj.sample(model, params, x_T, jnp.asarray(0.1), schedule=aj.VPLinear(), ts=ts,
+                       sampler=aj.DPMSolver2(), adjoint=aj.DTO())
+        return jnp.sum(jnp.sin(x0))
+
+    count = EvalCount()
+    with convs_fix(True):
+        counted = jax.grad(lambda p: loss(counting_model(ConvEps(), count), p))
+        specs = conv_specs(jax.make_jaxpr(counted)(params).jaxpr)
+        got = jax.jit(counted)(params)
+    assert specs and all(s == CANONICAL[4] for s in specs)
+    with convs_fix(False):
+        ref = jax.grad(lambda p: loss(ConvEps(), p))(params)
+    assert tree_allclose(got, ref, rtol=1e-11, atol=1e-13)
+    assert count.forward == 4 and count.vjp == 4  # one evaluation per step
