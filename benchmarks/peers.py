@@ -92,6 +92,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 import adjoint_jax as aj  # noqa: E402
+from adjoint_jax._convs import canonical_convs  # noqa: E402
 from adjoint_jax.bench import compare, make_problem  # noqa: E402
 from adjoint_jax.bench._compare import (  # noqa: E402
     _nonlinear_loss,
@@ -633,10 +634,12 @@ def run(
     pairs=OURS,
     max_time=math.inf,
     torch_threads=None,
+    peer_convs="as-written",
 ):
     """The whole comparison; `peer_steps` (default: `steps`) are the N of the peers'
     fixed-step series, `pairs` our (sampler, adjoint) pairs, `torch_threads` torch's
-    intra-op threads (None: torch's default)."""
+    intra-op threads (None: torch's default), `peer_convs` how diffrax sees the
+    model's convolutions (see `--peer-convs`)."""
     peer_steps = steps if peer_steps is None else peer_steps
     t_run = time.perf_counter()
     problem = build_problem(problem_name, batch)
@@ -715,7 +718,15 @@ def run(
             flush=True,
         )
 
-    # diffrax: fixed steps on our log-SNR grid, and adaptive
+    # diffrax: fixed steps on our log-SNR grid, and adaptive. `aj.sample` rewrites
+    # the model's convolutions into the layouts XLA:CPU runs fast inside loops
+    # (`adjoint_jax._convs`); diffrax runs the model as written unless asked.
+    checks["peer_convs"] = peer_convs
+    dfx_problem = (
+        dataclasses.replace(problem, model=canonical_convs(problem.model))
+        if peer_convs == "canonical"
+        else problem
+    )
     sch = problem.schedule
     args = (problem.x_T,)
     rec, back = diffrax.RecursiveCheckpointAdjoint(), diffrax.BacksolveAdjoint()
@@ -733,14 +744,14 @@ def run(
     for n in peer_steps:
         grid = rho_of_t(sch, problem.ts(n))
         for solver in (diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()):
-            f = diffrax_grad(problem, solver, rec, grid=grid)
+            f = diffrax_grad(dfx_problem, solver, rec, grid=grid)
             measure(f, f"{type(solver).__name__} (sampler grid, in ρ)", rec, f"N={n}")
         for adj in (rec, back):
-            f = diffrax_grad(problem, diffrax.Tsit5(), adj, num_steps=n)
+            f = diffrax_grad(dfx_problem, diffrax.Tsit5(), adj, num_steps=n)
             measure(f, "Tsit5 (log-SNR steps, in λ)", adj, f"N={n}")
     for tol in tols:
         for adj in (rec, back):
-            f = diffrax_grad(problem, diffrax.Tsit5(), adj, rtol=tol)
+            f = diffrax_grad(dfx_problem, diffrax.Tsit5(), adj, rtol=tol)
             measure(f, "Tsit5 (adaptive, PID, in λ)", adj, f"tol={tol:.0e}")
 
     # torchdiffeq
@@ -1043,6 +1054,18 @@ def _check_lines(checks):
         )
     if "torch_threads" in checks:
         lines.append(f"torch intra-op threads: {checks['torch_threads']}.")
+    if checks.get("peer_convs") == "canonical":
+        lines.append(
+            "diffrax ran the model with its convolutions rewritten to NHWC/HWIO "
+            "(`--peer-convs canonical`, what `aj.sample` does on CPU)."
+        )
+    elif checks.get("peer_convs") == "as-written":
+        lines.append(
+            "diffrax ran the model as written (`--peer-convs as-written`); on CPU "
+            "`aj.sample` rewrites its convolutions to NHWC/HWIO, the layout XLA:CPU "
+            "runs fast inside loops, and diffrax does not: `--peer-convs canonical` "
+            "gives diffrax the same rewrite."
+        )
     return lines
 
 
@@ -1194,6 +1217,14 @@ def main(argv=None):
     )
     p.add_argument("--out", default="docs/peers",
                    help="folder for peers.md, peers.json and the figure (default: docs/peers)")
+    p.add_argument(
+        "--peer-convs",
+        choices=["as-written", "canonical"],
+        default="as-written",
+        help="the model diffrax integrates: as written, or with its convolutions "
+        "rewritten to NHWC/HWIO as aj.sample does on CPU (separates the solvers' cost "
+        "from XLA:CPU's slow convolution path in loops) (default: as-written)",
+    )
     p.add_argument("--no-torch", action="store_true",
                    help="skip torchdiffeq (no torch installed)")
     p.add_argument("--quick", action="store_true", help="a reduced sweep (smoke test)")
@@ -1259,6 +1290,7 @@ def main(argv=None):
         pairs=OURS if a.all_pairs else defaults["ours"],
         max_time=defaults["max_time"],
         torch_threads=a.torch_threads or defaults["torch_threads"],
+        peer_convs=a.peer_convs,
     )
     return 0
 
