@@ -245,6 +245,14 @@ def test_one_model_vjp_per_backward_step():
     assert (grad.forward, grad.vjp) == (n + 5, 5)
     _, grad = counts(aj.DPMSolver1(), aj.DTO())
     assert (grad.forward, grad.vjp) == (n, n)
+    # Checkpointing re-runs evaluations in the backward pass, and they are counted:
+    # the state per step (`jax.checkpoint` around each step) re-runs each step's ε
+    # once (this count used to miss them: a callback without an output is dead code
+    # to `jax.checkpoint`'s recomputation).
+    _, grad = counts(aj.DPMSolver1(), aj.DTO(checkpoints="steps"))
+    assert (grad.forward, grad.vjp) == (n + n, n)
+    _, grad = counts(aj.DPMSolver1(), aj.DTO(checkpoints=2))
+    assert grad.forward > 2 * n and grad.vjp == n
 
 
 # ---- transforms and dtypes ----------------------------------------------------------

@@ -6,6 +6,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 
 from .._convs import maybe_canonical_convs
 
@@ -32,21 +33,38 @@ class EvalCount:
 
 
 def _batched_once(tick: Callable) -> Callable:
-    """`tick(lanes)` as a debug callback that runs once per model call, also under
+    """`tick(lanes)` as a callback that runs once per model call, also under
     `jax.vmap` (whose default rule for a callback would run it once per batch
     element), with the number of lanes of that call. It takes the time `t` and a
-    scalar probe of x so that it is batched whenever the model call is."""
+    scalar probe of x so that it is batched whenever the model call is, and returns
+    `t` plus the callback's output (a zero): the model is then evaluated at a time
+    that depends on the callback, so a transformation that re-runs the model re-runs
+    the callback too. (A callback without an output is dead code to the
+    recomputation of `jax.checkpoint`, which keeps only what the backward pass
+    needs: the state-per-step checkpointing of `DTO(checkpoints="steps")` re-ran
+    every model evaluation uncounted.)"""
+
+    def zero_after_tick(lanes, t, probe):
+        def host(t, probe):
+            tick(lanes)
+            return np.zeros(np.shape(t), np.asarray(t).dtype)
+
+        # A pure callback (an effectful one is refused inside `jax.checkpoint`):
+        # the data dependency keeps it alive, and the probe of x among its operands
+        # keeps two evaluations at the same t (two chains of a coupled sampler)
+        # from being merged into one.
+        return jax.pure_callback(
+            host, jax.ShapeDtypeStruct(jnp.shape(t), jnp.result_type(t)), t, probe
+        )
 
     @jax.custom_batching.custom_vmap
     def once(t, probe):
-        jax.debug.callback(lambda _: tick(1), t)
-        return t
+        return t + zero_after_tick(1, t, probe)
 
     @once.def_vmap
     def _(axis_size, in_batched, t, probe):
-        del probe
-        jax.debug.callback(lambda _: tick(axis_size), jnp.reshape(t, (-1,))[0])
-        return t, in_batched[0]
+        probe = jnp.reshape(probe, (-1,))[0] if in_batched[1] else probe
+        return t + zero_after_tick(axis_size, t, probe), in_batched[0]
 
     return once
 
@@ -87,18 +105,18 @@ def counting_model(model: Callable, count: EvalCount) -> Callable:
 
     @jax.custom_vjp
     def wrapped(params, x, t, cond):
-        fwd_tick(t, _probe(x))
-        return model(params, x, t, cond)
+        return model(params, x, fwd_tick(t, _probe(x)), cond)
 
     def fwd(params, x, t, cond):
-        fwd_tick(t, _probe(x))
-        out, vjp = jax.vjp(model, params, x, t, cond)
+        out, vjp = jax.vjp(model, params, x, fwd_tick(t, _probe(x)), cond)
         return out, (vjp, t)
 
     def bwd(res, g):
         vjp, t = res
-        vjp_tick(t, _probe(g))
-        return vjp(g)
+        # The cotangents pass through the tick (an exact zero is added) so that a
+        # re-run of this VJP re-runs it, as for the evaluations above.
+        zero = jnp.sum(vjp_tick(t, _probe(g)) - t)
+        return vjp(jtu.tree_map(lambda a: a + zero.astype(a.dtype), g))
 
     wrapped.defvjp(fwd, bwd)
     return wrapped
