@@ -230,9 +230,9 @@ def test_flax_model_through_sample():
 def test_missing_flax_message(monkeypatch, tmp_path):
     # Checked on every call, before the cache.
     monkeypatch.setitem(sys.modules, "flax", None)
-    with pytest.raises(ImportError, match=r"adjoint_jax\[examples\]"):
+    with pytest.raises(ImportError, match=r"`pip install flax`"):
         aj.zoo.digits()
-    with pytest.raises(ImportError, match=r"adjoint_jax\[examples\]"):
+    with pytest.raises(ImportError, match=r"`pip install flax`"):
         aj.zoo.digits(path=tmp_path)
 
 

@@ -188,7 +188,7 @@ def digits(path: str | os.PathLike[str] | None = None) -> Digits:
     A class-conditional ε-prediction network (Equinox ResNet, 8×8 images, trained on
     `sklearn.datasets.load_digits` under `aj.VPLinear()`) and a Flax digit classifier;
     see `Digits` for what the returned object holds, and `examples/train_digits.py`
-    for how they were trained. Needs Flax (`pip install adjoint_jax[examples]`).
+    for how they were trained. Needs Flax (`pip install flax`).
 
     Cached per resolved directory: later calls for the same directory return the
     same object without reading the files again (`aj.zoo.digits() is
@@ -227,8 +227,9 @@ def digits(path: str | os.PathLike[str] | None = None) -> Digits:
         from ._classifier import DigitsClassifier  # noqa: F401
     except ImportError as e:
         raise ImportError(
-            "`aj.zoo.digits()` needs Flax for its classifier: "
-            "`pip install adjoint_jax[examples]`."
+            "`aj.zoo.digits()` needs Flax for its classifier: `pip install flax` "
+            "(from a checkout of adjoint_jax, `pip install -e \".[examples]\"` "
+            "installs it with the examples' other dependencies)."
         ) from e
     if path is None:
         shipped = importlib.resources.files(__package__)
