@@ -93,12 +93,13 @@ import numpy as np  # noqa: E402
 
 import adjoint_jax as aj  # noqa: E402
 from adjoint_jax._convs import canonical_convs  # noqa: E402
-from adjoint_jax.bench import compare, make_problem  # noqa: E402
+from adjoint_jax.bench import EvalCount, compare, make_problem  # noqa: E402
 from adjoint_jax.bench._compare import (  # noqa: E402
     _nonlinear_loss,
     _weights,
     errors,
 )
+from adjoint_jax.bench._count import counting_model  # noqa: E402
 from adjoint_jax.bench._report import pareto_front  # noqa: E402
 
 
@@ -498,8 +499,14 @@ def torchdiffeq_grad(
     alpha1 = float(jnp.exp(sch.log_alpha(problem.t_end)))
     x_T = torch.tensor(np.asarray(problem.x_T))
 
+    counts = dict(evals=0, vjps=0)
+
     class Func(torch.nn.Module):
+        # odeint_adjoint evaluates the dynamics without autograd in its forward
+        # solve, and with it (then one torch.autograd.grad) in its backward solve:
+        # a call with autograd on is one model VJP.
         def forward(self, rho, y):
+            counts["vjps" if torch.is_grad_enabled() else "evals"] += 1
             return eps(rho, y)
 
     func = Func()
@@ -524,9 +531,11 @@ def torchdiffeq_grad(
         solve = lambda y0: torchdiffeq.odeint(func, y0, ts, **kw)  # noqa: E731
 
     def grad():
+        counts.update(evals=0, vjps=0)
         x = x_T.clone().requires_grad_(True)
         ys = solve(x / alpha0)
         (g,) = torch.autograd.grad(torch_loss(alpha1 * ys[-1], torch), x)
+        grad.nfe = counts["evals"] + counts["vjps"]
         return g.detach().numpy()
 
     return grad
@@ -670,7 +679,7 @@ def run(
     problem = dataclasses.replace(problem, truth=lambda p, x, c: (None, truth, None))
     rows = []
 
-    def add(engine, method, adjoint, knob, g, t):
+    def add(engine, method, adjoint, knob, g, t, nfe):
         rel, cos = errors(g, truth)
         rows.append(
             dict(
@@ -681,11 +690,12 @@ def run(
                 rel_error=rel,
                 cosine=cos,
                 grad_time_s=t,
+                nfe=nfe,
             )
         )
         print(
             f"  {engine:11s} {method:28s} {adjoint:28s} {knob:>10} "
-            f"err {rel:9.2e}  {1e3 * t:9.3f} ms",
+            f"err {rel:9.2e}  {1e3 * t:9.3f} ms  NFE {nfe}",
             flush=True,
         )
 
@@ -709,12 +719,13 @@ def run(
                 rel_error=r["rel_error"],
                 cosine=r["cosine"],
                 grad_time_s=r["grad_time_s"],
+                nfe=_our_nfe(r),
             )
         )
         print(
             f"  {'adjoint_jax':11s} {r['sampler']:28s} {r['adjoint']:28s} "
             f"{'N=' + str(r['steps']):>10} err {r['rel_error']:9.2e}  "
-            f"{1e3 * r['grad_time_s']:9.3f} ms",
+            f"{1e3 * r['grad_time_s']:9.3f} ms  NFE {_our_nfe(r)}",
             flush=True,
         )
 
@@ -731,7 +742,8 @@ def run(
     args = (problem.x_T,)
     rec, back = diffrax.RecursiveCheckpointAdjoint(), diffrax.BacksolveAdjoint()
 
-    def measure(f, method, adjoint, knob):
+    def measure(method, solver, adjoint, knob, **kw):
+        f = diffrax_grad(dfx_problem, solver, adjoint, **kw)
         g = f(*args)  # compiles, and is the warm-up run
         t = _median_time(
             lambda: jax.block_until_ready(f(*args)),
@@ -739,20 +751,26 @@ def run(
             warmup=False,
             max_time=max_time,
         )
-        add("diffrax", method, type(adjoint).__name__, knob, g, t)
+        # NFE: one untimed run with the model counted (evaluations, rematerialised
+        # ones included, plus VJPs), as for our strategies.
+        count = EvalCount()
+        counted = dataclasses.replace(problem, model=counting_model(problem.model, count))
+        jax.block_until_ready(diffrax_grad(counted, solver, adjoint, **kw)(*args))
+        jax.effects_barrier()
+        add("diffrax", method, type(adjoint).__name__, knob, g, t, count.forward + count.vjp)
 
     for n in peer_steps:
         grid = rho_of_t(sch, problem.ts(n))
         for solver in (diffrax.Euler(), diffrax.Heun(), diffrax.Tsit5()):
-            f = diffrax_grad(dfx_problem, solver, rec, grid=grid)
-            measure(f, f"{type(solver).__name__} (sampler grid, in ρ)", rec, f"N={n}")
+            measure(f"{type(solver).__name__} (sampler grid, in ρ)", solver, rec, f"N={n}",
+                    grid=grid)
         for adj in (rec, back):
-            f = diffrax_grad(dfx_problem, diffrax.Tsit5(), adj, num_steps=n)
-            measure(f, "Tsit5 (log-SNR steps, in λ)", adj, f"N={n}")
+            measure("Tsit5 (log-SNR steps, in λ)", diffrax.Tsit5(), adj, f"N={n}",
+                    num_steps=n)
     for tol in tols:
         for adj in (rec, back):
-            f = diffrax_grad(dfx_problem, diffrax.Tsit5(), adj, rtol=tol)
-            measure(f, "Tsit5 (adaptive, PID, in λ)", adj, f"tol={tol:.0e}")
+            measure("Tsit5 (adaptive, PID, in λ)", diffrax.Tsit5(), adj, f"tol={tol:.0e}",
+                    rtol=tol)
 
     # torchdiffeq
     if not skip_torch:
@@ -772,6 +790,7 @@ def run(
                 f"N={n}",
                 g,
                 _median_time(f, repeats, warmup=False, max_time=max_time),
+                f.nfe,
             )
         for tol in tols:
             f = torchdiffeq_grad(problem_name, problem, "dopri5", rtol=tol)
@@ -785,6 +804,7 @@ def run(
                 _median_time(
                     f, min(2, repeats), min_time=0.0, warmup=False, max_time=max_time
                 ),
+                f.nfe,
             )
 
     summary = ratios(rows)
@@ -839,17 +859,19 @@ def _is_third_order(r):
     return r["engine"] == "adjoint_jax" and "order=3" in r["method"]
 
 
-def _front_time(rows, keep=lambda r: True, above="nan"):
+def _front_time(rows, keep=lambda r: True, above="nan", cost="grad_time_s"):
     """`(our_time, log_errors)`: `our_time(err)` is the time of the Pareto front of our
     points (those `keep` accepts, error ≤ `USEFUL`) at error `err`, interpolated in
     log-log; NaN below the front's best error; above its largest error NaN
     (`above="nan"`) or the time of our cheapest point (`above="cheapest"`).
-    `log_errors` are the front's log-errors, increasing."""
+    `log_errors` are the front's log-errors, increasing. `cost="nfe"`: the same
+    with model evaluations + VJPs instead of time."""
     ours = [
-        (r["grad_time_s"], r["rel_error"])
+        (r[cost], r["rel_error"])
         for r in rows
         if r["engine"] == "adjoint_jax"
         and keep(r)
+        and r.get(cost)
         and r["rel_error"]
         and 0 < r["rel_error"] <= USEFUL
     ]
@@ -868,21 +890,31 @@ def _front_time(rows, keep=lambda r: True, above="nan"):
     return our_time, le
 
 
+def _our_nfe(r):
+    """Model evaluations (forward and re-evaluations in the backward pass) plus model
+    VJPs of one of our gradients, from `compare`'s counts."""
+    return int(r["nfe_forward"] + r["nfe_backward"] + r["vjp_backward"])
+
+
 def ratios(rows, keep=lambda r: True):
     """For each peer series, (peer time) / (our time at the same error), our time read
     off the Pareto front of all our points (those `keep` accepts), interpolated
     linearly in log-log; only at errors ≤ `USEFUL`. `crossover` is the largest error
     at which the peer is faster than us, or reaches an error we do not reach."""
     our_time, le = _front_time(rows, keep)
+    our_nfe, _ = _front_time(rows, keep, cost="nfe")
 
     summary = []
     for (engine, method, adjoint), rs in _series(rows).items():
         if engine == "adjoint_jax":
             continue
-        rr, wins = [], []
+        rr, wins, nr = [], [], []
         for r in rs:
             e = r["rel_error"]
             if e and 0 < e <= USEFUL:
+                on = our_nfe(e) if r.get("nfe") else math.nan
+                if math.isfinite(on):
+                    nr.append(r["nfe"] / on)
                 ot = our_time(e)
                 if math.isfinite(ot):
                     rr.append((e, r["grad_time_s"] / ot))
@@ -906,6 +938,10 @@ def ratios(rows, keep=lambda r: True):
                     (r["rel_error"] for r in rs if r["rel_error"]), default=math.nan
                 ),
                 crossover=max(wins, default=math.nan),
+                nfe_points=len(nr),
+                nfe_ratio_median=statistics.median(nr) if nr else math.nan,
+                nfe_ratio_min=min(nr, default=math.nan),
+                nfe_ratio_max=max(nr, default=math.nan),
             )
         )
     return summary
@@ -1074,24 +1110,28 @@ def write_markdown(rows, summary, path, problem_name, batch, checks=None):
         f"Peers on `{problem_name}` (batch {batch}, float64, ∂L/∂x_T; times are "
         "medians of jitted runs, torch eager):",
         "",
-        "| engine | method | adjoint | knob | rel. error | time [ms] |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| engine | method | adjoint | knob | rel. error | time [ms] | NFE |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         e = r["rel_error"]
+        nfe = r.get("nfe")
         lines.append(
             f"| {r['engine']} | `{r['method']}` | `{r['adjoint']}` | {r['knob']} "
-            f"| {e:.2e} | {1e3 * r['grad_time_s']:.3f} |"
+            f"| {e:.2e} | {1e3 * r['grad_time_s']:.3f} | {nfe if nfe else '–'} |"
         )
     lines += [
         "",
         "Time of each peer divided by the time of our best strategy at the same error "
         "(> 1: we are faster; our time interpolated in log-log along the Pareto front "
         f"of all our points), over the peer's points with error ≤ {USEFUL} inside our "
-        "error range:",
+        "error range; and the same for NFE (model evaluations, re-evaluations in the "
+        "backward pass included, plus model VJPs; our NFE read off the NFE-Pareto "
+        "front of our points):",
         "",
-        "| peer | points | median ratio | range | errors compared |",
-        "| --- | --- | --- | --- | --- |",
+        "| peer | points | median time ratio | range | median NFE ratio | range "
+        "| errors compared |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for s in summary:
         rng = "–" if not s["points"] else f"{s['ratio_min']:.1f}–{s['ratio_max']:.1f}"
@@ -1101,9 +1141,12 @@ def write_markdown(rows, summary, path, problem_name, batch, checks=None):
             else f"{s['error_range'][0]:.1e}…{s['error_range'][1]:.1e}"
         )
         med = "–" if not s["points"] else f"{s['ratio_median']:.1f}×"
+        n = s.get("nfe_points", 0)
+        nmed = "–" if not n else f"{s['nfe_ratio_median']:.1f}×"
+        nrng = "–" if not n else f"{s['nfe_ratio_min']:.1f}–{s['nfe_ratio_max']:.1f}"
         lines.append(
             f"| {s['engine']} `{s['method']}` + `{s['adjoint']}` | {s['points']} "
-            f"| {med} | {rng} | {errs} |"
+            f"| {med} | {rng} | {nmed} | {nrng} | {errs} |"
         )
     without = {
         (s["engine"], s["method"], s["adjoint"]): s

@@ -53,9 +53,16 @@ def _batched_once(tick: Callable) -> Callable:
         # the data dependency keeps it alive, and the probe of x among its operands
         # keeps two evaluations at the same t (two chains of a coupled sampler)
         # from being merged into one.
-        return jax.pure_callback(
-            host, jax.ShapeDtypeStruct(jnp.shape(t), jnp.result_type(t)), t, probe
-        )
+        @jax.custom_jvp
+        def zero(t, probe):
+            return jax.pure_callback(
+                host, jax.ShapeDtypeStruct(jnp.shape(t), jnp.result_type(t)), t, probe
+            )
+
+        # A constant zero: its tangent is zero (pure callbacks have no JVP rule, and
+        # diffrax's BacksolveAdjoint differentiates through the model's VJP).
+        zero.defjvp(lambda primals, tangents: (zero(*primals), jnp.zeros_like(primals[0])))
+        return zero(t, probe)
 
     @jax.custom_batching.custom_vmap
     def once(t, probe):
