@@ -579,14 +579,17 @@ def _compile(fn, args):
     return compiled, elapsed, temp
 
 
+def _error_points(steps: Sequence[int], errs: Sequence[float]) -> list[tuple]:
+    """The (N, error) pairs whose error is finite and positive, sorted by N."""
+    return sorted(
+        (n, e) for n, e in zip(steps, errs) if e is not None and e > 0 and math.isfinite(e)
+    )
+
+
 def fit_slope(steps: Sequence[int], errs: Sequence[float]) -> float:
     """Least-squares slope of log(error) against log(1/N) over the finite positive
     errors: the observed order of convergence (NaN with fewer than two points)."""
-    pts = [
-        (n, e)
-        for n, e in zip(steps, errs)
-        if e is not None and e > 0 and math.isfinite(e)
-    ]
+    pts = _error_points(steps, errs)
     if len(set(n for n, _ in pts)) < 2:
         return math.nan
     ns = np.asarray([p[0] for p in pts], float)
@@ -602,11 +605,7 @@ SLOPE_SPREAD = 0.3
 def local_slopes(steps: Sequence[int], errs: Sequence[float]) -> list[float]:
     """The slopes of log(error) against log(1/N) between consecutive N (sorted by N),
     over the finite positive errors."""
-    pts = sorted(
-        (n, e)
-        for n, e in zip(steps, errs)
-        if e is not None and e > 0 and math.isfinite(e)
-    )
+    pts = _error_points(steps, errs)
     return [
         math.log(e0 / e1) / math.log(n1 / n0)
         for (n0, e0), (n1, e1) in zip(pts, pts[1:])

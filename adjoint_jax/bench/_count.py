@@ -1,6 +1,7 @@
 """Counting model evaluations and model VJPs, exactly, by running a computation once
 with an instrumented model."""
 
+import functools
 from collections.abc import Callable
 
 import jax
@@ -37,41 +38,39 @@ def _batched_once(tick: Callable) -> Callable:
     `jax.vmap` (whose default rule for a callback would run it once per batch
     element), with the number of lanes of that call. It takes the time `t` and a
     scalar probe of x so that it is batched whenever the model call is, and returns
-    `t` plus the callback's output (a zero): the model is then evaluated at a time
-    that depends on the callback, so a transformation that re-runs the model re-runs
-    the callback too. (A callback without an output is dead code to the
-    recomputation of `jax.checkpoint`, which keeps only what the backward pass
-    needs: the state-per-step checkpointing of `DTO(checkpoints="steps")` re-ran
-    every model evaluation uncounted.)"""
+    a zero shaped like `t` that the caller makes the model depend on, so that a
+    transformation that re-runs the model re-runs the callback too. (A callback
+    without an output is dead code to the recomputation of `jax.checkpoint`, which
+    keeps only what the backward pass needs: the state-per-step checkpointing of
+    `DTO(checkpoints="steps")` re-ran every model evaluation uncounted.)"""
 
+    # A pure callback (an effectful one is refused inside `jax.checkpoint`): the
+    # data dependency keeps it alive, and the probe of x among its operands keeps two
+    # evaluations at the same t (two chains of a coupled sampler) from being merged.
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
     def zero_after_tick(lanes, t, probe):
         def host(t, probe):
             tick(lanes)
             return np.zeros(np.shape(t), np.asarray(t).dtype)
 
-        # A pure callback (an effectful one is refused inside `jax.checkpoint`):
-        # the data dependency keeps it alive, and the probe of x among its operands
-        # keeps two evaluations at the same t (two chains of a coupled sampler)
-        # from being merged into one.
-        @jax.custom_jvp
-        def zero(t, probe):
-            return jax.pure_callback(
-                host, jax.ShapeDtypeStruct(jnp.shape(t), jnp.result_type(t)), t, probe
-            )
+        return jax.pure_callback(
+            host, jax.ShapeDtypeStruct(jnp.shape(t), jnp.result_type(t)), t, probe
+        )
 
-        # A constant zero: its tangent is zero (pure callbacks have no JVP rule, and
-        # diffrax's BacksolveAdjoint differentiates through the model's VJP).
-        zero.defjvp(lambda primals, tangents: (zero(*primals), jnp.zeros_like(primals[0])))
-        return zero(t, probe)
+    # A constant zero: its tangent is zero (pure callbacks have no JVP rule, and
+    # diffrax's BacksolveAdjoint differentiates through the model's VJP).
+    @zero_after_tick.defjvp
+    def _(lanes, primals, tangents):
+        return zero_after_tick(lanes, *primals), jnp.zeros_like(primals[0])
 
     @jax.custom_batching.custom_vmap
     def once(t, probe):
-        return t + zero_after_tick(1, t, probe)
+        return zero_after_tick(1, t, probe)
 
     @once.def_vmap
     def _(axis_size, in_batched, t, probe):
         probe = jnp.reshape(probe, (-1,))[0] if in_batched[1] else probe
-        return t + zero_after_tick(axis_size, t, probe), in_batched[0]
+        return zero_after_tick(axis_size, t, probe), in_batched[0]
 
     return once
 
@@ -112,17 +111,17 @@ def counting_model(model: Callable, count: EvalCount) -> Callable:
 
     @jax.custom_vjp
     def wrapped(params, x, t, cond):
-        return model(params, x, fwd_tick(t, _probe(x)), cond)
+        return model(params, x, t + fwd_tick(t, _probe(x)), cond)
 
     def fwd(params, x, t, cond):
-        out, vjp = jax.vjp(model, params, x, fwd_tick(t, _probe(x)), cond)
+        out, vjp = jax.vjp(model, params, x, t + fwd_tick(t, _probe(x)), cond)
         return out, (vjp, t)
 
     def bwd(res, g):
         vjp, t = res
         # The cotangents pass through the tick (an exact zero is added) so that a
         # re-run of this VJP re-runs it, as for the evaluations above.
-        zero = jnp.sum(vjp_tick(t, _probe(g)) - t)
+        zero = jnp.sum(vjp_tick(t, _probe(g)))
         return vjp(jtu.tree_map(lambda a: a + zero.astype(a.dtype), g))
 
     wrapped.defvjp(fwd, bwd)
