@@ -30,6 +30,7 @@ explicit transposes change. `ModelCall` applies it to the model on the CPU backe
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -210,13 +211,16 @@ def canonical_convs(fn):
     """`fn` with every convolution computed in NHWC/HWIO, with a derivative rule
     whose convolutions are NHWC/HWIO as well (see the module docstring). `fn` is
     traced once per call of the wrapper (a function without convolutions is then
-    evaluated from that trace unchanged). Arguments and outputs are pytrees of
-    arrays."""
+    evaluated from that trace unchanged). Outputs are pytrees of arrays; the
+    arguments' non-array leaves (a Python number in `cond`) stay static."""
 
     def wrapped(*args):
-        flat, in_tree = jax.tree_util.tree_flatten(args)
+        dynamic, static = eqx.partition(args, eqx.is_array)
+        flat, in_tree = jax.tree_util.tree_flatten(dynamic)
         closed, out_shape = jax.make_jaxpr(
-            lambda *leaves: fn(*jax.tree_util.tree_unflatten(in_tree, leaves)),
+            lambda *leaves: fn(
+                *eqx.combine(jax.tree_util.tree_unflatten(in_tree, leaves), static)
+            ),
             return_shape=True,
         )(*flat)
         if has_convs(closed.jaxpr):

@@ -150,11 +150,7 @@ class _CFG(AbstractPredictor):
                 "`aj.cfg` needs a conditioning `cond` (the null conditioning is its "
                 "`null_cond`); got cond=None."
             )
-        null = jtu.tree_map(
-            lambda n, c: jnp.broadcast_to(jnp.asarray(n).astype(c.dtype), jnp.shape(c)),
-            self.null_cond,
-            cond,
-        )
+        null = _broadcast_null(self.null_cond, cond)
         both = jtu.tree_map(lambda c, n: jnp.stack([c, n]), cond, null)
         if isinstance(self.model, AbstractPredictor):
             call = lambda c: self.model.predict(params, x, t, c)
@@ -170,6 +166,33 @@ class _CFG(AbstractPredictor):
 
         eps = jtu.tree_map(mix, eps2)
         return eps, None if x02 is None else jtu.tree_map(mix, x02)
+
+
+def _broadcast_null(null_cond, cond):
+    """`null_cond` broadcast to the structure, shapes and dtypes of `cond`, or an
+    error naming `null_cond` and what it should have been."""
+    if jtu.tree_structure(null_cond) != jtu.tree_structure(cond):
+        # A single array (or number) for a one-leaf `cond` is its own prefix.
+        if not (jtu.treedef_is_leaf(jtu.tree_structure(null_cond))
+                and len(jtu.tree_leaves(cond)) == 1):
+            raise ValueError(
+                "`aj.cfg(model, guidance_scale, null_cond)`: `null_cond` must have "
+                f"the structure of `cond`, {jtu.tree_structure(cond)}; got "
+                f"{jtu.tree_structure(null_cond)}."
+            )
+        null_cond = jtu.tree_unflatten(jtu.tree_structure(cond), [null_cond])
+
+    def one(path, n, c):
+        try:
+            return jnp.broadcast_to(jnp.asarray(n).astype(c.dtype), jnp.shape(c))
+        except ValueError:
+            raise ValueError(
+                f"`aj.cfg(model, guidance_scale, null_cond)`: `null_cond"
+                f"{jtu.keystr(path)}` of shape {jnp.shape(n)} does not broadcast to "
+                f"the shape {jnp.shape(c)} of `cond{jtu.keystr(path)}`."
+            ) from None
+
+    return jtu.tree_map_with_path(one, null_cond, cond)
 
 
 def cfg(model: Callable, guidance_scale, null_cond: PyTree) -> "AbstractPredictor":
@@ -325,14 +348,23 @@ def closure_convert(
     return ModelCall(new_static), (new_arrays, params)
 
 
-def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z) -> bool:
+def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z):
     """Eagerly (shapes only) checks that the model returns ε with the structure and
     shapes of `x` and floating dtypes; raises errors that name `model`. Returns
-    whether the model gives its own data prediction x̂_0."""
+    whether the model gives its own data prediction x̂_0, and the model's trace: the
+    closed jaxpr of one evaluation with every array argument (θ's leaves, x, t and
+    z's arrays) an input, so its constants are what the model reads besides its
+    arguments (see `aj.sample`'s eager cache)."""
     arrays, params = theta
     raw = eqx.combine(arrays, model_call.static)
     t = jnp.asarray(t).astype(first_dtype(x))
-    out, x0 = eqx.filter_eval_shape(raw, params, x, t, z)
+    dynamic, static = eqx.partition((raw, params, x, t, z), eqx.is_array)
+
+    def evaluate(dynamic):
+        fn, *args = eqx.combine(dynamic, static)
+        return fn(*args)
+
+    closed, (out, x0) = jax.make_jaxpr(evaluate, return_shape=True)(dynamic)
     x_struct = jax.eval_shape(lambda: x)
     shapes = lambda tree: jtu.tree_map(lambda a: a.shape, tree)
     if jtu.tree_structure(out) != jtu.tree_structure(x_struct) or any(
@@ -351,4 +383,4 @@ def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z) -
                 f"return floating-point arrays (they are cast to the state's dtype, "
                 f"here {xx.dtype})."
             )
-    return x0 is not None
+    return x0 is not None, closed

@@ -1,12 +1,7 @@
 """`aj.sample`: the one entry point."""
 
-import dataclasses
-import functools
-import types
-import weakref
 from collections.abc import Callable
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
@@ -15,10 +10,10 @@ from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoints._base import AbstractAdjoint, AbstractCustomAdjoint, Solve
 from ._adjoints._dto import DTO
+from ._eager import Signature, eager_loop, open_model
 from ._misc import (
     check_value,
     describe_class_error,
-    floats_to_arrays,
     index_tree,
     is_concrete,
     is_forward_mode,
@@ -124,14 +119,18 @@ def sample(
     **Speed.** Inside your own `jax.jit`, `sample` adds no `jit` of its own: your
     compilation is the only one. Called outside `jit` (eager code, an eager
     `jax.grad`), it compiles its loop once and reuses it while the model callable is
-    the same *or equivalent*: a plain function, `lambda` or `functools.partial` is
-    keyed by its code and the non-array values it closes over, and the arrays it
-    closes over are passed in, so a model built afresh on every call (a guidance
-    wrapper created inside the loss, closing over the value being differentiated)
-    does not recompile. What does recompile: a closed-over Python number that changes
-    (pass it as an array instead), and a new object of a class that is not a pytree
-    (write such wrappers as `eqx.Module`s or `jax.tree_util.Partial`s, whose arrays
-    are inputs). Compiled loops of callables that no longer exist are released.
+    the same *or equivalent* and reads the same values: a plain function, `lambda` or
+    `functools.partial` is keyed by its code and the non-array values it closes over,
+    and the arrays it closes over are passed in, so a model built afresh on every
+    call (a guidance wrapper created inside the loss, closing over the value being
+    differentiated) does not recompile. An eager call is never stale: whatever else
+    the model reads (a module-level array or number, an attribute of a bound
+    method's object, a bound Flax module's variables) is checked on every call, and a
+    change recompiles. So does a changed closed-over Python number (pass it as an
+    array instead) and a new object of a class that is not a pytree (write such
+    wrappers as `eqx.Module`s or `jax.tree_util.Partial`s, whose arrays are inputs).
+    Compiled loops of callables that no longer exist are released. The cache's
+    design is in `adjoint_jax/_eager.py`.
 
     !!! Example
 
@@ -144,7 +143,63 @@ def sample(
     # ---- static checks: types, shapes, combinations --------------------------------
     check_types(model, schedule, sampler, adjoint)
     adjoint.check_sampler(sampler)
+    _check_x_T(x_T)
+    ts, xp = _as_grid(ts)
+    num_steps = ts.shape[0] - 1
+    scheduled = isinstance(cond, Scheduled)
+    cond_values = cond.values if scheduled else cond
+    _check_cond(cond_values, scheduled, num_steps)
+    key, noise = _check_randomness(sampler, key, noise, x_T, num_steps)
 
+    # Eagerly, the model is opened into a pytree (its closed-over arrays become
+    # inputs) and its trace is the eager cache's signature (see `_eager.py`).
+    staged = is_staged(
+        (params, x_T, cond_values, noise, split_model(model)[1], ts, schedule)
+    )
+    model_call, model_arrays = split_model(model if staged else open_model(model))
+    theta = (model_arrays, params)
+    cond0 = index_tree(cond_values, 0) if scheduled else cond_values
+    has_x0, trace = check_model_output(model, model_call, theta, x_T, ts[0], cond0)
+
+    # ---- value checks: eager when concrete, `eqx.error_if` under tracing -----------
+    ts, static_ends, ends_zero, starts_zero = _check_grid_values(
+        ts, xp, schedule, sampler, adjoint, has_x0
+    )
+
+    # ---- forward mode: the strategies that have none say so in their own words -----
+    reverse_only = adjoint.forward_mode_error()
+    inputs = (params, x_T, cond_values, noise, model_arrays, ts, schedule)
+    if reverse_only is not None and is_forward_mode(inputs):
+        raise TypeError(reverse_only)
+
+    solve = Solve(
+        model_call,
+        schedule,
+        jnp.asarray(ts),
+        sampler,
+        key,
+        scheduled,
+        starts_at_alpha_zero=bool(starts_zero) if static_ends else False,
+        ends_at_sigma_zero=bool(ends_zero) if static_ends else False,
+    )
+    try:
+        if staged:
+            # Inside the user's own `jit`: it is what compiles; adding one of ours
+            # would only add a cache entry per traced model callable.
+            return adjoint.loop(solve, theta, x_T, cond_values, noise)
+        return eager_loop(
+            adjoint, solve, theta, x_T, cond_values, noise, Signature(trace)
+        )
+    except TypeError as e:
+        # Forward mode through a model that closes over the JVP-traced value: JAX's
+        # own error ("can't apply forward-mode autodiff (jvp) to a custom_vjp
+        # function") comes from inside; say what it means here.
+        if reverse_only is not None and "forward-mode" in str(e):
+            raise TypeError(reverse_only) from e
+        raise
+
+
+def _check_x_T(x_T) -> None:
     x_leaves = jtu.tree_leaves(x_T)
     if not x_leaves:
         raise ValueError("`x_T` must contain at least one array.")
@@ -156,10 +211,14 @@ def sample(
                 f"{dt}."
             )
 
-    # A concrete grid (also one closed over inside the user's `jit`) is checked, and
-    # its endpoints read, with NumPy: eagerly, and statically for the strategies.
-    # Only a traced `ts` gets runtime checks.
-    # (`jnp` operations inside a `jit` are traced even on constants, so NumPy.)
+
+def _as_grid(ts):
+    """`ts` as a 1-D floating array, and the array module to check it with.
+
+    A concrete grid (also one closed over inside the user's `jit`) is checked, and its
+    endpoints read, with NumPy: eagerly, and statically for the strategies. Only a
+    traced `ts` gets runtime checks. (`jnp` operations inside a `jit` are traced even
+    on constants, so NumPy.)"""
     xp = np if is_concrete(ts) else jnp
     if xp is np:
         ts = np.asarray(ts)
@@ -173,25 +232,40 @@ def sample(
         )
     if not jnp.issubdtype(ts.dtype, jnp.floating):
         ts = ts.astype(jnp.result_type(float))
-    num_steps = ts.shape[0] - 1
+    return ts, xp
 
-    scheduled = isinstance(cond, Scheduled)
-    cond_values = cond.values if scheduled else cond
-    if scheduled:
-        leaves = jtu.tree_leaves(cond_values)
-        if not leaves:
-            raise ValueError(
-                "`aj.Scheduled(values)` needs at least one array in values."
+
+_NUMBERS = (bool, int, float, complex)
+
+
+def _check_cond(cond_values, scheduled: bool, num_steps: int) -> None:
+    """Every leaf of the conditioning is an array or a Python number (a number is a
+    constant, or traced where JAX traces it); a scheduled one has N values."""
+    for path, leaf in jtu.tree_leaves_with_path(cond_values):
+        if not (isinstance(leaf, _NUMBERS) or hasattr(leaf, "dtype")):
+            raise TypeError(
+                "`cond` must be a pytree of arrays and Python numbers; got a "
+                f"{type(leaf).__name__} at cond{jtu.keystr(path)} ({leaf!r:.60}). "
+                "Keep non-numeric settings out of `cond`: close over them in the "
+                "model instead."
             )
-        for leaf in leaves:
-            if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_steps:
-                raise ValueError(
-                    "`cond=aj.Scheduled(values)` needs every leaf of `values` to "
-                    "have a leading axis of length len(ts) - 1 = "
-                    f"{num_steps}; got a leaf of "
-                    f"shape {jnp.shape(leaf)}."
-                )
+    if not scheduled:
+        return
+    leaves = jtu.tree_leaves(cond_values)
+    if not leaves:
+        raise ValueError("`aj.Scheduled(values)` needs at least one array in values.")
+    for leaf in leaves:
+        if jnp.ndim(leaf) < 1 or jnp.shape(leaf)[0] != num_steps:
+            raise ValueError(
+                "`cond=aj.Scheduled(values)` needs every leaf of `values` to have a "
+                f"leading axis of length len(ts) - 1 = {num_steps}; got a leaf of "
+                f"shape {jnp.shape(leaf)}."
+            )
 
+
+def _check_randomness(sampler, key, noise, x_T, num_steps: int):
+    """(key, noise) as the solve uses them: one of them for a stochastic sampler,
+    neither for a deterministic one."""
     if sampler.is_sde:
         if (key is None) == (noise is None):
             raise ValueError(
@@ -208,13 +282,13 @@ def sample(
             )
     if noise is not None:
         noise = _check_noise(noise, x_T, num_steps)
+    return key, noise
 
-    model_call, model_arrays = split_model(model)
-    theta = (model_arrays, params)
-    cond0 = index_tree(cond_values, 0) if scheduled else cond_values
-    has_x0 = check_model_output(model, model_call, theta, x_T, ts[0], cond0)
 
-    # ---- value checks: eager when concrete, `eqx.error_if` under tracing -----------
+def _check_grid_values(ts, xp, schedule, sampler, adjoint, has_x0: bool):
+    """`ts` with its value checks (raised now when concrete, attached with
+    `eqx.error_if` when traced), whether its endpoints are known statically, and
+    whether it ends at σ = 0 / starts at α = 0."""
     ts = check_value(
         ~xp.all(xp.isfinite(ts)),
         "`ts` contains NaN or inf; it must be a finite, strictly decreasing grid "
@@ -270,36 +344,7 @@ def sample(
             "passing it as an argument of your `jit`), or use `adjoint=aj.DTO()`.",
             ts,
         )
-
-    # ---- forward mode: the strategies that have none say so in their own words -----
-    reverse_only = adjoint.forward_mode_error()
-    inputs = (params, x_T, cond_values, noise, model_arrays, ts, schedule)
-    if reverse_only is not None and is_forward_mode(inputs):
-        raise TypeError(reverse_only)
-
-    solve = Solve(
-        model_call,
-        schedule,
-        jnp.asarray(ts),
-        sampler,
-        key,
-        scheduled,
-        starts_at_alpha_zero=bool(starts_zero) if static_ends else False,
-        ends_at_sigma_zero=bool(ends_zero) if static_ends else False,
-    )
-    try:
-        if is_staged(inputs):
-            # Inside the user's own `jit`: it is what compiles; adding one of ours
-            # would only add a cache entry per traced model callable.
-            return adjoint.loop(solve, theta, x_T, cond_values, noise)
-        return _jitted_loop(adjoint, solve, theta, x_T, cond_values, noise)
-    except TypeError as e:
-        # Forward mode through a model that closes over the JVP-traced value: JAX's
-        # own error ("can't apply forward-mode autodiff (jvp) to a custom_vjp
-        # function") comes from inside; say what it means here.
-        if reverse_only is not None and "forward-mode" in str(e):
-            raise TypeError(reverse_only) from e
-        raise
+    return ts, static_ends, ends_zero, starts_zero
 
 
 def _check_noise(noise, x_T, num_steps: int):
@@ -323,216 +368,3 @@ def _check_noise(noise, x_T, num_steps: int):
                 f"`noise` must be floating-point; got dtype {jnp.result_type(n)}."
             )
     return jtu.tree_map(lambda n, x: jnp.asarray(n).astype(x.dtype), noise, x_struct)
-
-
-# ---- the compiled loop of eager calls ------------------------------------------------
-# An eager `sample` (not inside the user's `jit`) compiles its loop, keyed on the
-# non-array parts of its arguments: the strategy, the sampler, the schedule's static
-# bounds and the model callable.
-#
-# A plain function or `functools.partial` used as (or inside) the model is opened
-# into a pytree first: its code object and the static parts of what it closes over
-# (or is partially applied to) key the compilation, and the arrays it closes over
-# become inputs. So a model built afresh on every call (a guidance wrapper created
-# inside the loss, closing over a value being differentiated) reuses the compiled
-# loop instead of recompiling, as long as its code and its closed-over non-array
-# values are the same. Objects that cannot be opened are keyed by identity and held
-# *weakly*: when they are garbage-collected, their compiled loop is dropped too (each
-# compiled loop is a `jax.jit` of its own, which frees its executables), so nothing
-# is kept that is never given back. The schedule's Python-float parameters are passed
-# as arrays, so the compilation is never keyed on their values either. A list the
-# function closes over is not opened (it is kept, and keyed, as the same object), so
-# appending to it from the model works as in plain Python.
-_COMPILED: dict = {}
-_MAX_COMPILED = 64
-_OPEN_DEPTH = 4  # how deep nested closures are opened
-
-
-class _Id:
-    """Hashable by the identity of an object it holds strongly: a function's globals
-    or attribute dictionary (in the static part of an opened function), or a
-    closed-over list, kept as one object rather than opened (lists are what models
-    append to, counters and logs, and a rebuilt copy would lose that)."""
-
-    __slots__ = ("obj",)
-
-    def __init__(self, obj):
-        self.obj = obj
-
-    def __hash__(self):
-        return id(self.obj)
-
-    def __eq__(self, other):
-        return isinstance(other, _Id) and other.obj is self.obj
-
-
-class _OpenFunction:
-    """A plain Python function seen as a pytree: its closure's contents, defaults and
-    keyword defaults are the children; its code, globals, name and attributes the
-    static part. Calling it calls the function."""
-
-    __slots__ = ("fn",)
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.fn, name)
-
-
-def _protect(value):
-    return _Id(value) if type(value) is list else value
-
-
-def _unprotect(value):
-    return value.obj if type(value) is _Id else value
-
-
-def _flatten_function(f: _OpenFunction):
-    fn = f.fn
-    cells = tuple(_protect(c.cell_contents) for c in fn.__closure__ or ())
-    # Attributes (set by decorators) key the compilation only when there are any: a
-    # fresh lambda's empty `__dict__` is a new object each time.
-    attrs = _Id(fn.__dict__) if fn.__dict__ else None
-    aux = (fn.__code__, _Id(fn.__globals__), fn.__name__, attrs)
-    return (cells, fn.__defaults__, fn.__kwdefaults__), aux
-
-
-def _unflatten_function(aux, children):
-    code, globals_, name, attrs = aux
-    cells, defaults, kwdefaults = children
-    fn = types.FunctionType(
-        code,
-        globals_.obj,
-        name,
-        defaults,
-        tuple(types.CellType(_unprotect(c)) for c in cells),
-    )
-    fn.__kwdefaults__ = kwdefaults
-    if attrs is not None:
-        fn.__dict__ = attrs.obj  # the same dict, so that flattening again is stable
-    return _OpenFunction(fn)
-
-
-jtu.register_pytree_node(_OpenFunction, _flatten_function, _unflatten_function)
-
-
-class _OpenPartial:
-    """A `functools.partial` seen as a pytree (its arguments are the children)."""
-
-    __slots__ = ("func", "args", "keywords")
-
-    def __init__(self, func, args, keywords):
-        self.func, self.args, self.keywords = func, args, keywords
-
-    def __call__(self, *args, **kwargs):
-        return self.func(*self.args, *args, **{**self.keywords, **kwargs})
-
-
-jtu.register_pytree_node(
-    _OpenPartial,
-    lambda p: ((p.func, p.args, p.keywords), None),
-    lambda _, children: _OpenPartial(*children),
-)
-
-
-def _openable(fn) -> bool:
-    if type(fn) is not types.FunctionType:
-        return False
-    try:
-        for cell in fn.__closure__ or ():
-            cell.cell_contents  # an unbound cell cannot be reconstructed
-    except ValueError:
-        return False
-    return True
-
-
-def _open(tree, depth: int = 0, seen: frozenset = frozenset()):
-    """`tree` with its plain functions and partials opened into pytrees (see above),
-    recursively through what they close over, up to `_OPEN_DEPTH` levels and never
-    twice through the same object (a recursive closure stays opaque)."""
-    if depth >= _OPEN_DEPTH:
-        return tree
-
-    def open_leaf(leaf):
-        if id(leaf) in seen:
-            return leaf
-        inner = seen | {id(leaf)}
-        if _openable(leaf):
-            opened = _open(_flatten_function(_OpenFunction(leaf))[0], depth + 1, inner)
-            return _unflatten_function(
-                _flatten_function(_OpenFunction(leaf))[1], opened
-            )
-        if type(leaf) is functools.partial:
-            func, args, keywords = _open(
-                (leaf.func, leaf.args, leaf.keywords), depth + 1, inner
-            )
-            return _OpenPartial(func, args, keywords)
-        return leaf
-
-    return jtu.tree_map(open_leaf, tree)
-
-
-class _Ref:
-    """A hashable stand-in for an identity-hashed static leaf, holding it weakly when
-    it can."""
-
-    __slots__ = ("_id", "_weak", "_strong", "__weakref__")
-
-    def __init__(self, obj):
-        self._id = id(obj)
-        try:
-            self._weak, self._strong = weakref.ref(obj), None
-        except TypeError:
-            self._weak, self._strong = None, obj
-
-    def get(self):
-        return self._strong if self._weak is None else self._weak()
-
-    def __hash__(self):
-        return self._id
-
-    def __eq__(self, other):
-        if not isinstance(other, _Ref) or other._id != self._id:
-            return False
-        obj = self.get()
-        return obj is not None and obj is other.get()
-
-
-def _by_identity(leaf) -> bool:
-    h = type(leaf).__hash__
-    return h is None or h is object.__hash__
-
-
-def _run(key, dynamic):
-    treedef, keyed = key
-    leaves = [k.get() if isinstance(k, _Ref) else k for k in keyed]
-    adjoint, solve, theta, x_T, cond, noise = eqx.combine(
-        dynamic, jtu.tree_unflatten(treedef, leaves)
-    )
-    return adjoint.loop(solve, theta, x_T, cond, noise)
-
-
-def _jitted_loop(adjoint, solve, theta, x_T, cond, noise):
-    solve = dataclasses.replace(
-        solve, schedule=floats_to_arrays(solve.schedule), model=_open(solve.model)
-    )
-    dynamic, static = eqx.partition(
-        (adjoint, solve, theta, x_T, cond, noise), eqx.is_array
-    )
-    leaves, treedef = jtu.tree_flatten(static)
-    keyed = tuple(_Ref(v) if _by_identity(v) else v for v in leaves)
-    key = (treedef, keyed)
-    fn = _COMPILED.get(key)
-    if fn is None:
-        fn = jax.jit(functools.partial(_run, key))
-        _COMPILED[key] = fn
-        for leaf, k in zip(leaves, keyed):
-            if isinstance(k, _Ref) and k._weak is not None:
-                weakref.finalize(leaf, _COMPILED.pop, key, None)
-        while len(_COMPILED) > _MAX_COMPILED:  # a bound for objects held strongly
-            _COMPILED.pop(next(iter(_COMPILED)))
-    return fn(dynamic)

@@ -328,19 +328,23 @@ def custom_vjp_loop(
     adjoint: AbstractCustomAdjoint, solve: Solve, theta, x_T, cond, noise
 ):
     # Closure conversion first: after it, every array the output depends on is an
-    # explicit input (θ's first slot holds the model's closed-over arrays).
+    # explicit input (θ's first slot holds the model's closed-over arrays). Only
+    # arrays cross the custom VJP: a Python number in `params` or `cond` (a guidance
+    # scale `cond=(emb, 7.5)`) stays a static constant, as it is for `aj.DTO()`
+    # (`filter_custom_vjp` would turn it into an array that the closure-converted
+    # model, traced with the number, does not accept). Under `jax.grad` with respect
+    # to it, it arrives as a tracer, an array like any other.
     solve, theta = solve.closure_converted(theta, x_T, cond)
-    solve_arrays, solve_static = eqx.partition(solve, eqx.is_array)
-    return _custom_loop((theta, x_T, cond, noise, solve_arrays), solve_static, adjoint)
+    arrays, static = eqx.partition((theta, x_T, cond, noise, solve), eqx.is_array)
+    return _custom_loop(arrays, static, adjoint)
 
 
 @eqx.filter_custom_vjp
-def _custom_loop(inputs, solve_static, adjoint):
+def _custom_loop(inputs, static, adjoint):
     # Not differentiated: just the sampler (every strategy has its forward value),
     # nothing kept for a backward pass.
     del adjoint
-    theta, x_T, cond, noise, solve_arrays = inputs
-    solve = eqx.combine(solve_arrays, solve_static)
+    theta, x_T, cond, noise, solve = eqx.combine(inputs, static)
     state, _ = solve.forward(theta, x_T, cond, noise)
     return solve.sampler.output(state)
 
@@ -366,18 +370,18 @@ def _refuse_undifferentiable(perturbed_solve, adjoint) -> None:
 
 
 @_custom_loop.def_fwd
-def _custom_loop_fwd(perturbed, inputs, solve_static, adjoint):
+def _custom_loop_fwd(perturbed, inputs, static, adjoint):
     _refuse_undifferentiable(perturbed[4], adjoint)
-    theta, x_T, cond, noise, solve_arrays = inputs
-    solve = eqx.combine(solve_arrays, solve_static)
+    theta, x_T, cond, noise, solve = eqx.combine(inputs, static)
     return adjoint.forward(solve, theta, x_T, cond, noise)
 
 
 @_custom_loop.def_bwd
-def _custom_loop_bwd(residuals, grad_obj, perturbed, inputs, solve_static, adjoint):
-    theta, x_T, cond, noise, solve_arrays = inputs
-    solve = eqx.combine(solve_arrays, solve_static)
+def _custom_loop_bwd(residuals, grad_obj, perturbed, inputs, static, adjoint):
+    theta, x_T, cond, noise, solve = eqx.combine(inputs, static)
     ct_x0 = materialise(x_T, grad_obj)  # x_0 has x_T's structure and dtypes
+    # The static leaves (Python numbers) are not differentiated: False there.
+    perturbed = eqx.combine(perturbed, jtu.tree_map(lambda _: False, static))
     diff = Differentiated.split(
         theta, perturbed[0], cond, perturbed[2], noise, perturbed[3]
     )
@@ -391,9 +395,9 @@ def _custom_loop_bwd(residuals, grad_obj, perturbed, inputs, solve_static, adjoi
         return none_like(floats(full)) if d is None else cast_like(ct, d)
 
     return (
-        out(ct_theta, diff.theta, theta),
+        out(ct_theta, diff.theta, inputs[0]),
         cast_like(ct_x_T, x_T),
-        out(ct_cond, diff.cond, cond),
+        out(ct_cond, diff.cond, inputs[2]),
         out(ct_noise, diff.noise, noise),
-        none_like(floats(solve_arrays)),
+        none_like(floats(inputs[4])),
     )

@@ -162,11 +162,10 @@ class Truncated(AbstractAdjoint):
         if self.detach == "eps":
             solve = dataclasses.replace(solve, model=_Gated(solve.model, True))
             return solve.forward(theta, x_T, cond, noise)[0]
-        sg = jax.lax.stop_gradient
         arrays, static = eqx.partition(solve, eqx.is_array)
-        solve = eqx.combine(sg(arrays), static)
-        state, _ = solve.forward(sg(theta), sg(x_T), sg(cond), sg(noise))
-        return sg(state)
+        solve = eqx.combine(_stop(arrays, True), static)
+        state, _ = solve.forward(*_stop((theta, x_T, cond, noise), True))
+        return _stop(state, True)
 
     # The random truncation, inside the differentiated steps: step i (global index)
     # with i < cut = N − k is detached. "state": the state entering step `cut` is
@@ -189,10 +188,11 @@ class Truncated(AbstractAdjoint):
 
 
 def _stop(tree: PyTree, flag) -> PyTree:
-    """`tree` with its derivative stopped where `flag` (True, or a traced bool)."""
-    if flag is True:
-        return jax.lax.stop_gradient(tree)
+    """`tree` with its derivative stopped where `flag` (True, or a traced bool); its
+    non-array leaves (a Python number in `cond`) are left as they are."""
     sg = jax.lax.stop_gradient
+    if flag is True:
+        return jtu.tree_map(lambda v: sg(v) if eqx.is_array(v) else v, tree)
     return jtu.tree_map(
         lambda v: jnp.where(flag, sg(v), v) if eqx.is_inexact_array(v) else v, tree
     )
