@@ -38,9 +38,10 @@ What is beyond any check: Python state read only by a custom differentiation rul
 backward function inside the model (the jaxpr names that function, not what it
 closes over).
 
-An eager call transfers a few host scalars to the device: the schedule's Python-float
-hyperparameters (passed as arrays so that changing one does not recompile) and a
-NumPy `ts`. Inside the user's `jit` there are none.
+Transfers: with its inputs on the device (and `ts` a device array), an eager call
+transfers nothing to the device once it has seen the schedule's Python-float
+hyperparameters: they are passed as arrays (so that changing one does not recompile),
+made once per value and reused. A NumPy `ts` is transferred on every call.
 """
 
 import dataclasses
@@ -53,7 +54,6 @@ import jax
 import jax.tree_util as jtu
 import numpy as np
 
-from ._misc import floats_to_arrays
 
 
 _COMPILED: dict = {}  # key -> _Entry
@@ -273,6 +273,22 @@ def _same_const(a, b) -> bool:
 
 
 # ---- the cache ----------------------------------------------------------------------
+@functools.lru_cache(maxsize=256)
+def _device_float(value: float, x64: bool):
+    del x64  # keys the cache: the array's dtype follows the flag
+    return jax.numpy.asarray(np.float64(value))
+
+
+def _device_floats(tree):
+    """`tree` with its Python floats (a schedule's β, a sampler's coupling) as
+    float64 arrays, so that compiled code is never keyed on a hyperparameter's value
+    (changing β reuses the compilation, and the value can be traced). Each value's
+    device array is made once and reused: an eager call transfers no hyperparameter
+    it has seen before."""
+    x64 = bool(jax.config.jax_enable_x64)
+    return jtu.tree_map(lambda v: _device_float(v, x64) if type(v) is float else v, tree)
+
+
 def _run(key, dynamic):
     treedef, keyed = key
     leaves = [k.get() if isinstance(k, _Ref) else k for k in keyed]
@@ -287,7 +303,7 @@ def eager_loop(adjoint, solve, theta, x_T, cond, noise, signature: Signature):
     model is already opened (`open_model`) and `signature` is its trace's."""
     if signature.traced:
         return adjoint.loop(solve, theta, x_T, cond, noise)
-    solve = dataclasses.replace(solve, schedule=floats_to_arrays(solve.schedule))
+    solve = dataclasses.replace(solve, schedule=_device_floats(solve.schedule))
     dynamic, static = eqx.partition(
         (adjoint, solve, theta, x_T, cond, noise), eqx.is_array
     )

@@ -26,16 +26,6 @@ def check_value(pred: Array, msg: str, carrier):
     return eqx.error_if(carrier, pred, msg)
 
 
-def floats_to_arrays(tree: PyTree) -> PyTree:
-    """`tree` with its Python float leaves (a schedule's β, a sampler's coupling)
-    replaced by NumPy float64 scalars. Applied at the `jit` boundary of `aj.sample`,
-    so that compiled code is never keyed on a hyperparameter's value: changing β or
-    the coupling reuses the compilation, and the value can be traced."""
-    return jtu.tree_map(
-        lambda v: np.asarray(v, np.float64) if type(v) is float else v, tree
-    )
-
-
 def concrete_float(value) -> float | None:
     """`float(value)` if `value` is concrete (not traced), else None."""
     if isinstance(value, jax.core.Tracer):

@@ -357,14 +357,14 @@ def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z):
     arguments (see `aj.sample`'s eager cache)."""
     arrays, params = theta
     raw = eqx.combine(arrays, model_call.static)
-    t = jnp.asarray(t).astype(first_dtype(x))
-    dynamic, static = eqx.partition((raw, params, x, t, z), eqx.is_array)
+    dynamic, static = eqx.partition((raw, params, x, z), eqx.is_array)
 
-    def evaluate(dynamic):
-        fn, *args = eqx.combine(dynamic, static)
-        return fn(*args)
+    def evaluate(dynamic, t):
+        fn, params, x, z = eqx.combine(dynamic, static)
+        return fn(params, x, t, z)
 
-    closed, (out, x0) = jax.make_jaxpr(evaluate, return_shape=True)(dynamic)
+    t = jax.ShapeDtypeStruct((), first_dtype(x))  # abstract: no transfer of t
+    closed, (out, x0) = jax.make_jaxpr(evaluate, return_shape=True)(dynamic, t)
     x_struct = jax.eval_shape(lambda: x)
     shapes = lambda tree: jtu.tree_map(lambda a: a.shape, tree)
     if jtu.tree_structure(out) != jtu.tree_structure(x_struct) or any(

@@ -144,6 +144,7 @@ def sample(
     check_types(model, schedule, sampler, adjoint)
     adjoint.check_sampler(sampler)
     _check_x_T(x_T)
+    ts_given = ts
     ts, xp = _as_grid(ts)
     num_steps = ts.shape[0] - 1
     scheduled = isinstance(cond, Scheduled)
@@ -175,7 +176,7 @@ def sample(
     solve = Solve(
         model_call,
         schedule,
-        jnp.asarray(ts),
+        _on_device(ts, ts_given),
         sampler,
         key,
         scheduled,
@@ -233,6 +234,19 @@ def _as_grid(ts):
     if not jnp.issubdtype(ts.dtype, jnp.floating):
         ts = ts.astype(jnp.result_type(float))
     return ts, xp
+
+
+def _on_device(ts, ts_given):
+    """The checked grid as a device array: `ts_given` itself when it already was one
+    of the same dtype (an eager call then transfers no grid to the device)."""
+    if (
+        isinstance(ts_given, jax.Array)
+        and is_concrete(ts_given)
+        and ts_given.dtype == ts.dtype
+        and ts_given.ndim == 1
+    ):
+        return ts_given
+    return jnp.asarray(ts)
 
 
 _NUMBERS = (bool, int, float, complex)

@@ -263,3 +263,18 @@ def test_non_numeric_cond_leaf_names_cond_and_its_path():
     with pytest.raises(TypeError, match=r"`cond`.*str at cond\['name'\]"):
         aj.sample(model, PB.params, X_T, {"emb": COND, "name": "cat"},
                   **_kw(aj.DTO()))
+
+
+def test_eager_call_transfers_nothing_once_warm():
+    kw = dict(_kw(aj.AdjointDEIS()), ts=jnp.asarray(TS))
+    sample = lambda x: aj.sample(PB.model, PB.params, x, COND, **kw)
+
+    def value_and_vjp(ct):  # (jax.grad's own seed would be a transfer of JAX's)
+        x0, pullback = jax.vjp(sample, X_T)
+        return x0, pullback(ct)
+
+    ct = jnp.ones_like(X_T)
+    expected = value_and_vjp(ct)
+    with jax.transfer_guard("disallow"):
+        out = value_and_vjp(ct)
+    assert _close(out, expected, tol=0)
