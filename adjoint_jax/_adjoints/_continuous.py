@@ -15,6 +15,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
+import numpy as np
 from jaxtyping import Array, PyTree
 
 from .._misc import (
@@ -73,16 +74,32 @@ class AbstractContinuousAdjoint(AbstractCustomAdjoint):
     def forward_mode_error(self) -> str:
         return (
             f"`adjoint={self!r}` obtains the gradient by solving the continuous "
-            "adjoint equation backward in time, which is reverse mode only: it has no "
-            "forward-mode (jvp) rule." + FORWARD_MODE_HINT
+            "adjoint equation backward in time, a custom reverse-mode rule: x_0 has "
+            "no forward-mode (jvp) rule; forward mode over its gradient (jax.jvp of "
+            "jax.grad, jax.hessian) does work." + FORWARD_MODE_HINT
         )
 
     def forward(self, solve, theta, x_T, cond, noise):
         return endpoint_forward(solve, theta, x_T, cond, noise, self.forward_interior)
 
     def backward(self, solve, residuals, ct_x0, diff, x_T):
+        solve, residuals, diff = as_jax_arrays((solve, residuals, diff))
         interior = functools.partial(_continuous_backward, self)
         return endpoint_backward(solve, residuals, ct_x0, diff, x_T, interior)
+
+
+def as_jax_arrays(tree: PyTree) -> PyTree:
+    """`tree` with its NumPy arrays made JAX arrays.
+
+    The backward pass may get the solve's constants (the time grid, a schedule's or a
+    closed-over model's arrays) back as NumPy arrays: when `jax.export` exports the
+    VJP of a function (`Exported.vjp()`, `serialize(vjp_order=1)`), the arrays that
+    were closed over are literals. Indexing a NumPy array with a traced index (the
+    interpolated trajectory's `ts[i]`) raises `TracerArrayConversionError`; a JAX
+    array is indexed like the traced solve's."""
+    return jtu.tree_map(
+        lambda v: jnp.asarray(v) if isinstance(v, np.ndarray) else v, tree
+    )
 
 
 def _z_index(solve: Solve, taus: Array) -> Array:
