@@ -1,6 +1,10 @@
 """AdjointDPM: the closed-form Gaussian gradients (constant and time-scheduled
-conditioning), the tolerance controls the error, convergence to DTO on a nonlinear
-model, float32, and input validation."""
+conditioning) and second derivatives (jvp-of-grad, `jax.hessian`), the tolerance
+controls the error, convergence to DTO on a nonlinear model, float32, a state mixing
+float32 and float64 leaves, no tracer kept alive by its traces, and input
+validation."""
+
+import gc
 
 import diffrax
 import jax
@@ -138,6 +142,96 @@ def test_float32(getkey):
     for a, b in zip(jtu.tree_leaves(g32), jtu.tree_leaves(g64)):
         assert a.dtype == jnp.float32
         assert rel_err(a.astype(jnp.float64), b) < 1e-4
+
+
+def test_mixed_dtype_state():
+    # x_T = {"a": float32, "b": float64}, coupled by the loss: the model sees each
+    # leaf in its own dtype, the backward solve runs in float64, and each gradient
+    # comes back in its leaf's dtype. With the accurate forward pass of the
+    # closed-form tests the value is DTO's (the same sampler) and the gradient is
+    # DTO's and the closed form's, to float32 round-off.
+    pb = GaussianProblem.make(4)
+    sch = pb.schedule
+
+    def model(p, x, t, c):
+        assert x["a"].dtype == jnp.float32 and x["b"].dtype == jnp.float64
+        up = lambda v: v.astype(jnp.float64)
+        return {k: pb.model(p, up(v), up(t), c) for k, v in x.items()}
+
+    x_T = {"a": XT.astype(jnp.float32), "b": -0.5 * XT}
+
+    def loss(x0):
+        a = x0["a"].astype(jnp.float64)
+        return _loss(a) + jnp.sum(a * x0["b"])
+
+    def exact(p, x):
+        x = {k: v.astype(jnp.float64) for k, v in x.items()}
+        return loss({k: pb.flow_map(p, v, COND, sch.t_max, T_END) for k, v in x.items()})
+
+    def run(adjoint):
+        kw = sample_kwargs(sch, 100, aj.AsyncLeapfrog(), adjoint)
+        f = lambda p, x: loss(aj.sample(model, p, x, COND, **kw))
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(pb.params, x_T)
+
+    v_dpm, g_dpm = run(aj.AdjointDPM(rtol=1e-8, atol=1e-8))
+    v_dto, g_dto = run(aj.DTO())
+    g_exact = jax.grad(exact, argnums=(0, 1))(pb.params, x_T)
+    assert g_dpm[1]["a"].dtype == jnp.float32
+    assert g_dpm[1]["b"].dtype == jnp.float64
+    assert all(v.dtype == jnp.float64 for v in jtu.tree_leaves(g_dpm[0]))
+    assert float(v_dpm) == float(v_dto)
+    assert rel_err(g_dpm, g_dto) < 2e-6  # measured 2e-7
+    assert rel_err(g_dpm, g_exact) < 2e-6  # measured 3e-7
+
+
+def _live_tracers():
+    gc.collect()
+    return sum(isinstance(o, jax.core.Tracer) for o in gc.get_objects())
+
+
+def test_traces_keep_no_tracers_alive():
+    # The backward solve's vector field once closed over the solve (its traced
+    # time grid): diffrax's `jit` took it as a static argument, and JAX's caches kept
+    # it, and its tracers, alive after the trace (2 to 5 per trace), which
+    # `jax.checking_leaks` reported as a leak.
+    pb = GaussianProblem.make(4)
+    kw = sample_kwargs(pb.schedule, 5, aj.DPMSolver1(),
+                       aj.AdjointDPM(solver=diffrax.Heun()))
+    f = lambda x: _loss(aj.sample(pb.model, pb.params, x, COND, **kw))
+    jax.make_jaxpr(jax.grad(f))(XT)
+    before = _live_tracers()
+    with jax.checking_leaks():
+        jax.grad(f)(XT)  # eager: the compiled loop is traced (and kept) here
+    for _ in range(2):
+        jax.make_jaxpr(jax.grad(f))(XT)
+        jax.jit(jax.grad(lambda x: f(x))).trace(XT)
+    assert _live_tracers() <= before
+
+
+def test_second_derivatives_match_closed_form_gaussian():
+    # Forward over reverse (jvp of grad, `jax.hessian` = jacfwd of jacrev) and
+    # reverse over reverse, against the closed form: the derivative of the discrete
+    # backward solve, as accurate as its gradient (measured: 2e-7 at N = 20 with
+    # rtol = atol = 1e-8, the forward sampler's error; 7e-10 at N = 100).
+    pb = GaussianProblem.make(4)
+    sch = pb.schedule
+    exact = lambda x: _loss(pb.flow_map(pb.params, x, COND, sch.t_max, T_END))
+    kw = sample_kwargs(sch, 20, aj.AsyncLeapfrog(),
+                       aj.AdjointDPM(solver=diffrax.Heun(), rtol=1e-8, atol=1e-8))
+    f = lambda x: _loss(aj.sample(pb.model, pb.params, x, COND, **kw))
+    v = jnp.array([1.0, 0.5, -0.3, 2.0])
+
+    @jax.jit
+    def second(x):
+        hvp = jax.jvp(jax.grad(f), (x,), (v,))[1]
+        hvp_rev = jax.grad(lambda y: jnp.vdot(jax.grad(f)(y), v))(x)
+        return hvp, jax.hessian(f)(x), hvp_rev
+
+    hvp, hess, hvp_rev = second(XT)
+    h_exact = jax.hessian(exact)(XT)
+    assert rel_err(hvp, h_exact @ v) < 1e-6
+    assert rel_err(hess, h_exact) < 1e-6
+    assert rel_err(hvp_rev, h_exact @ v) < 1e-6
 
 
 # ---- validation ---------------------------------------------------------------------

@@ -12,12 +12,12 @@ from .._misc import (
     acc_zeros,
     accumulator_dtype,
     describe_class_error,
-    first_dtype,
     lincomb,
     tree_acc,
 )
 from .._samplers._base import AbstractSampler
 from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
+from ._continuous import as_jax_arrays
 from ._endpoints import endpoint_backward, endpoint_forward
 
 
@@ -73,9 +73,29 @@ class AdjointDPM(AbstractCustomAdjoint):
 
     **Precision:** the backward solve runs in at least float32: with a float16 or
     bfloat16 state, y, the adjoint and the quadratures are carried in float32 (the
-    model still sees x in the state's dtype). A NaN or inf from the model (or in
+    model still sees x in the state's dtype). A state mixing dtypes (a pytree of
+    float32 and float64 leaves) is solved in the widest; the model sees each leaf
+    in its own dtype, and each leaf's gradient comes back in it. A NaN or inf from the model (or in
     x_0 or the output cotangent) makes the gradient NaN, as with `aj.DTO()`, rather
     than stall the step-size controller.
+
+    **Second derivatives:** forward over reverse (`jax.jvp` of `jax.grad`,
+    Hessian-vector products, `jax.hessian`) and reverse over reverse (`jax.grad` of
+    `jax.grad`) differentiate the backward solve itself, adaptive steps included
+    (forward mode re-solves it with diffrax's `DirectAdjoint`, which diffrax
+    differentiates both ways): on the closed-form Gaussian they are as accurate as
+    the gradient. `jax.jvp`/`jax.jacfwd` of x_0 itself is refused (it has no
+    forward-mode rule; use `aj.DTO()`).
+
+    **Export:** `jax.export` refuses its gradient: the `max_steps` check raises its
+    error through a host callback (`eqx.error_if`), and exporting any function
+    whose gradient goes through it (`export(jit(grad(loss)))`, or
+    `Exported.vjp()`/`serialize(vjp_order=1)` of an exported forward pass) raises
+    `NotImplementedError: serialization of host_callbacks is not yet implemented`.
+    The forward pass alone (`vjp_order=0`) exports, as it is the sampler's. To
+    export the gradient, set the environment variable `EQX_ON_ERROR=nan` before
+    Equinox is imported: the check then gives a NaN gradient instead of an error,
+    without a callback. Every other strategy exports (`tests/test_export.py`).
 
     Only deterministic (ODE) samplers; gradients with respect to the time grid or the
     schedule are not available (use `aj.DTO`).
@@ -155,9 +175,10 @@ class AdjointDPM(AbstractCustomAdjoint):
 
     def forward_mode_error(self) -> str:
         return (
-            f"`adjoint={self!r}` solves the adjoint ODE backward with diffrax "
-            "(reverse mode only): it has no forward-mode (jvp) rule."
-            + FORWARD_MODE_HINT
+            f"`adjoint={self!r}` gives x_0 a custom reverse-mode rule (the adjoint "
+            "ODE solved backward with diffrax), so x_0 has no forward-mode (jvp) "
+            "rule; forward mode over its gradient (jax.jvp of jax.grad, "
+            "jax.hessian) does work." + FORWARD_MODE_HINT
         )
 
     # On a grid that starts at α = 0 or ends at σ = 0 the adjoint ODE is solved over
@@ -170,6 +191,8 @@ class AdjointDPM(AbstractCustomAdjoint):
         return endpoint_forward(solve, theta, x_T, cond, noise, interior)
 
     def backward(self, solve, residuals, ct_x0, diff, x_T):
+        solve, residuals, diff = as_jax_arrays((solve, residuals, diff))
+
         def interior(sub, residuals, g, sub_diff):
             x_end, _ = residuals
             return _adjoint_dpm_backward(self, sub, x_end, g, sub_diff, x_T)
@@ -183,8 +206,9 @@ AdjointDPM.__init__.__doc__ = """**Arguments:**
     (have an error estimate), e.g. `diffrax.Tsit5()` (default), `diffrax.Dopri5()`,
     `diffrax.Dopri8()`.
 - `rtol`, `atol`: the tolerances of its PID step-size controller. `None` (default)
-    means 1e-6 when the backward solve runs in float64 and 1e-4 in float32 (the
-    tightest that float32 round-off reliably lets the controller meet).
+    means 1e-6 when the backward solve runs in float64 (some leaf of the state is
+    float64) and 1e-4 in float32 (the tightest that float32 round-off reliably lets
+    the controller meet).
     In float32 do not go below about 1e-5.
 - `max_steps`: the most adaptive steps per interval of the backward solve
     (default 4096).
@@ -220,32 +244,42 @@ def _finite_or_zero(tree):
     return clean, bad
 
 
-def _adjoint_dpm_backward(
-    adjoint: AdjointDPM, solve: Solve, x0, g, diff: Differentiated, x_T
-):
-    sch, ts = solve.schedule, solve.ts
-    state_dtype = first_dtype(x_T)
-    # The backward solve runs in at least float32 (see the class docstring).
-    dtype = accumulator_dtype(state_dtype)
-    theta_d = diff.theta
+class _AdjointField(eqx.Module):
+    """The augmented vector field of one interval,
+    (y, a_y, a_θ, a_z, bad) ↦ (ε, −a_yᵀ∂ε/∂y, −a_yᵀ∂ε/∂θ, −a_yᵀ∂ε/∂z, #non-finite).
 
-    rho = lambda t: jnp.exp(-sch.lam(t)).astype(dtype)
-    alpha = lambda t: jnp.exp(sch.log_alpha(t))
+    A module rather than a closure: its arrays (the solve's grid, schedule and model
+    arrays, θ's undifferentiated leaves) are pytree leaves, so diffrax's `jit` takes
+    them as inputs. A closure would be a static argument of that `jit`, and JAX's
+    caches would keep it, and the tracers it closes over, alive after the trace.
+    """
 
-    def vector_field(r, state, args):
+    solve: Solve
+    rest: Differentiated  # θ's undifferentiated leaves (for `theta_with`)
+    x_dtypes: tuple = eqx.field(static=True)  # the state's leaf dtypes
+    dtype: object = eqx.field(static=True)  # the dtype the solve is carried in
+
+    def __call__(self, r, state, args):
         y, a, _, _, _ = state
         th_d, z_d, z_rest = args
+        sch = self.solve.schedule
         t = sch.t_of_lam(-jnp.log(r))
-        al = alpha(t)
+        al = jnp.exp(sch.log_alpha(t))
+        up = lambda tree: jtu.tree_map(lambda v: v.astype(self.dtype), tree)
 
         def f(yy, tt_d, zz_d):
-            x = jtu.tree_map(lambda v: v.astype(state_dtype), lincomb((al, yy)))
-            out = solve.eps(diff.theta_with(tt_d), x, t, diff.cond_with(zz_d, z_rest))
-            return jtu.tree_map(lambda v: v.astype(dtype), out)
+            # The model sees each leaf of x in that leaf's own dtype (x_T's).
+            x = lincomb((al, yy))
+            leaves, treedef = jtu.tree_flatten(x)
+            x = treedef.unflatten(
+                [v.astype(d) for v, d in zip(leaves, self.x_dtypes)]
+            )
+            theta = self.rest.theta_with(tt_d)
+            return up(self.solve.eps(theta, x, t, self.rest.cond_with(zz_d, z_rest)))
 
         out, f_vjp = jax.vjp(f, y, th_d, z_d)
         g_y, g_th, g_z = f_vjp(a)
-        neg = lambda tree: jtu.tree_map(lambda v: -v.astype(dtype), tree)
+        neg = lambda tree: jtu.tree_map(lambda v: -v.astype(self.dtype), tree)
         # A NaN/inf from the model must not stall the step-size controller (it would
         # reject every step and end in a misleading "max_steps" error): it is
         # zeroed here and counted in the last slot, and the interval's result is
@@ -253,18 +287,95 @@ def _adjoint_dpm_backward(
         (out, g_y, g_th, g_z), bad = _finite_or_zero(
             (out, neg(g_y), neg(g_th), neg(g_z))
         )
-        return out, g_y, g_th, g_z, bad.astype(dtype)
+        return out, g_y, g_th, g_z, bad.astype(self.dtype)
 
-    term = diffrax.ODETerm(vector_field)
+
+def _seminorm(err):
+    # Step-size control on (y, a_y) only (see `_adjoint_dpm_backward`). A module-level
+    # function, so that every trace hands diffrax the same static controller.
+    return optx.rms_norm(err[:2])
+
+
+def _diffeqsolve(y0, field, r0, r1, args, *, solver, controller, max_steps, direct):
+    sol = diffrax.diffeqsolve(
+        diffrax.ODETerm(field),
+        solver,
+        t0=r0,
+        t1=r1,
+        dt0=None,
+        y0=y0,
+        args=args,
+        stepsize_controller=controller,
+        max_steps=max_steps,
+        throw=False,
+        adjoint=diffrax.DirectAdjoint() if direct else diffrax.RecursiveCheckpointAdjoint(),
+    )
+    ys = jtu.tree_map(lambda v: v[0], sol.ys)
+    return ys, sol.result == diffrax.RESULTS.successful
+
+
+# One interval's backward solve. Reverse mode (the first-order gradient, whose
+# backward pass this is, and grad-of-grad through it) uses diffrax's
+# `RecursiveCheckpointAdjoint`, a custom VJP, which JAX cannot differentiate in
+# forward mode. Forward mode (jvp-of-grad: a Hessian-vector product, `jax.hessian`)
+# reaches this rule instead: for a custom JVP JAX calls it with the tangents
+# (u̇ = ∂u/∂ε · ε̇ of every input u: y_0, the field's arrays, ρ_0, ρ_1, θ and z), and
+# it returns the JVP of the *same* discrete solve run with `DirectAdjoint`, which
+# diffrax can differentiate in both modes (same solver, controller and steps, so the
+# same primal to round-off): the tangent of the discretised backward solve, adaptive
+# step sizes included, as `jax.jvp` of any other computation. Under reverse mode
+# (grad-of-grad) JAX linearises and transposes this rule, i.e. differentiates the
+# `DirectAdjoint` solve in reverse, which it supports too.
+@eqx.filter_custom_jvp
+def _solve_interval(y0, field, r0, r1, args, *, solver, controller, max_steps):
+    return _diffeqsolve(
+        y0, field, r0, r1, args, solver=solver, controller=controller,
+        max_steps=max_steps, direct=False,
+    )
+
+
+@_solve_interval.def_jvp
+def _solve_interval_jvp(primals, tangents, **kwargs):
+    leaves, treedef = jtu.tree_flatten(primals)
+    t_leaves = treedef.flatten_up_to(tangents)
+    idx = [i for i, t in enumerate(t_leaves) if t is not None]
+
+    def fn(*dynamic):
+        full = list(leaves)
+        for i, v in zip(idx, dynamic):
+            full[i] = v
+        return _diffeqsolve(*treedef.unflatten(full), **kwargs, direct=True)
+
+    out, t_out = jax.jvp(fn, [leaves[i] for i in idx], [t_leaves[i] for i in idx])
+    return out, (t_out[0], None)
+
+
+def _adjoint_dpm_backward(
+    adjoint: AdjointDPM, solve: Solve, x0, g, diff: Differentiated, x_T
+):
+    sch, ts = solve.schedule, solve.ts
+    x_dtypes = tuple(v.dtype for v in jtu.tree_leaves(x_T))
+    # The backward solve runs in at least float32 (see the class docstring), and in
+    # one dtype: diffrax promotes every leaf of the state to the time's dtype, so a
+    # state mixing float32 and float64 leaves is solved in float64 (the model still
+    # sees each leaf in its own dtype).
+    dtype = max((accumulator_dtype(d) for d in x_dtypes), key=lambda d: d.itemsize)
+    theta_d = diff.theta
+
+    rho = lambda t: jnp.exp(-sch.lam(t)).astype(dtype)
+    alpha = lambda t: jnp.exp(sch.log_alpha(t))
+
+    field = _AdjointField(
+        solve, Differentiated(None, diff.theta_rest, None, None, None, None),
+        x_dtypes, dtype,
+    )
     # Step-size control on (y, a_y) only, a seminorm (Kidger et al. 2021): a_θ and a_z
     # are quadratures along them. Cheaper, and the steps (so ∂L/∂x_T) do not depend
     # on which arguments are differentiated.
     default_tol = 1e-6 if jnp.finfo(dtype).bits >= 64 else 1e-4
     rtol = default_tol if adjoint.rtol is None else adjoint.rtol
     atol = default_tol if adjoint.atol is None else adjoint.atol
-    controller = diffrax.PIDController(
-        rtol=rtol, atol=atol, norm=lambda e: optx.rms_norm(e[:2])
-    )
+    controller = diffrax.PIDController(rtol=rtol, atol=atol, norm=_seminorm)
     msg = (
         f"`adjoint={adjoint!r}`: the backward solve of an interval needed more than "
         f"max_steps={adjoint.max_steps} steps. Raise `max_steps`, or loosen "
@@ -274,21 +385,11 @@ def _adjoint_dpm_backward(
     def solve_interval(state, r0, r1, args):
         finite_in = _all_finite(state)
         state, _ = _finite_or_zero(state)
-        sol = diffrax.diffeqsolve(
-            term,
-            adjoint.solver,
-            t0=r0,
-            t1=r1,
-            dt0=None,
-            y0=state + (jnp.zeros((), dtype),),
-            args=args,
-            stepsize_controller=controller,
-            max_steps=adjoint.max_steps,
-            throw=False,
+        out, ok = _solve_interval(
+            state + (jnp.zeros((), dtype),), field, r0, r1, args,
+            solver=adjoint.solver, controller=controller, max_steps=adjoint.max_steps,
         )
-        out = jtu.tree_map(lambda v: v[0], sol.ys)
         nan = ~finite_in | (out[-1] > 0)
-        ok = sol.result == diffrax.RESULTS.successful
         out = eqx.error_if(out, ~ok & ~nan, msg)
         return jtu.tree_map(lambda v: jnp.where(nan, jnp.nan, v), out[:-1])
 
