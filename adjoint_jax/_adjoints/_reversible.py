@@ -49,21 +49,21 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
     N ≤ 640 on sharp data, `McCallumFoster` loses a factor 1/coupling per step; see
     each sampler's docstring and `benchmarks/reversible_stability.py`.
 
-    **Precision.** In float32 (random MLP, N = 24, `tests/test_robustness.py`) it is
-    within 1e-6–8e-6 of `aj.DTO` for asynchronous leapfrog, BELM, BDIA and
-    `McCallumFoster(DPMSolver1())`, 7e-5 for EDICT (its un-mixing multiplies
-    round-off by 1/p² per step), within 5e-6–6e-5 for
-    `McCallumFoster(DPMSolver2())` (its reversible ε memory amplifies round-off; see
-    its docstring) and 5e-5–2e-3 for reversible Heun, whose discrete gradient is
-    itself ill-conditioned there. A float16 or bfloat16 *state* is unsafe (errors of
-    1–100%: the states are rebuilt in that precision) and warns at trace time; a
-    16-bit *model* under a float32 state is fine, with errors at the model's own
-    round-off (about 1e-2 for bfloat16).
+    **Precision.** In float32 the rebuilt states carry the round-off the inverse
+    amplifies: against the float64 `aj.DTO` gradient (random MLP, N = 10 / 20 / 40)
+    asynchronous leapfrog, BELM, BDIA and `McCallumFoster` are within 2e-5, EDICT
+    7e-4, reversible Heun 1e-3 (each sampler's docstring; checked in
+    `tests/test_reversible_float32.py`). Where a sampler's measured error passes
+    1e-3 (reversible Heun in float32; EDICT at N ≤ 10 or beyond ≈ 130; BDIA(γ < 1)
+    and `McCallumFoster` with a small coupling, which divide by γ or λ every step)
+    it warns at trace time with the estimate, as for a float16 or bfloat16 *state*
+    (errors of 1–100%); a 16-bit *model* under a float32 state is fine (errors at
+    its own round-off, about 1e-2 for bfloat16).
 
     **Memory:** O(1) in N: one sampler state, its cotangent and one step's VJP
     residuals. Compiled temporary memory of the jitted gradient (MLP of width 256,
     batch 64, float64): reversible Heun 972,808 bytes at N = 16 and at N = 128,
-    BELM 973,184 and 973,632 (`aj.DTO()` at N = 128: 216,801,312 with reversible
+    BELM 972,480 and 972,928 (`aj.DTO()` at N = 128: 216,801,312 with reversible
     Heun, 69,509,672 with BELM).
 
     **Cost:** with a fused rebuild (BELM, BDIA, asynchronous leapfrog, reversible
@@ -132,6 +132,14 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
                 "by tens of percent (float16/bfloat16 round-off amplified over the "
                 "steps). Keep x_T in float32 (the model may still compute in "
                 f"{jnp.dtype(dtype).name}), or use `adjoint=aj.DTO()`.",
+                stacklevel=2,
+            )
+        elif why := solve.sampler.precision_warning(solve.num_steps, jnp.dtype(dtype)):
+            # The sampler's measured bound for this (static) N and dtype.
+            warnings.warn(
+                f"ReversibleAdjoint with `{solve.sampler!r}`, N = {solve.num_steps} "
+                f"steps and a {jnp.dtype(dtype).name} state: {why} "
+                "`adjoint=aj.DTO(checkpoints=k)` is exact in O(k) memory.",
                 stacklevel=2,
             )
         del noise  # a reversible sampler is deterministic

@@ -2,17 +2,16 @@
 two-step linear multistep method of the probability-flow ODE, one evaluation per
 step."""
 
-import abc
 from typing import ClassVar
 
 import jax.numpy as jnp
 import jax.tree_util as jtu
 from jaxtyping import Array, PyTree
 
-from .._misc import lincomb
+from .._misc import lincomb, tree_zeros_like
 from .._schedule import AbstractSchedule
 from ._base import AbstractReversibleSampler, EpsFn
-from ._reversible_heun import rho_coeffs
+from ._reversible_heun import rho_coeffs, zero_on_first
 
 
 def previous_time(ts: Array, t: Array, i: Array) -> Array:
@@ -38,49 +37,7 @@ def _safe_div(num, den, ok):
     return jnp.where(ok, num / jnp.where(ok, den, 1.0), 0.0)
 
 
-class AbstractTwoStepSampler(AbstractReversibleSampler[tuple]):
-    """An exactly invertible two-step method with one evaluation per step,
-    x_{i+1} = c_p x_{i−1} + c_x x_i + c_e ε(x_i, t_i) (c_p = 0 on step 0), whose
-    inverse x_{i−1} = (x_{i+1} − c_x x_i − c_e ε(x_i, t_i))/c_p evaluates ε where the
-    step did. The state holds (x_{i−1}, x_i) and the time grid (for t_{i−1}).
-    Subclasses give the coefficients (`_coeffs`)."""
-
-    is_sde: ClassVar[bool] = False
-    evals_per_step: ClassVar[int] = 1
-    steps_to_sigma_zero: ClassVar[bool] = False
-    steps_from_alpha_zero: ClassVar[bool] = False
-    rebuild: ClassVar[str] = "shared"
-
-    @abc.abstractmethod
-    def _coeffs(self, schedule, ts, t, s, i):
-        """(c_p, c_x, c_e) of the step t_i = t → t_{i+1} = s."""
-
-    def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
-        del schedule
-        return (x_T, x_T, ts)
-
-    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
-        del noise
-        x_prev, x, ts = state
-        e = eps(x, t)
-        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
-        return (x, lincomb((c_p, x_prev), (c_x, x), (c_e, e)), ts)
-
-    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
-        del eps_prev, noise
-        x, x_s, ts = state
-        e = eps(x, t)
-        c_p, c_x, c_e = self._coeffs(schedule, ts, t, s, i)
-        inv = _safe_div(1.0, c_p, i > 0)
-        rebuilt = lincomb((inv, x_s), (-inv * c_x, x), (-inv * c_e, e))
-        # Step 0 started from init's (x_T, x_T): its x_{−1} slot is x_T itself.
-        return (where_tree(i > 0, rebuilt, x), x, ts)
-
-    def output(self, state) -> PyTree:
-        return state[1]
-
-
-class BELM(AbstractTwoStepSampler):
+class BELM(AbstractReversibleSampler[tuple]):
     """The Bidirectional Explicit Linear Multistep sampler with the O-BELM
     coefficients (Wang et al. 2024): exactly invertible, second order, **one model
     evaluation per step**. With `aj.ReversibleAdjoint` it gives the exact gradient
@@ -96,35 +53,68 @@ class BELM(AbstractTwoStepSampler):
 
     the two-step explicit formula that is exact for y quadratic in ρ (the O-BELM
     choice, which minimises the local truncation error: it is O(Δ³)). Step 0 has no
-    y_{−1} and is a DDIM step (a_0 = 0). The inverse is explicit:
+    y_{−1} and is a DDIM step (a_0 = 0). It is BDIA (`aj.BDIA`) in y with γ_i = a_i.
 
-        y_{i−1} = (y_{i+1} − (1 − a_i) y_i − (Δ_i + a_i Δ_{i−1}) e_i) / a_i,
+    **How it is computed.** Not as written above, but in the equivalent velocity
+    form (the same iterates in exact arithmetic): with v_i = (y_i − y_{i−1})/Δ_{i−1}
+    (≈ ε, the slope of the last step) and r_i = Δ_i/Δ_{i−1} (so a_i = r_i²),
 
-    with e_i evaluated at the same (x_i, t_i) as the forward step. It is BDIA
-    (`aj.BDIA`) in y with γ_i = a_i. The state holds (x_{i−1}, x_i) and the time
-    grid (for t_{i−1}); every formula is written in x with exponential-integrator
-    coefficients.
+        v_{i+1} = e_i + r_i (e_i − v_i),
+        x_{i+1} = (α_{i+1}/α_i) x_i + α_{i+1} Δ_i v_{i+1}
+
+    (the second line is a DDIM step with ε replaced by v_{i+1}), inverted by
+    x_i = (x_{i+1} − α_{i+1} Δ_i v_{i+1}) / (α_{i+1}/α_i), e_i = ε(x_i, t_i) and
+    v_i = e_i + (e_i − v_{i+1})/r_i, evaluating ε where the step did. The state holds
+    (x_i, v_i) and the time grid (for t_{i−1}); v_0 is a zero placeholder (step 0 has
+    r_0 = 0 and does not read it).
 
     **When to use it:** exact, memory-flat gradients at the lowest cost: one
     evaluation per step forward (N in all, no start-up evaluation) and one VJP per
     step backward. It is as accurate as `aj.DPMSolver2` (sharp mixture of
     `benchmarks/reversible_stability.py`, N = 10 / 20 / 40: 1e-1 / 1e-2 / 3e-3);
-    `aj.AsyncLeapfrog` is more accurate at so few steps (1e-2 / 5e-3 / 2e-3) and
-    better conditioned in float32 (see Stability).
+    `aj.AsyncLeapfrog` is more accurate at so few steps (1e-2 / 5e-3 / 2e-3).
 
     **Order:** 2 (x_0 and its exact gradient); measured slopes in
     `tests/test_reversible.py` (closed-form Gaussian and the mixture reference).
 
-    **Stability:** the characteristic roots are 1 and −a_i. On a grid whose steps
-    in ρ shrink (every grid of `aj.time_grid`: ρ falls fastest at the noise end)
-    a_i < 1, so the forward pass damps the parasitic mode; the inverse amplifies it
-    by 1/a_i per step, i.e. round-off by up to (Δ_0/Δ_{N−1})² over the solve:
-    x_T is rebuilt to 6e-14–4e-13 in float64 and 3e-5–2e-4 in float32 on the sharp
-    mixture at N = 10…640 (`benchmarks/reversible_stability.py`; asynchronous
-    leapfrog: 1e-6). A grid whose ρ-steps grow makes the forward pass unstable
-    instead.
+    **Stability and float32.** The characteristic roots are 1 and −a_i. On a grid
+    whose steps in ρ shrink (every grid of `aj.time_grid`: ρ falls fastest at the
+    noise end) a_i < 1, so the forward pass damps the parasitic mode and the inverse
+    amplifies it, by 1/a_i per step and (Δ_0/Δ_{N−1})² over the solve: on
+    `aj.time_grid(aj.VPLinear(), N, t_end=1e-3)` 1/a_i = e^{2h} = 6.8 / 2.6 / 1.6
+    per step and 3.1e7 / 8.1e7 / 1.3e8 in all at N = 10 / 20 / 40, growing like
+    1/t_end. That cannot change (it is the scheme), but where round-off enters it
+    can. The two-slot form (x_{i−1}, x_i), whose inverse
+    x_{i−1} = (x_{i+1} − c_x x_i − c_e e_i)/c_p recovers the parasitic component
+    y_i − y_{i−1} = Δ_{i−1} v_i as a difference of two O(|y|) numbers, rounds it at
+    ε_mach |y|; in the velocity form it is rounded at ε_mach Δ_{i−1} |v|, smaller by
+    about |x|/(σ (1 − e^{−h}) |ε|) ≈ 2e2–5e2 at the data end, where the rest of the
+    solve amplifies it most (σ = 0.01 at t = 1e-3). Measured on the random MLP of
+    `tests/test_reversible_float32.py` (float32 state and weights), the two-slot form
+    rebuilt x_T to 6e-4 at t_end = 1e-3 and to 3e-2–1e-1 at t_end = 1e-5, and its
+    gradient error grew from 1e-4 to 1e-2 (with no warning); the velocity form
+    rebuilds x_T to 2e-5 and 1e-4 and its gradient stays within 3e-5 (table).
+    Sharper networks amplify round-off more, in every reversible sampler: with that
+    MLP's weights scaled ×3–4 (t_end = 1e-3, N = 10 / 20 / 40, 12 runs) the two-slot
+    form was up to 1.5e-2 off, the velocity form ≤ 7e-4 but for one run at 2.4e-3
+    (asynchronous leapfrog ≤ 2e-4, BDIA ≤ 9e-4 there). A grid whose ρ-steps grow
+    makes the forward pass unstable instead.
 
-    **Memory:** the state is two copies of x (plus the grid).
+    **float32.** `aj.ReversibleAdjoint` with float32 state and weights against the
+    float64 `aj.DTO` gradient, random MLP of `tests/test_reversible_float32.py`
+    (relative errors of ∂L/∂x_T / ∂L/∂θ; the two-slot rows are the former form):
+
+    | grid | N = 10 | N = 20 | N = 40 |
+    | --- | --- | --- | --- |
+    | t_end = 1e-3 | 5e-6 / 2e-6 | 3e-6 / 1e-6 | 2e-6 / 1e-6 |
+    | t_end = 1e-5 | 3e-5 / 1e-5 | 2e-5 / 1e-5 | 5e-6 / 3e-6 |
+    | two-slot, t_end = 1e-3 | 1.5e-4 / 1.1e-4 | 2e-5 / 1e-5 | 9e-6 / 5e-6 |
+    | two-slot, t_end = 1e-5 | 7e-3 / 4e-3 | 9e-3 / 1e-2 | 1e-2 / 1e-2 |
+
+    float32 gradient error bound (N = 10 / 20 / 40): 5e-5 / 5e-5 / 5e-5 (either
+    grid; checked by that test). Safe in float32: no warning.
+
+    **Memory:** the state is two copies of x (x, v; plus the grid).
 
     ??? cite "References"
 
@@ -142,20 +132,57 @@ class BELM(AbstractTwoStepSampler):
     """
 
     order: ClassVar[int] = 2
+    is_sde: ClassVar[bool] = False
+    evals_per_step: ClassVar[int] = 1
+    steps_to_sigma_zero: ClassVar[bool] = False
+    steps_from_alpha_zero: ClassVar[bool] = False
+    rebuild: ClassVar[str] = "shared"
 
     def _coeffs(self, schedule, ts, t, s, i):
-        """(c_prev, c_x, c_e) of x_{i+1} = c_prev x_{i−1} + c_x x_i + c_e e_i."""
+        """(A_i, k_i, r_i, i > 0) with A_i = α_{i+1}/α_i, k_i = α_{i+1} Δ_i and
+        r_i = Δ_i/Δ_{i−1} (0 on step 0), all in the grid's dtype."""
         a_i, k_i, a_p, k_p, has_prev = two_step_coeffs(schedule, ts, t, s, i)
         # Δ_i/Δ_{i−1} = (k_i/α_{i+1}) / (k_p/α_i) = k_i / (A_i k_p).
-        r = _safe_div(k_i, a_i * k_p, has_prev)
-        a = r * r
-        # y_{i−1} = x_{i−1}/α_{i−1} enters x_{i+1} = α_{i+1} y_{i+1} with α_{i+1}/α_{i−1}
-        # = A_i A_p; Δ_{i−1} with α_{i+1} Δ_{i−1} = A_i k_p.
-        return a * a_i * a_p, (1.0 - a) * a_i, k_i + a * a_i * k_p
+        return a_i, k_i, _safe_div(k_i, a_i * k_p, has_prev), has_prev
+
+    def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> tuple:
+        del schedule
+        return (x_T, tree_zeros_like(x_T), ts)
+
+    # The O-BELM step in its velocity form. From y_{i+1} − y_i = a_i (y_{i−1} − y_i)
+    # + (Δ_i + a_i Δ_{i−1}) e_i, with Δ_i v_{i+1} = y_{i+1} − y_i, a_i = r_i² and
+    # a_i Δ_{i−1} = r_i Δ_i: Δ_i v_{i+1} = −r_i Δ_i v_i + (1 + r_i) Δ_i e_i, i.e.
+    # v_{i+1} = e_i + r_i (e_i − v_i); and x_{i+1} = α_{i+1} (y_i + Δ_i v_{i+1}) =
+    # A_i x_i + k_i v_{i+1}. The inverse solves the two lines in reverse order,
+    # forming the small difference e_i − v_{i+1} before dividing by r_i.
+    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
+        del noise
+        x, v, ts = state
+        e = eps(x, t)
+        a, k, r, _ = self._coeffs(schedule, ts, t, s, i)
+        v_s = _add_scaled_diff(e, r, e, v)
+        return (lincomb((a, x), (k, v_s)), v_s, ts)
+
+    def step_back(self, eps: EpsFn, eps_prev: EpsFn, schedule, state, t, s, i, noise):
+        del eps_prev, noise
+        x_s, v_s, ts = state
+        a, k, r, has_prev = self._coeffs(schedule, ts, t, s, i)
+        x = lincomb((1.0 / a, x_s), (-k / a, v_s))
+        e = eps(x, t)
+        inv = _safe_div(1.0, r, has_prev)
+        v = _add_scaled_diff(e, inv, e, v_s)
+        # Step 0 read no v_0 (r_0 = 0): give back init's placeholder.
+        return (x, zero_on_first(i, v), ts)
+
+    def output(self, state) -> PyTree:
+        return state[0]
 
 
-def where_tree(pred, a: PyTree, b: PyTree) -> PyTree:
-    return jtu.tree_map(lambda u, v: jnp.where(pred, u, v), a, b)
+def _add_scaled_diff(base: PyTree, c, u: PyTree, w: PyTree) -> PyTree:
+    """base + c (u − w), leaf by leaf, with c cast to each leaf's dtype."""
+    return jtu.tree_map(
+        lambda b, u_, w_: b + jnp.asarray(c).astype(b.dtype) * (u_ - w_), base, u, w
+    )
 
 
 BELM.__init__.__doc__ = """**Arguments:** None."""
