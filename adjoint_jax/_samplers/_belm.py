@@ -93,7 +93,9 @@ class BELM(AbstractReversibleSampler[tuple]):
     `tests/test_reversible_float32.py` (float32 state and weights), the two-slot form
     rebuilt x_T to 6e-4 at t_end = 1e-3 and to 3e-2–1e-1 at t_end = 1e-5, and its
     gradient error grew from 1e-4 to 1e-2 (with no warning); the velocity form
-    rebuilds x_T to 2e-5 and 1e-4 and its gradient stays within 3e-5 (table).
+    rebuilds x_T to 2e-5 and 1e-4 and its gradient stays within 3e-5 (table). On
+    the sharp mixture of `benchmarks/reversible_stability.py` (N = 10…80) x_T comes
+    back to 4e-6–8e-6 in float32 (two-slot: 3e-5–1e-4) and 4e-15–6e-14 in float64.
     Sharper networks amplify round-off more, in every reversible sampler: with that
     MLP's weights scaled ×3–4 (t_end = 1e-3, N = 10 / 20 / 40, 12 runs) the two-slot
     form was up to 1.5e-2 off, the velocity form ≤ 7e-4 but for one run at 2.4e-3
