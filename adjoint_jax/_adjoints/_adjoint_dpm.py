@@ -314,18 +314,17 @@ def _diffeqsolve(y0, field, r0, r1, args, *, solver, controller, max_steps, dire
     return ys, sol.result == diffrax.RESULTS.successful
 
 
-# One interval's backward solve. Reverse mode (the first-order gradient, whose
-# backward pass this is, and grad-of-grad through it) uses diffrax's
-# `RecursiveCheckpointAdjoint`, a custom VJP, which JAX cannot differentiate in
-# forward mode. Forward mode (jvp-of-grad: a Hessian-vector product, `jax.hessian`)
-# reaches this rule instead: for a custom JVP JAX calls it with the tangents
-# (u̇ = ∂u/∂ε · ε̇ of every input u: y_0, the field's arrays, ρ_0, ρ_1, θ and z), and
-# it returns the JVP of the *same* discrete solve run with `DirectAdjoint`, which
-# diffrax can differentiate in both modes (same solver, controller and steps, so the
-# same primal to round-off): the tangent of the discretised backward solve, adaptive
-# step sizes included, as `jax.jvp` of any other computation. Under reverse mode
-# (grad-of-grad) JAX linearises and transposes this rule, i.e. differentiates the
-# `DirectAdjoint` solve in reverse, which it supports too.
+# One interval's backward solve u ↦ Φ(u), u = (y_0, the field's arrays, ρ_0, ρ_1, θ, z).
+# Undifferentiated (the backward pass of a first-order gradient) it runs diffrax's
+# `RecursiveCheckpointAdjoint` loop, a plain while loop at run time. That adjoint is
+# a custom VJP, which JAX cannot differentiate in forward mode, so Φ is given a
+# custom JVP: Φ̇ = ∂Φ/∂u · u̇ is `jax.jvp` of the *same* discrete solve (same solver,
+# controller and steps, so the same primal to round-off) run with `DirectAdjoint`,
+# which diffrax differentiates in both modes: the tangent of the discretised solve,
+# adaptive step sizes included. Forward over reverse (jvp-of-grad, `jax.hessian`)
+# evaluates this rule; reverse over reverse (grad-of-grad) linearises and transposes
+# it, i.e. differentiates the `DirectAdjoint` solve in reverse, which JAX supports
+# too.
 @eqx.filter_custom_jvp
 def _solve_interval(y0, field, r0, r1, args, *, solver, controller, max_steps):
     return _diffeqsolve(
