@@ -216,8 +216,8 @@ class AbstractAdjoint(eqx.Module):
 
 
 FORWARD_MODE_HINT = (
-    " For forward-mode derivatives (jax.jvp, jax.jacfwd, Hessian-vector products by "
-    "jvp-of-grad) use `adjoint=aj.DTO()` (or `aj.DTO(checkpoints='steps')`)."
+    " For forward-mode derivatives of x_0 (jax.jvp, jax.jacfwd) use "
+    "`adjoint=aj.DTO()` (or `aj.DTO(checkpoints='steps')`)."
 )
 
 
