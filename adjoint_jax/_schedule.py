@@ -11,8 +11,6 @@ inverse `t_of_lam` goes through the exact identity log α = −½ softplus(−2�
 """
 
 import abc
-from collections.abc import Mapping
-from typing import Any
 
 import equinox as eqx
 import jax
@@ -295,47 +293,6 @@ class VPDiscrete(AbstractSchedule):
         # On a segment ending at ᾱ = 0: ᾱ = (1 − w) ᾱ0, so w = 1 − exp(2 (target + l0)).
         zero = t0 - jnp.expm1(2.0 * (target + l0)) * (t1 - t0)
         return jnp.where(to_zero, zero, linear)
-
-    @classmethod
-    def from_diffusers_config(cls, config: Mapping[str, Any]) -> "VPDiscrete":
-        """The schedule of a diffusers scheduler config (e.g. the
-        `scheduler_config.json` of a pretrained pipeline, or
-        `dict(pipe.scheduler.config)`), without diffusers.
-
-        **Arguments:**
-
-        - `config`: a mapping with `num_train_timesteps` (default 1000), and either
-            `trained_betas` or `beta_start`, `beta_end` and `beta_schedule` in
-            `"linear"`, `"scaled_linear"` or `"squaredcos_cap_v2"`;
-            `rescale_betas_zero_snr=True` is honoured (ᾱ = 0 exactly at t = 1). When
-            the config names its scheduler (`_class_name`), its other keys are checked
-            too: those that change the numbers and are not reproduced raise an error
-            naming them.
-
-        **Returns:** a `VPDiscrete` with diffusers' betas, computed in float64.
-
-        The schedule alone does not say how the network is called: its
-        `prediction_type` and integer timesteps are handled by `aj.diffusers_model`,
-        the grid of `set_timesteps` by `aj.diffusers_timesteps`, and all of it at
-        once by `aj.from_diffusers`.
-        """
-        from . import _diffusers
-
-        if not isinstance(config, Mapping):
-            raise TypeError(
-                "`VPDiscrete.from_diffusers_config(config)` needs a mapping; got "
-                f"{type(config).__name__}."
-            )
-        name = config.get("_class_name")
-        if name is not None:
-            name = _diffusers._name(config, None)
-            if name not in _diffusers._VP:
-                raise ValueError(
-                    f"{name} is a flow-matching scheduler; use `aj.FlowMatching()` "
-                    "(or `aj.diffusers_schedule`)."
-                )
-            _diffusers._check_keys(config, name)
-        return cls(_diffusers.betas_from_config(config))
 
 
 class FlowMatching(AbstractSchedule):

@@ -221,7 +221,7 @@ def test_flow_match_euler_shift_three():
 
 def test_rescale_betas_zero_snr():
     sched = DDIM64(**SD, rescale_betas_zero_snr=True, clip_sample=False)
-    schedule = aj.VPDiscrete.from_diffusers_config(dict(sched.config))
+    schedule = aj.diffusers_schedule(dict(sched.config))
     ab = sched.alphas_cumprod.numpy()
     knots = (np.arange(1000) + 1) / 1000
     ours = np.asarray(jax.vmap(schedule.alpha)(jnp.asarray(knots))) ** 2

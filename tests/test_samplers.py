@@ -104,7 +104,7 @@ PB = MLPProblem.make(jax.random.key(1), dim=3, width=8, cond_dim=2)
 X_T = jax.random.normal(jax.random.key(2), (2, 3))
 COND = jnp.array([0.3, -0.5])
 N = 6
-SD = aj.VPDiscrete.from_diffusers_config(
+SD = aj.diffusers_schedule(
     {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012}
 )
 FLOW = aj.FlowMatching()

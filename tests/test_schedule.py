@@ -80,7 +80,7 @@ def test_vpdiscrete_matches_ddpm_alphas_cumprod():
     ],
 )
 def test_from_diffusers_config(config, expected):
-    sch = aj.VPDiscrete.from_diffusers_config(config)
+    sch = aj.diffusers_schedule(config)
     np.testing.assert_allclose(
         sch.log_alphas, 0.5 * np.cumsum(np.log1p(-expected.astype(np.float64))),
         rtol=1e-12,
@@ -88,7 +88,7 @@ def test_from_diffusers_config(config, expected):
 
 
 def test_from_diffusers_config_cosine():
-    sch = aj.VPDiscrete.from_diffusers_config(
+    sch = aj.diffusers_schedule(
         {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
     )
     # ᾱ_n follows the cosine law cos²(((n+1)/N + s)/(1 + s) π/2)/cos²(s/(1+s) π/2)
@@ -103,7 +103,7 @@ def test_bad_schedules():
     with pytest.raises(ValueError, match="beta_min"):
         aj.VPLinear(beta_min=-1.0)
     with pytest.raises(ValueError, match="beta_schedule"):
-        aj.VPDiscrete.from_diffusers_config({"beta_schedule": "sigmoid"})
+        aj.diffusers_schedule({"beta_schedule": "sigmoid"})
     with pytest.raises(ValueError, match="betas"):
         aj.VPDiscrete([0.1])
     with pytest.raises(ValueError, match="t_max"):
