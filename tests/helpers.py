@@ -28,8 +28,16 @@ sde_samplers = [aj.SDEDPMSolver1(), aj.DDIM(eta=1.0)]
 # The two-step reversible samplers (BELM, BDIA) and EDICT have their orders tested in
 # tests/test_reversible.py (EDICT, first order, is pre-asymptotic on the Gaussian
 # below N ≈ 40), and their gradient is DTO's (tested there too).
+# The samplers that reproduce diffusers schedulers (tests/test_diffusers_*.py test
+# their parity and orders); the matrix runs each with one exact and one continuous
+# strategy. One line per sampler:
+diffusers_samplers = [
+]
 all_samplers = (
-    ode_samplers + [aj.AsyncLeapfrog(), aj.BELM(), aj.BDIA(), aj.EDICT()] + sde_samplers
+    ode_samplers
+    + [aj.AsyncLeapfrog(), aj.BELM(), aj.BDIA(), aj.EDICT()]
+    + sde_samplers
+    + diffusers_samplers
 )
 
 # (adjoint, whether its gradient is the exact gradient of the discrete sampler)

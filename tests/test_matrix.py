@@ -34,6 +34,7 @@ from .helpers import (
     all_adjoints,
     all_samplers,
     default_key,
+    diffusers_samplers,
     rel_err,
     sample_kwargs,
     tree_allclose,
@@ -201,6 +202,8 @@ def _matrix_pairs():
     # Truncated runs a sampler through DTO's own step loop (after a detached part):
     # a multistep, a stochastic and a start-up sampler cover its paths.
     def keep(s, a):
+        if any(s == d for d in diffusers_samplers):
+            return a in (aj.DTO(), aj.AdjointDEIS())
         if isinstance(a, aj.AdjointDPM):  # its backward solve never sees the sampler
             return s == aj.DPMSolver2()
         if isinstance(a, aj.Truncated):
