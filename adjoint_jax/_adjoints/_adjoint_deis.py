@@ -4,7 +4,7 @@ import equinox as eqx
 import jax.numpy as jnp
 
 from .._samplers._base import AbstractSampler
-from ._base import Solve
+from ._base import Solve, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 
 
@@ -75,6 +75,7 @@ class AdjointDEIS(AbstractContinuousAdjoint):
             )
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
+        refuse_nonsmooth(self, sampler)
         if sampler.is_sde and self.num_steps is not None:
             raise ValueError(
                 f"`adjoint={self!r}` with `sampler={sampler!r}`: a separate backward "

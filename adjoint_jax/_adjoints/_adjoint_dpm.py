@@ -16,7 +16,9 @@ from .._misc import (
     tree_acc,
 )
 from .._samplers._base import AbstractSampler
-from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
+from ._base import (
+    FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve, refuse_nonsmooth,
+)
 from ._continuous import as_jax_arrays
 from ._endpoints import endpoint_backward, endpoint_forward
 
@@ -165,6 +167,7 @@ class AdjointDPM(AbstractCustomAdjoint):
             )
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
+        refuse_nonsmooth(self, sampler)
         if sampler.is_sde:
             raise ValueError(
                 f"`adjoint={self!r}` solves the adjoint of the probability-flow ODE "

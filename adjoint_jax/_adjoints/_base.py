@@ -215,6 +215,18 @@ class AbstractAdjoint(eqx.Module):
         ending with the way to get forward-mode derivatives (`aj.DTO()`)."""
 
 
+def refuse_nonsmooth(adjoint: AbstractAdjoint, sampler: AbstractSampler) -> None:
+    """Raises for a sampler whose step is not a discretisation of the smooth
+    probability-flow ODE/SDE (`aj.DDIM(clip_sample=...)`, `thresholding=`: its
+    `continuous_adjoint_error` says why), which the continuous adjoints, AdjointDPM
+    and the reversible adjoint assume."""
+    why = getattr(sampler, "continuous_adjoint_error", None)
+    if why is not None:
+        raise ValueError(
+            f"`adjoint={adjoint!r}` cannot differentiate `sampler={sampler!r}`: {why}."
+        )
+
+
 FORWARD_MODE_HINT = (
     " For forward-mode derivatives of x_0 (jax.jvp, jax.jacfwd) use "
     "`adjoint=aj.DTO()` (or `aj.DTO(checkpoints='steps')`)."

@@ -7,7 +7,7 @@ import jax.tree_util as jtu
 
 from .._misc import lincomb
 from .._samplers._base import AbstractSampler
-from ._base import Solve
+from ._base import Solve, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 
 
@@ -47,6 +47,7 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
             )
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
+        refuse_nonsmooth(self, sampler)
         if sampler.is_sde:
             raise ValueError(
                 f"`adjoint={self!r}` cannot be used with `sampler={sampler!r}`: an SDE "

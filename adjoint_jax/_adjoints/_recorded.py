@@ -4,7 +4,7 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from .._samplers._base import AbstractSampler
-from ._base import Solve
+from ._base import Solve, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 
 
@@ -32,6 +32,7 @@ class RecordedAdjoint(AbstractContinuousAdjoint):
     order: int = eqx.field(default=1, static=True)
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
+        refuse_nonsmooth(self, sampler)
         del sampler
 
     def forward_interior(self, solve: Solve, theta, state0, cond, noise):

@@ -19,6 +19,7 @@ from ._base import (
     AbstractCustomAdjoint,
     Differentiated,
     Solve,
+    refuse_nonsmooth,
 )
 
 
@@ -97,6 +98,7 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
     """
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
+        refuse_nonsmooth(self, sampler)
         if isinstance(sampler, AbstractReversibleSampler):
             return
         if isinstance(sampler, AbstractMultistepSampler) and not sampler.is_sde:
