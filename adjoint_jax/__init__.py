@@ -41,6 +41,7 @@ from ._samplers import BDIA as BDIA
 from ._samplers import BELM as BELM
 from ._samplers import DDIM as DDIM
 from ._samplers import EDICT as EDICT
+from ._samplers import LCM as LCM
 from ._samplers import AbstractMultistepSampler as AbstractMultistepSampler
 from ._samplers import AbstractReversibleSampler as AbstractReversibleSampler
 from ._samplers import AbstractSampler as AbstractSampler

@@ -10,6 +10,7 @@ from ._dpm_solver import DPMSolver2 as DPMSolver2
 from ._dpm_solver_pp import DPMSolverPP as DPMSolverPP
 from ._edict import EDICT as EDICT
 from ._leapfrog import AsyncLeapfrog as AsyncLeapfrog
+from ._lcm import LCM as LCM
 from ._mccallum_foster import McCallumFoster as McCallumFoster
 from ._reversible_heun import ReversibleHeun as ReversibleHeun
 from ._sde import SDEDPMSolver1 as SDEDPMSolver1
