@@ -13,6 +13,10 @@ from jaxtyping import Array, PyTree
 from .._samplers._base import AbstractSampler
 from .._schedule import AbstractSchedule, VPDiscrete
 from . import _ddim, _dpm_multistep, _flow_match
+from . import _lcm
+from . import _euler
+from . import _dpm_singlestep
+from . import _unipc
 from ._config import betas_from_config, check_keys, num_steps_arg, scheduler_name
 from ._family import Family
 
@@ -22,6 +26,10 @@ FAMILIES: tuple[Family, ...] = (
     _ddim.FAMILY,
     _dpm_multistep.FAMILY,
     _flow_match.FAMILY,
+    _lcm.FAMILY,
+    _euler.FAMILY,
+    _dpm_singlestep.FAMILY,
+    _unipc.FAMILY,
 )
 _BY_NAME = {name: fam for fam in FAMILIES for name in fam.keys}
 

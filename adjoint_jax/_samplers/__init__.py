@@ -8,9 +8,12 @@ from ._ddim import DDIM as DDIM
 from ._dpm_solver import DPMSolver1 as DPMSolver1
 from ._dpm_solver import DPMSolver2 as DPMSolver2
 from ._dpm_solver_pp import DPMSolverPP as DPMSolverPP
+from ._dpm_singlestep import DPMSolverSinglestep as DPMSolverSinglestep
 from ._edict import EDICT as EDICT
 from ._leapfrog import AsyncLeapfrog as AsyncLeapfrog
 from ._lcm import LCM as LCM
 from ._mccallum_foster import McCallumFoster as McCallumFoster
 from ._reversible_heun import ReversibleHeun as ReversibleHeun
 from ._sde import SDEDPMSolver1 as SDEDPMSolver1
+from ._tcd import TCD as TCD
+from ._unipc import UniPC as UniPC

@@ -1,0 +1,278 @@
+"""`DPMSolverSinglestepScheduler`: `aj.DPMSolverSinglestep(solver_order, solver_type,
+algorithm_type, lower_order_final)` on the grid of every noise level the scheduler
+evaluates at (its `sigmas`): the integer timesteps of `set_timesteps` (t = (n + 1)/T
+on `aj.VPDiscrete`), or a Karras / exponential / beta σ-grid (λ = −log σ), or flow
+sigmas on `aj.FlowMatching()`; ending at σ = 0 or at σ_min (`final_sigmas_type`).
+
+Also the σ-grid helpers `DEISMultistepScheduler` shares (`sigma_grid`, `sigma_network`,
+`prediction_kind`): both classes build their grids with the same code in diffusers.
+"""
+
+import math
+from collections.abc import Callable
+
+import equinox as eqx
+import numpy as np
+
+from .._samplers._dpm_singlestep import DPMSolverSinglestep
+from .._schedule import FlowMatching, VPDiscrete
+from ._config import Keys, betas_from_config, train_sigmas
+from ._family import Family, Plan, refuse_args
+from ._grids import beta, exponential, flow_shift, karras, sigma_to_index, vp_times
+from ._net import TimestepMap, network
+
+
+_NAME = "DPMSolverSinglestepScheduler"
+_SIGMA_KINDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                "use_flow_sigmas")
+THRESHOLDING = {
+    "thresholding": (
+        (False,),
+        "applies dynamic thresholding to x̂_0 (a per-sample quantile clamp of the "
+        "data prediction), which no adjoint_jax sampler of this scheduler applies",
+    ),
+}
+_KNOWN = frozenset({
+    "solver_order", "prediction_type", "dynamic_thresholding_ratio", "sample_max_value",
+    "algorithm_type", "solver_type", "lower_order_final", "final_sigmas_type",
+    "lambda_min_clipped", "variance_type", "use_dynamic_shifting", "time_shift_type",
+    "flow_shift", *_SIGMA_KINDS,
+})
+
+
+def vp_config(config):
+    """The config without `rescale_betas_zero_snr`, which these classes do not take
+    (diffusers ignores it; `betas_from_config` would apply it)."""
+    return {k: v for k, v in config.items() if k != "rescale_betas_zero_snr"}
+
+
+def sigma_kind(config, name: str) -> str | None:
+    """Which σ-grid option is set (at most one: diffusers refuses two of Karras,
+    exponential and beta, and a Karras/exponential/beta grid with flow sigmas would
+    read VE noise levels as flow ones)."""
+    on = [k for k in _SIGMA_KINDS if config.get(k)]
+    if len(on) > 1:
+        raise ValueError(
+            f"{name}: at most one of {', '.join(f'`{k}`' for k in _SIGMA_KINDS)} may be "
+            f"set; got {on}."
+        )
+    return on[0] if on else None
+
+
+def prediction_kind(config, name: str, algorithm: str = "dpmsolver++") -> str:
+    """`network`'s prediction for `prediction_type`, checked against the grid: a
+    flow prediction (x̂₀ = x − σ u) needs flow sigmas, and a v-prediction (x̂₀ =
+    α x − σ v, a velocity only where α² + σ² = 1) needs VP sigmas."""
+    kind = config.get("prediction_type", "epsilon")
+    flow = bool(config.get("use_flow_sigmas", False))
+    kinds = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction",
+             "flow_prediction": "flow"}
+    if kind not in kinds:
+        raise ValueError(
+            f"`config['prediction_type'] = {kind!r}` ({name}) is not supported; "
+            f"supported: {tuple(kinds)}."
+        )
+    if kind == "flow_prediction" and (not flow or algorithm == "dpmsolver"):
+        raise ValueError(
+            f"`config['prediction_type'] = 'flow_prediction'` ({name}) needs "
+            "`use_flow_sigmas=True` (diffusers then reads x̂_0 = x − σ u with the flow σ)"
+            + (" and is refused by diffusers for algorithm_type='dpmsolver'"
+               if algorithm == "dpmsolver" else "")
+            + "."
+        )
+    if kind == "v_prediction" and flow:
+        raise ValueError(
+            f"`config['prediction_type'] = 'v_prediction'` with `use_flow_sigmas=True` "
+            f"({name}) is not supported: diffusers then takes x̂_0 = α x − σ v with the "
+            "flow's α = 1 − σ, which is no velocity parameterisation (α² + σ² ≠ 1)."
+        )
+    return kinds[kind]
+
+
+def vp_schedule(config):
+    return VPDiscrete(betas_from_config(vp_config(config)))
+
+
+def schedule_of(config):
+    return FlowMatching() if config.get("use_flow_sigmas", False) else vp_schedule(config)
+
+
+def sigma_network(model, config, name, algorithm="dpmsolver++"):
+    """The network as these schedulers call it: the timestep is the integer training
+    timestep (default grids), round(`_sigma_to_t`) (Karras), `_sigma_to_t` truncated
+    to int64 (exponential, beta), or T σ truncated (flow sigmas)."""
+    kind = sigma_kind(config, name)
+    prediction = prediction_kind(config, name, algorithm)
+    schedule = schedule_of(config)
+    T = int(config.get("num_train_timesteps", 1000))
+    if kind == "use_flow_sigmas":
+        tmap = TimestepMap("flow", "floor", scale=float(T))
+    elif kind is None:
+        tmap = TimestepMap("knots", "round", scale=float(T))
+    else:
+        log_sig = np.log(train_sigmas(vp_config(config)))
+        tmap = TimestepMap("log-index", "round" if kind == "use_karras_sigmas" else "floor",
+                           xs=log_sig)
+    return network(model, schedule, tmap, prediction)
+
+
+def flow_shift_of(config, name: str, mu):
+    """`flow_shift`, or e^μ when the pipeline passes `mu` (diffusers asserts dynamic
+    shifting with an exponential time shift, and then overwrites `flow_shift`)."""
+    if mu is None:
+        return float(config.get("flow_shift", 1.0))
+    if not config.get("use_dynamic_shifting", False) or (
+        config.get("time_shift_type", "exponential") != "exponential"
+    ):
+        raise ValueError(
+            f"{name}.set_timesteps(mu=...) needs `config['use_dynamic_shifting'] = True` "
+            "and `config['time_shift_type'] = 'exponential'`."
+        )
+    return math.exp(mu)
+
+
+def sigma_grid(config, name: str, n: int, kind: str, mu) -> np.ndarray:
+    """The n noise levels of a Karras / exponential / beta grid (VE σ, from the
+    training table's extremes) or of flow sigmas (the flow σ), in float64."""
+    if kind == "use_flow_sigmas":
+        T = int(config.get("num_train_timesteps", 1000))
+        shift = flow_shift_of(config, name, mu)
+        sig = 1.0 - np.linspace(1, 1 / T, n + 1)
+        return np.flip(flow_shift(sig, shift))[:-1].copy()
+    table = train_sigmas(vp_config(config))
+    lo, hi = float(table[0]), float(table[-1])
+    if kind == "use_karras_sigmas":
+        return karras(hi, lo, n)
+    if kind == "use_exponential_sigmas":
+        return exponential(hi, lo, n)
+    return beta(hi, lo, n)
+
+
+def grid_times(config, sigmas: np.ndarray, kind: str) -> np.ndarray:
+    """`aj` times of the noise levels of `sigma_grid`: by λ = −log σ, and a training
+    σ (a Karras / exponential / beta grid's ends, which the ramp reproduces to a few
+    ulps) on its knot (n + 1)/T."""
+    if kind == "use_flow_sigmas":
+        return sigmas
+    times = vp_times(vp_schedule(config), sigmas)
+    train = train_sigmas(vp_config(config))
+    hi = np.clip(np.searchsorted(train, sigmas), 1, len(train) - 1)
+    idx = np.where(np.abs(train[hi] - sigmas) < np.abs(train[hi - 1] - sigmas), hi, hi - 1)
+    on_knot = np.abs(train[idx] - sigmas) <= 1e-12 * sigmas
+    times[on_knot] = (idx[on_knot] + 1) / len(train)
+    return times
+
+
+def sigma_index(config, sigmas: np.ndarray) -> np.ndarray:
+    """diffusers' `_sigma_to_t` of VE noise levels (the network's fractional
+    timesteps before rounding or truncation)."""
+    return sigma_to_index(sigmas, train_sigmas(vp_config(config)))
+
+
+def _default_steps(config, n: int) -> np.ndarray:
+    """`set_timesteps(n)`'s integer timesteps, clipped at `lambda_min_clipped`."""
+    T = int(config.get("num_train_timesteps", 1000))
+    ab = np.cumprod(1.0 - betas_from_config(vp_config(config)))
+    lam = 0.5 * np.log(ab) - 0.5 * np.log(1.0 - ab)
+    clip = float(config.get("lambda_min_clipped", -math.inf))
+    clipped = int(np.searchsorted(np.flip(lam), clip))
+    return np.linspace(0, T - 1 - clipped, n + 1).round()[::-1][:-1].astype(np.int64)
+
+
+def _check_algorithm(config, name):
+    algorithm = config.get("algorithm_type", "dpmsolver++")
+    if algorithm == "deis":  # diffusers maps it to dpmsolver++
+        algorithm = "dpmsolver++"
+    if algorithm not in ("dpmsolver++", "dpmsolver", "sde-dpmsolver++"):
+        raise ValueError(
+            f"`config['algorithm_type'] = {algorithm!r}` ({name}) is not supported; "
+            "supported: 'dpmsolver++', 'dpmsolver', 'sde-dpmsolver++'."
+        )
+    if algorithm == "dpmsolver" and config.get("final_sigmas_type", "zero") == "zero":
+        raise ValueError(
+            f"`config['final_sigmas_type'] = 'zero'` ({name}) is refused by diffusers "
+            "for algorithm_type='dpmsolver'; use 'sigma_min'."
+        )
+    return algorithm
+
+
+class _FirstChannels(eqx.Module):
+    """A network whose ε output carries a learned variance in extra channels:
+    diffusers keeps `model_output[:, :3]`."""
+
+    model: Callable
+
+    def __call__(self, params, x, timestep, cond):
+        return self.model(params, x, timestep, cond)[:, :3]
+
+
+class DPMSinglestepFamily(Family):
+    keys = {_NAME: Keys(THRESHOLDING, {}, _KNOWN)}
+
+    def schedule(self, config, name):
+        return schedule_of(config)
+
+    def network(self, model, config, name):
+        algorithm = _check_algorithm(config, name)
+        variance = config.get("variance_type")
+        if variance in ("learned", "learned_range"):
+            if config.get("prediction_type", "epsilon") != "epsilon":
+                raise ValueError(
+                    f"`config['variance_type'] = {variance!r}` ({name}) is only read "
+                    "with prediction_type='epsilon' (diffusers then keeps "
+                    "model_output[:, :3]); with another prediction the output's "
+                    "variance channels reach the update."
+                )
+            model = _FirstChannels(model)
+        elif variance is not None:
+            raise ValueError(
+                f"`config['variance_type']` ({name}) must be None, 'learned' or "
+                f"'learned_range'; got {variance!r}."
+            )
+        return sigma_network(model, config, name, algorithm)
+
+    def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
+        refuse_args(name, sigmas=sigmas)
+        algorithm = _check_algorithm(config, name)
+        prediction_kind(config, name, algorithm)
+        kind = sigma_kind(config, name)
+        if timesteps is not None and kind not in (None, "use_flow_sigmas"):
+            raise ValueError(f"{name}: custom `timesteps` cannot be used with `{kind}`.")
+        if mu is not None:
+            flow_shift_of(config, name, mu)
+        n = len(timesteps) if timesteps is not None else num_steps
+        T = int(config.get("num_train_timesteps", 1000))
+        if kind is not None:
+            sig = sigma_grid(config, name, n, kind, mu)
+            times = grid_times(config, sig, kind)
+        else:
+            steps = (np.asarray(timesteps).astype(np.int64) if timesteps is not None
+                     else _default_steps(config, n))
+            times = (steps + 1) / T
+        final = config.get("final_sigmas_type", "zero")
+        if final not in ("zero", "sigma_min"):
+            raise ValueError(
+                f"`config['final_sigmas_type']` ({name}) must be 'zero' or 'sigma_min'; "
+                f"got {final!r}."
+            )
+        if final == "zero":
+            end = 0.0
+        elif kind == "use_flow_sigmas":  # diffusers' VP σ_min, read as a flow σ
+            end = float(train_sigmas(vp_config(config))[0])
+        else:
+            end = 1.0 / T
+        if end >= times[-1]:
+            raise ValueError(
+                f"{name}: the last grid point and the final sigma ('sigma_min') are the "
+                "same noise level: a zero-length step."
+            )
+        order = int(config.get("solver_order", 2))
+        solver_type = config.get("solver_type", "midpoint")
+        if solver_type in ("logrho", "bh1", "bh2"):  # diffusers maps these to midpoint
+            solver_type = "midpoint"
+        lower = bool(config.get("lower_order_final", False)) or final == "zero"
+        sampler = DPMSolverSinglestep(order, solver_type, algorithm, lower)
+        return Plan(np.concatenate([times, [end]]), sampler)
+
+
+FAMILY = DPMSinglestepFamily()
