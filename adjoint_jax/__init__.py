@@ -40,6 +40,7 @@ from ._sample import sample as sample
 from ._samplers import BDIA as BDIA
 from ._samplers import BELM as BELM
 from ._samplers import DDIM as DDIM
+from ._samplers import DEIS as DEIS
 from ._samplers import EDICT as EDICT
 from ._samplers import LCM as LCM
 from ._samplers import AbstractMultistepSampler as AbstractMultistepSampler

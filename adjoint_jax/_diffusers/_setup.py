@@ -16,6 +16,7 @@ from . import _ddim, _dpm_multistep, _flow_match
 from . import _lcm
 from . import _euler
 from . import _dpm_singlestep
+from . import _deis
 from . import _unipc
 from ._config import betas_from_config, check_keys, num_steps_arg, scheduler_name
 from ._family import Family
@@ -29,6 +30,7 @@ FAMILIES: tuple[Family, ...] = (
     _lcm.FAMILY,
     _euler.FAMILY,
     _dpm_singlestep.FAMILY,
+    _deis.FAMILY,
     _unipc.FAMILY,
 )
 _BY_NAME = {name: fam for fam in FAMILIES for name in fam.keys}
