@@ -52,6 +52,7 @@ from ._samplers import DPMSolver1 as DPMSolver1
 from ._samplers import DPMSolver2 as DPMSolver2
 from ._samplers import DPMSolverPP as DPMSolverPP
 from ._samplers import DPMSolverSinglestep as DPMSolverSinglestep
+from ._samplers import DPMSolverSDE as DPMSolverSDE
 from ._samplers import McCallumFoster as McCallumFoster
 from ._samplers import ReversibleHeun as ReversibleHeun
 from ._samplers import SDEDPMSolver1 as SDEDPMSolver1

@@ -17,6 +17,7 @@ from . import _lcm
 from . import _euler
 from . import _dpm_singlestep
 from . import _deis
+from . import _dpm_sde
 from . import _unipc
 from ._config import betas_from_config, check_keys, num_steps_arg, scheduler_name
 from ._family import Family
@@ -31,6 +32,7 @@ FAMILIES: tuple[Family, ...] = (
     _euler.FAMILY,
     _dpm_singlestep.FAMILY,
     _deis.FAMILY,
+    _dpm_sde.FAMILY,
     _unipc.FAMILY,
 )
 _BY_NAME = {name: fam for fam in FAMILIES for name in fam.keys}

@@ -10,6 +10,7 @@ from ._dpm_solver import DPMSolver2 as DPMSolver2
 from ._dpm_solver_pp import DPMSolverPP as DPMSolverPP
 from ._dpm_singlestep import DPMSolverSinglestep as DPMSolverSinglestep
 from ._deis import DEIS as DEIS
+from ._dpm_sde import DPMSolverSDE as DPMSolverSDE
 from ._edict import EDICT as EDICT
 from ._leapfrog import AsyncLeapfrog as AsyncLeapfrog
 from ._lcm import LCM as LCM
