@@ -1,0 +1,381 @@
+"""`EulerDiscreteScheduler` (SDXL's) and `EulerAncestralDiscreteScheduler`
+("Euler a"), and the σ-grid reading the k-diffusion family shares with
+`HeunDiscreteScheduler`, `KDPM2(Ancestral)DiscreteScheduler` and
+`LMSDiscreteScheduler` (`_heun.py`, `_kdpm2.py`, `_lms.py`).
+
+These schedulers keep the variance-exploding latents y = x/α and step in
+σ = √((1 − ᾱ)/ᾱ) (= e^{−λ}); `scale_model_input` hands the network y/√(σ² + 1) = x,
+`aj`'s state. So x_T = α_T · z · `init_noise_sigma` (`init_scale`), the last step
+ends on y = x/α (`final_scale`), and each grid σ is the `aj.VPDiscrete` time with
+λ = −log σ.
+
+- Euler is `aj.DPMSolver1()`: y_s = y_t + (σ_s − σ_t) ε is x_s = (α_s/α_t) x_t
+  − σ_s (e^h − 1) ε in `aj`'s exponential coordinates (α_s(σ_t − σ_s) = σ_s(e^h − 1)).
+- Euler a is `aj.DDIM(eta=1)`: σ_down = σ_s²/σ_t, σ_up = σ_s √(1 − σ_s²/σ_t²) are
+  DDIM's η = 1 coefficients divided by α_s, with the same standard normal per step.
+- `step(s_churn > 0, ...)` is `aj.EulerChurn` (swap it into the setup:
+  `setup._replace(sampler=aj.EulerChurn(s_churn=..., prediction=...))`).
+
+The network's timestep is the scheduler's own: the spacing's value with σ
+interpolated linearly in the training table (`TimestepMap("linear-index")`),
+`_sigma_to_t` (log-σ interpolation: "log-index") for Karras / exponential / beta
+grids and pipeline-passed `sigmas`, ¼ log σ for `timestep_type="continuous"` with
+v-prediction, and the given values on the grid ("table") where they are no function
+of σ (pipeline-passed `timesteps`, `interpolation_type="log_linear"`).
+"""
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .._samplers._ddim import DDIM
+from .._samplers._dpm_solver import DPMSolver1
+from .._schedule import VPDiscrete
+from ._config import Keys, betas_from_config
+from ._family import Family, Plan, refuse_args
+from ._grids import beta, exponential, karras, sigma_to_index, vp_times
+from ._net import TimestepMap, network, prediction_of
+
+
+# ---- the training table -------------------------------------------------------------
+ZERO_SNR_ALPHA_BAR = 2.0**-24  # what these schedulers put in place of ᾱ_{T−1} = 0
+
+
+def k_alpha_bars(config, name: str) -> np.ndarray:
+    """ᾱ_n of `__init__` in float64: the DDPM betas (plus Heun's `beta_schedule="exp"`),
+    and under `rescale_betas_zero_snr` the last ᾱ set to 2⁻²⁴ (not 0: "so the first σ
+    is not inf"), which must keep ᾱ decreasing."""
+    if config.get("beta_schedule") == "exp" and config.get("trained_betas") is None:
+        # betas_for_alpha_bar with ᾱ(t) = e^{−12 t}, as diffusers evaluates it.
+        n = int(config.get("num_train_timesteps", 1000))
+        bar = lambda t: math.exp(t * -12.0)
+        betas = np.array([min(1 - bar((i + 1) / n) / bar(i / n), 0.999) for i in range(n)])
+    else:
+        betas = betas_from_config(config)
+    ab = np.cumprod(1.0 - betas)
+    if config.get("rescale_betas_zero_snr", False):
+        if not ab[-2] > ZERO_SNR_ALPHA_BAR:
+            raise ValueError(
+                f"`config['rescale_betas_zero_snr'] = True` ({name}) is not supported "
+                f"for these betas: diffusers replaces ᾱ_(T−1) = 0 by 2⁻²⁴, above "
+                f"ᾱ_(T−2) = {ab[-2]:.3g}, so its σ table is not monotone."
+            )
+        ab[-1] = ZERO_SNR_ALPHA_BAR
+    return ab
+
+
+def k_betas(config, name: str) -> np.ndarray:
+    ab = k_alpha_bars(config, name)
+    return 1.0 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+
+
+def k_train_sigmas(config, name: str) -> np.ndarray:
+    """σ_n = √((1 − ᾱ_n)/ᾱ_n), increasing in n."""
+    ab = k_alpha_bars(config, name)
+    return np.sqrt((1 - ab) / ab)
+
+
+# ---- set_timesteps ------------------------------------------------------------------
+class KGrid(NamedTuple):
+    """What `set_timesteps` leaves: the σ at the start of each step and where the last
+    one ends (`sigmas`, one more than `timesteps`), the network's timestep at each
+    step start, the `TimestepMap` kind that gives it, and `init_noise_sigma`."""
+
+    sigmas: np.ndarray
+    timesteps: np.ndarray
+    kind: str
+    init_noise_sigma: float
+
+
+CONVERSIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def conversion(config, name: str) -> str | None:
+    kind = [k for k in CONVERSIONS if config.get(k, False)]
+    if len(kind) > 1:
+        raise ValueError(f"at most one of config{list(CONVERSIONS)} may be set ({name}); got {kind}.")
+    return kind[0] if kind else None
+
+
+def spacing_timesteps(config, name: str, n: int) -> np.ndarray:
+    """The timesteps of `timestep_spacing` (float64; fractional for "linspace")."""
+    T = int(config.get("num_train_timesteps", 1000))
+    spacing = config.get("timestep_spacing", "linspace")
+    if spacing == "linspace":
+        return np.linspace(0, T - 1, n)[::-1].copy()
+    if spacing == "leading":
+        ratio = T // n
+        return (np.arange(0, n) * ratio).round()[::-1] + int(config.get("steps_offset", 0))
+    if spacing == "trailing":
+        return np.arange(T, 0, -T / n).round() - 1
+    raise ValueError(
+        "`config['timestep_spacing']` must be 'linspace', 'leading' or 'trailing' "
+        f"({name}); got {spacing!r}."
+    )
+
+
+def convert(config, kind: str, sig: np.ndarray, n: int, config_range: bool) -> np.ndarray:
+    """`_convert_to_karras/exponential/beta`: the ramp between the interpolated
+    grid's ends (or the config's `sigma_min`/`sigma_max` where the class has them)."""
+    lo = config.get("sigma_min") if config_range else None
+    hi = config.get("sigma_max") if config_range else None
+    lo = float(sig[-1]) if lo is None else float(lo)
+    hi = float(sig[0]) if hi is None else float(hi)
+    fn = {"use_karras_sigmas": karras, "use_exponential_sigmas": exponential,
+          "use_beta_sigmas": beta}[kind]
+    return np.asarray(fn(hi, lo, n), np.float64)
+
+
+def init_noise_sigma(config, sigmas: np.ndarray) -> float:
+    top = float(np.max(sigmas))
+    if config.get("timestep_spacing", "linspace") in ("linspace", "trailing"):
+        return top
+    return math.sqrt(top**2 + 1)
+
+
+def k_grid(config, name: str, n: int | None, *, timesteps=None, config_range=False):
+    """`set_timesteps` of Heun, KDPM2, LMS and Euler (without its extra options): the
+    spacing's (or the given) timesteps, σ interpolated linearly in the table, then a
+    Karras / exponential / beta ramp with `_sigma_to_t` timesteps; the last step ends
+    at σ = 0."""
+    train = k_train_sigmas(config, name)
+    if timesteps is not None:
+        steps = np.asarray(timesteps, np.float64)
+        if n is not None and n != len(steps):
+            raise ValueError(f"`num_steps`={n} must equal len(timesteps)={len(steps)}.")
+        n, kind = len(steps), "table"
+    else:
+        steps, kind = spacing_timesteps(config, name, n), "linear-index"
+    sig = np.interp(steps, np.arange(len(train)), train)
+    conv = conversion(config, name)
+    if conv is not None:
+        sig = convert(config, conv, sig, n, config_range)
+        steps, kind = sigma_to_index(sig, train), "log-index"
+    full = np.concatenate([sig, [0.0]])
+    return KGrid(full, steps, kind, init_noise_sigma(config, full))
+
+
+def euler_grid(config, name: str, n: int | None, sigmas, timesteps) -> KGrid:
+    """`EulerDiscreteScheduler.set_timesteps(n, timesteps=, sigmas=)`."""
+    train = k_train_sigmas(config, name)
+    if sigmas is not None:
+        if n is not None and n != len(sigmas) - 1:
+            raise ValueError(f"`num_steps`={n} must equal len(sigmas) − 1 = {len(sigmas) - 1}.")
+        full, steps, kind = sigmas, sigma_to_index(sigmas[:-1], train), "log-index"
+    elif config.get("interpolation_type", "linear") == "linear":
+        g = k_grid(config, name, n, timesteps=timesteps, config_range=True)
+        last = 0.0 if _final_zero(config, name) else float(train[0])
+        full, steps, kind = np.concatenate([g.sigmas[:-1], [last]]), g.timesteps, g.kind
+    elif config["interpolation_type"] == "log_linear":
+        full, steps, kind = _log_linear(config, name, n, timesteps, train)
+    else:
+        raise ValueError(
+            "`config['interpolation_type']` must be 'linear' or 'log_linear' "
+            f"({name}); got {config['interpolation_type']!r}."
+        )
+    if config.get("timestep_type", "discrete") == "continuous" and (
+        prediction_of(config, name) == "v_prediction"
+    ):
+        if timesteps is not None:
+            raise ValueError(
+                f"{name}: `timesteps` with timestep_type='continuous' and v-prediction "
+                "are refused by diffusers itself."
+            )
+        # The pipeline loops over these timesteps: one per σ but the last.
+        steps, kind = 0.25 * np.log(full[:-1]), "log-sigma"
+    return KGrid(full[: len(steps) + 1], steps, kind, init_noise_sigma(config, full))
+
+
+def _final_zero(config, name: str) -> bool:
+    final = config.get("final_sigmas_type", "zero")
+    if final not in ("zero", "sigma_min"):
+        raise ValueError(
+            f"`config['final_sigmas_type']` must be 'zero' or 'sigma_min' ({name}); "
+            f"got {final!r}."
+        )
+    return final == "zero"
+
+
+def _log_linear(config, name, n, timesteps, train):
+    """interpolation_type="log_linear": n + 1 σ log-uniform from the table's largest to
+    its smallest (the final σ is appended but never reached: the n steps end on σ_min)
+    and the spacing's (or given) timesteps, paired with them by position."""
+    steps = spacing_timesteps(config, name, n) if timesteps is None else timesteps
+    n = len(steps)
+    ramp = np.exp(np.linspace(math.log(train[-1]), math.log(train[0]), n + 1))
+    last = 0.0 if _final_zero(config, name) else float(train[0])
+    conv = conversion(config, name)
+    if conv is None:
+        return np.concatenate([ramp, [last]]), np.asarray(steps, np.float64), "table"
+    if timesteps is not None:
+        raise ValueError(f"{name}: `timesteps` with config['{conv}'] are refused by diffusers itself.")
+    sig = convert(config, conv, ramp, n, True)
+    return np.concatenate([sig, [last]]), sigma_to_index(sig, train), "log-index"
+
+
+# ---- the plan -----------------------------------------------------------------------
+class KPlan(Plan):
+    """A `Plan` carrying `family`: the family bound to this grid (its network's
+    timesteps), which `from_diffusers` asks for the schedule and network."""
+
+
+class WideVPDiscrete(VPDiscrete):
+    """`aj.VPDiscrete` whose time range reaches a grid beyond the training table's σ
+    (a Karras/exponential/beta ramp to `sigma_min` below σ_0, or from `sigma_max`
+    above σ_(T−1)): log α continues linearly from the table's first segment (to
+    α = 1 at t = 0) and its last (beyond t = 1), and `t_of_lam` inverts that."""
+
+    def __init__(self, betas, t_range: tuple[float, float]):
+        super().__init__(betas)
+        self.t_min, self.t_max = t_range
+
+
+def grid_times(grid: KGrid, train: np.ndarray, schedule) -> np.ndarray:
+    """`aj` times of the grid's σ: a training σ (to round-off: a ramp's end is
+    `(σ^(1/ρ))^ρ`) on its knot (n + 1)/T, others by λ = −log σ, σ = 0 at t = 0."""
+    times = vp_times(schedule, grid.sigmas)
+    idx = np.clip(np.searchsorted(train, grid.sigmas), 1, len(train) - 1)
+    for k in (idx - 1, idx):
+        on_knot = np.abs(train[k] - grid.sigmas) <= 1e-12 * train[k]
+        times[on_knot] = (k[on_knot] + 1) / len(train)
+    return times
+
+
+def time_range(times: np.ndarray, T: int) -> tuple[float, float] | None:
+    """A range for `WideVPDiscrete` holding every positive time, or None if
+    `aj.VPDiscrete`'s [1/T, 1] does."""
+    inner = times[times > 0]
+    lo, hi = 1.0 / T, 1.0
+    if inner.min() >= lo and inner.max() <= hi:
+        return None
+    return min(lo, 0.5 * inner.min()), max(hi, 1.0 + 2.0 * (inner.max() - 1.0))
+
+
+def check_grid(config, name: str, grid: KGrid, times: np.ndarray) -> None:
+    if not np.all(np.diff(times) < 0):
+        raise ValueError(
+            f"{name}: the grid's σ must decrease strictly; got {grid.sigmas.tolist()}."
+        )
+    if np.sum(grid.timesteps == grid.timesteps[0]) > 1:
+        hint = ""
+        if config.get("sigma_max") is not None:
+            hint = (f" (config['sigma_max'] = {config['sigma_max']} lies above the "
+                    "training table's largest σ, whose timestep the ramp's top ones share)")
+        raise ValueError(
+            f"{name}: the first timestep {grid.timesteps[0]} occurs twice in "
+            f"{grid.timesteps.tolist()}{hint}; diffusers' index_for_timestep then "
+            "starts at its second occurrence and its loop runs past the last σ."
+        )
+
+
+def timestep_map(grid: KGrid, train: np.ndarray, times: np.ndarray) -> TimestepMap:
+    if grid.kind == "linear-index":
+        return TimestepMap("linear-index", xs=train)
+    if grid.kind == "log-index":
+        return TimestepMap("log-index", xs=np.log(train))
+    if grid.kind == "log-sigma":
+        return TimestepMap("log-sigma", scale=0.25)
+    return TimestepMap("table", xs=times[:-1][::-1].copy(), ys=grid.timesteps[::-1].copy())
+
+
+class KFamily(Family):
+    """The shared part of the k-diffusion families: `aj.VPDiscrete` of the (possibly
+    zero-SNR-overridden) table, and the network called with the timestep of the
+    grid's `TimestepMap` (`tmap`, when bound to a grid; else the config's own kind)."""
+
+    def __init__(self, tmap: TimestepMap | None = None, t_range=None):
+        self.tmap, self.t_range = tmap, t_range
+
+    def schedule(self, config, name):
+        if self.t_range is None:
+            return VPDiscrete(k_betas(config, name))
+        return WideVPDiscrete(k_betas(config, name), tuple(map(float, self.t_range)))
+
+    def default_kind(self, config, name) -> str:
+        if config.get("timestep_type", "discrete") == "continuous" and (
+            prediction_of(config, name) == "v_prediction"
+        ):
+            return "log-sigma"
+        return "log-index" if conversion(config, name) else "linear-index"
+
+    def network(self, model, config, name):
+        tmap = self.tmap
+        if tmap is None:
+            train = k_train_sigmas(config, name)
+            grid = KGrid(None, None, self.default_kind(config, name), 0.0)
+            tmap = timestep_map(grid, train, None)
+        return network(model, self.schedule(config, name), tmap, prediction_of(config, name))
+
+    def k_plan(self, config, name, grid: KGrid, sampler, *, ode: bool) -> Plan:
+        """The plan of `grid` run by `sampler`; an ODE sampler's last step of zero
+        length (σ_min to σ_min) is the identity and is dropped."""
+        train = k_train_sigmas(config, name)
+        times = grid_times(grid, train, self.schedule(config, name))
+        t_range = time_range(times, len(train))
+        if ode and len(times) > 2 and abs(grid.sigmas[-1] - grid.sigmas[-2]) <= (
+            1e-12 * grid.sigmas[-2]
+        ):
+            grid = grid._replace(sigmas=grid.sigmas[:-1], timesteps=grid.timesteps[:-1])
+            times = times[:-1]
+        check_grid(config, name, grid, times)
+        init = grid.init_noise_sigma / math.sqrt(grid.sigmas[0] ** 2 + 1)
+        final = math.sqrt(grid.sigmas[-1] ** 2 + 1)
+        plan = KPlan(times, sampler, init, final)
+        bound = grid.kind != self.default_kind(config, name)
+        if bound or t_range is not None:
+            tmap = timestep_map(grid, train, times) if bound else None
+            plan.family = type(self)(tmap, t_range)
+        return plan
+
+
+# ---- Euler and Euler a ----------------------------------------------------------------
+_EULER = "EulerDiscreteScheduler"
+_ANCESTRAL = "EulerAncestralDiscreteScheduler"
+_EULER_KNOWN = frozenset({
+    "prediction_type", "interpolation_type", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "sigma_min", "sigma_max", "timestep_spacing", "timestep_type",
+    "steps_offset", "final_sigmas_type",
+})
+
+
+def refuse_eta(name: str, eta) -> None:
+    if eta:
+        raise ValueError(f"`eta` is DDIM's; {name}.step takes none (got eta={eta!r}).")
+
+
+class EulerFamily(KFamily):
+    keys = {
+        _EULER: Keys({}, {}, _EULER_KNOWN),
+        _ANCESTRAL: Keys(
+            {"prediction_type": (
+                ("epsilon", "v_prediction"),
+                "raises NotImplementedError in diffusers' EulerAncestralDiscreteScheduler.step",
+            )},
+            {},
+            frozenset({"timestep_spacing", "steps_offset"}),
+        ),
+    }
+
+    def default_kind(self, config, name):
+        return "linear-index" if name == _ANCESTRAL else super().default_kind(config, name)
+
+    def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
+        refuse_args(name, mu=mu)
+        refuse_eta(name, eta)
+        if name == _ANCESTRAL:
+            refuse_args(name, sigmas=sigmas, timesteps=timesteps)
+            grid = k_grid(config, name, num_steps)
+            return self.k_plan(config, name, grid, DDIM(eta=1.0), ode=False)
+        if sigmas is not None and timesteps is not None:
+            raise ValueError(f"{name}: pass only one of `sigmas` and `timesteps`.")
+        if timesteps is not None and conversion(config, name):
+            raise ValueError(
+                f"{name}: `timesteps` with config['{conversion(config, name)}'] are "
+                "refused by diffusers itself."
+            )
+        grid = euler_grid(config, name, num_steps, sigmas, timesteps)
+        return self.k_plan(config, name, grid, DPMSolver1(), ode=True)
+
+
+FAMILY = EulerFamily()
