@@ -51,11 +51,13 @@ from ._samplers import AsyncLeapfrog as AsyncLeapfrog
 from ._samplers import DPMSolver1 as DPMSolver1
 from ._samplers import DPMSolver2 as DPMSolver2
 from ._samplers import DPMSolverPP as DPMSolverPP
+from ._samplers import DPMSolver as DPMSolver
 from ._samplers import DPMSolverSinglestep as DPMSolverSinglestep
 from ._samplers import DPMSolverSDE as DPMSolverSDE
 from ._samplers import McCallumFoster as McCallumFoster
 from ._samplers import ReversibleHeun as ReversibleHeun
 from ._samplers import SDEDPMSolver1 as SDEDPMSolver1
+from ._samplers import SDEDPMSolverPP as SDEDPMSolverPP
 from ._samplers import TCD as TCD
 from ._samplers import UniPC as UniPC
 from ._schedule import AbstractSchedule as AbstractSchedule

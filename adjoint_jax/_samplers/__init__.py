@@ -8,6 +8,7 @@ from ._ddim import DDIM as DDIM
 from ._dpm_solver import DPMSolver1 as DPMSolver1
 from ._dpm_solver import DPMSolver2 as DPMSolver2
 from ._dpm_solver_pp import DPMSolverPP as DPMSolverPP
+from ._dpm_solver_multistep import DPMSolver as DPMSolver
 from ._dpm_singlestep import DPMSolverSinglestep as DPMSolverSinglestep
 from ._deis import DEIS as DEIS
 from ._dpm_sde import DPMSolverSDE as DPMSolverSDE
@@ -17,5 +18,6 @@ from ._lcm import LCM as LCM
 from ._mccallum_foster import McCallumFoster as McCallumFoster
 from ._reversible_heun import ReversibleHeun as ReversibleHeun
 from ._sde import SDEDPMSolver1 as SDEDPMSolver1
+from ._sde_dpm_solver_pp import SDEDPMSolverPP as SDEDPMSolverPP
 from ._tcd import TCD as TCD
 from ._unipc import UniPC as UniPC
