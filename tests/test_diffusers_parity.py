@@ -286,8 +286,6 @@ def test_ddim_linspace_spacing_refused():
 @pytest.mark.parametrize(
     "name,key,value",
     [
-        ("DDIMScheduler", "clip_sample", True),
-        ("DDIMScheduler", "thresholding", True),
         ("DPMSolverMultistepScheduler", "use_karras_sigmas", True),
         ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
         ("DPMSolverMultistepScheduler", "rescale_betas_zero_snr", True),
@@ -296,17 +294,8 @@ def test_ddim_linspace_spacing_refused():
 )
 def test_config_keys_that_change_numbers_are_refused(name, key, value):
     config = {"_class_name": name, key: value}
-    if name == "DDIMScheduler" and key != "clip_sample":
-        config["clip_sample"] = False
     with pytest.raises(ValueError, match=key):
         aj.from_diffusers(config, 10)
-
-
-def test_ddim_clip_sample_default_is_refused():
-    # diffusers' DDIMScheduler clips x̂_0 unless told not to.
-    with pytest.raises(ValueError, match="clip_sample"):
-        aj.from_diffusers({"_class_name": "DDIMScheduler"}, 10)
-    aj.from_diffusers({"_class_name": "DDIMScheduler", "clip_sample": False}, 10)
 
 
 def test_unknown_config_key_warns():
