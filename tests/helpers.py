@@ -32,6 +32,9 @@ sde_samplers = [aj.SDEDPMSolver1(), aj.DDIM(eta=1.0)]
 # their parity and orders); the matrix runs each with one exact and one continuous
 # strategy. One line per sampler:
 diffusers_samplers = [
+    aj.DPMSolverSDE(),  # DPMSolverSDEScheduler (tests/test_diffusers_singlestep.py)
+    aj.DEIS(order=3),  # DEISMultistepScheduler (tests/test_diffusers_singlestep.py)
+    aj.DPMSolverSinglestep(order=3),  # DPMSolverSinglestepScheduler (tests/test_diffusers_singlestep.py)
     aj.LCM(),  # LCMScheduler; FlowMatchEuler stochastic_sampling (tests/test_diffusers_lcm.py)
 ]
 all_samplers = (

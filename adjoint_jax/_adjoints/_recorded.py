@@ -4,6 +4,7 @@ import equinox as eqx
 import jax.tree_util as jtu
 
 from .._samplers._base import AbstractSampler
+from .._samplers._base import AbstractSDESampler
 from ._base import Solve, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 
@@ -33,6 +34,13 @@ class RecordedAdjoint(AbstractContinuousAdjoint):
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
         refuse_nonsmooth(self, sampler)
+        if sampler.is_sde and not isinstance(sampler, AbstractSDESampler):
+            raise ValueError(
+                f"`adjoint={self!r}` cannot be used with `sampler={sampler!r}`: its "
+                "stochastic step is not an `AbstractSDESampler` (its state is not x "
+                "alone, so its continuous adjoint and noise scale are not defined); use "
+                "`adjoint=aj.DTO()`."
+            )
         del sampler
 
     def forward_interior(self, solve: Solve, theta, state0, cond, noise):
