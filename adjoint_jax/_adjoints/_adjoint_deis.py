@@ -3,8 +3,7 @@
 import equinox as eqx
 import jax.numpy as jnp
 
-from .._samplers._base import AbstractSampler
-from .._samplers._base import AbstractSDESampler
+from .._samplers._base import AbstractSampler, AbstractSDESampler
 from ._base import Solve, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 

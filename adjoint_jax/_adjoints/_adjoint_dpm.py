@@ -17,7 +17,11 @@ from .._misc import (
 )
 from .._samplers._base import AbstractSampler
 from ._base import (
-    FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve, refuse_nonsmooth,
+    FORWARD_MODE_HINT,
+    AbstractCustomAdjoint,
+    Differentiated,
+    Solve,
+    refuse_nonsmooth,
 )
 from ._continuous import as_jax_arrays
 from ._endpoints import endpoint_backward, endpoint_forward
