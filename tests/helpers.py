@@ -32,12 +32,13 @@ sde_samplers = [aj.SDEDPMSolver1(), aj.DDIM(eta=1.0)]
 # their parity and orders); the matrix runs each with one exact and one continuous
 # strategy. One line per sampler:
 diffusers_samplers = [
-    aj.DDIM(eta=0.5, clip_sample=1.0),  # DDIMScheduler clip_sample (tests/test_diffusers_ddim.py)
-    aj.DDIM(1.0, thresholding=(0.9, 1.3), clipped_eps=True, variance="fixed_large", final_noise=True),  # DDPMScheduler
+    aj.DDIM(0.5, clip_sample=1.0),  # DDIMScheduler clip_sample (test_diffusers_ddim.py)
+    aj.DDIM(1.0, thresholding=(0.9, 1.3), clipped_eps=True, variance="fixed_large"),
     aj.DPMSolverSDE(),  # DPMSolverSDEScheduler (tests/test_diffusers_singlestep.py)
     aj.DEIS(order=3),  # DEISMultistepScheduler (tests/test_diffusers_singlestep.py)
     aj.DPMSolverSinglestep(order=3),  # DPMSolverSinglestepScheduler (tests/test_diffusers_singlestep.py)
     aj.LCM(),  # LCMScheduler; FlowMatchEuler stochastic_sampling (tests/test_diffusers_lcm.py)
+    aj.TCD(gamma=0.3),  # TCDScheduler (tests/test_diffusers_lcm.py)
 ]
 all_samplers = (
     ode_samplers

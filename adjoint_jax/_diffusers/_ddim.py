@@ -32,7 +32,9 @@ _X0_KEYS = frozenset({
 _KNOWN = frozenset({"steps_offset", "prediction_type", "timestep_spacing"}) | _X0_KEYS
 _DDPM_VARIANCES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
                    "fixed_large": "fixed_large"}
-_COGVIDEOX = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
+_COGVIDEOX = {  # CogVideoXDDIMScheduler's beta defaults
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+}
 
 
 def vp_timesteps(config, name: str, n: int, *, extra: bool = False) -> np.ndarray:
@@ -132,7 +134,9 @@ def _ddim_end(config, steps, n: int, name: str) -> float:
 def _custom_steps(timesteps, T: int, name: str) -> np.ndarray:
     steps = np.asarray(timesteps, np.float64)
     if steps.ndim != 1 or steps.size == 0 or np.any(steps != np.round(steps)):
-        raise ValueError(f"{name}: `timesteps` must be a 1-D list of integers; got {steps}.")
+        raise ValueError(
+            f"{name}: `timesteps` must be a 1-D list of integers; got {steps}."
+        )
     if np.any(np.diff(steps) >= 0) or steps[0] >= T or steps[-1] < 0:
         raise ValueError(
             f"{name}: `timesteps` must be descending integers in [0, {T}); got {steps}."

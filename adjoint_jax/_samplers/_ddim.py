@@ -57,6 +57,7 @@ def _ddim_coeffs(schedule, t, s, sampler: "DDIM") -> _Coeffs:
     u = eta**2 * one_minus
     root = jnp.sqrt(1.0 - u)
     tail = u / (1.0 + root)
+    one_minus_e = jnp.where(c.exp_neg_h == 0, 1.0, -jnp.expm1(-c.h))  # 1 − e^{−h}
     if sampler.variance == "eta":
         scale = sampler.eta * c.sigma_s * jnp.sqrt(one_minus)
     else:
@@ -73,13 +74,14 @@ def _ddim_coeffs(schedule, t, s, sampler: "DDIM") -> _Coeffs:
         b=-(c.sigma_phi1 + c.sigma_s * tail),
         direct=c.sigma_s * root,
         scale=scale,
-        x0_coeff=c.alpha_s * (jnp.where(c.exp_neg_h == 0, 1.0, -jnp.expm1(-c.h)) + c.exp_neg_h * tail),
+        x0_coeff=c.alpha_s * (one_minus_e + c.exp_neg_h * tail),
         x_coeff=c.sigma_ratio * root,
     )
 
 
 def _number(value, what: str, lo: float, hi: float = float("inf")) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not lo < value <= hi:
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not lo < value <= hi:
         raise ValueError(f"`DDIM({what}=...)` must be a Python number in ({lo}, {hi}]; "
                          f"got {value!r}.")
 
@@ -166,7 +168,7 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
                     "`DDIM(thresholding=...)` must be a tuple (ratio, max_value); got "
                     f"{self.thresholding!r}."
                 )
-            _number(self.thresholding[0], "thresholding[0] (the quantile ratio)", 0.0, 1.0)
+            _number(self.thresholding[0], "thresholding[0] (the ratio)", 0.0, 1.0)
             _number(self.thresholding[1], "thresholding[1] (sample_max_value)", 0.0)
             if self.clip_sample is not None:
                 raise ValueError(
@@ -175,7 +177,8 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
                 )
         if self.variance not in _VARIANCES:
             raise ValueError(
-                f"`DDIM(variance=...)` must be one of {_VARIANCES}; got {self.variance!r}."
+                f"`DDIM(variance=...)` must be one of {_VARIANCES}; got "
+                f"{self.variance!r}."
             )
         if self.variance != "eta" and self.eta != 1.0:
             raise ValueError(
@@ -202,7 +205,8 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
         """Why the continuous adjoints and `aj.ReversibleAdjoint` cannot
         differentiate this sampler (None: they can)."""
         if self.clip_sample is not None:
-            what = f"clamps x̂_0 to [−{self.clip_sample}, {self.clip_sample}] (clip_sample)"
+            r = self.clip_sample
+            what = f"clamps x̂_0 to [−{r}, {r}] (clip_sample)"
         elif self.thresholding is not None:
             what = "applies dynamic thresholding to x̂_0 (thresholding)"
         else:
