@@ -286,8 +286,8 @@ def test_ddim_linspace_spacing_refused():
 @pytest.mark.parametrize(
     "name,key,value",
     [
-        ("DPMSolverMultistepScheduler", "use_karras_sigmas", True),
-        ("DPMSolverMultistepScheduler", "algorithm_type", "sde-dpmsolver++"),
+        ("DPMSolverMultistepScheduler", "variance_type", "learned"),
+        ("DPMSolverMultistepScheduler", "algorithm_type", "unipc"),
         ("DPMSolverMultistepScheduler", "rescale_betas_zero_snr", True),
         ("FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting", True),
     ],
