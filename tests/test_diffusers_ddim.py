@@ -25,7 +25,9 @@ from .diffusers64_ddim import COGVIDEOX64, run_ddim, run_ddpm
 from .helpers import slope
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation:DeprecationWarning"
+)
 
 MU, S = 0.7, 0.9
 TOL = 1e-10
@@ -68,10 +70,17 @@ def _config(sched):
 
 
 def _ours(setup, noise=None, x_T=X_T, mu=MU):
-    return np.asarray(aj.sample(
-        setup.model, jnp.asarray(mu), jnp.asarray(x_T), schedule=setup.schedule,
-        ts=setup.ts, sampler=setup.sampler, noise=noise,
-    ))
+    return np.asarray(
+        aj.sample(
+            setup.model,
+            jnp.asarray(mu),
+            jnp.asarray(x_T),
+            schedule=setup.schedule,
+            ts=setup.ts,
+            sampler=setup.sampler,
+            noise=noise,
+        )
+    )
 
 
 # ---- parity ----------------------------------------------------------------------
@@ -79,20 +88,48 @@ def _ours(setup, noise=None, x_T=X_T, mu=MU):
 # sampler fields besides η)
 CASES = [
     ("ddim-defaults-clip", DDIM64, {}, (10, 50), 0.0, False, dict(clip_sample=1.0)),
-    ("ddim-clip1.2-v-eta0.5", DDIM64,
-     dict(SD, steps_offset=1, clip_sample_range=1.2, prediction_type="v_prediction"),
-     (8, 20), 0.5, False, dict(clip_sample=1.2)),
-    ("ddim-threshold-sample-alpha0", DDIM64,
-     dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.3,
-          prediction_type="sample", set_alpha_to_one=False, steps_offset=1),
-     (7, 25), 0.0, False, dict(thresholding=(0.9, 1.3))),
-    ("ddim-clip-clipped-eps-zero-snr-v-trailing", DDIM64,
-     dict(SD, rescale_betas_zero_snr=True, prediction_type="v_prediction",
-          timestep_spacing="trailing"),
-     # η = 0.8: at η = 1 the first step (from ᾱ = 0) has direction coefficient
-     # √(1 − ᾱ_prev − std²) = √0, which diffusers computes as √(1.1e-16) = 1e-8 at
-     # N = 20 (round-off; 5e-10 in the final latents); ours is 0.
-     (10, 20), 0.8, True, dict(clip_sample=1.0, clipped_eps=True)),
+    (
+        "ddim-clip1.2-v-eta0.5",
+        DDIM64,
+        dict(SD, steps_offset=1, clip_sample_range=1.2, prediction_type="v_prediction"),
+        (8, 20),
+        0.5,
+        False,
+        dict(clip_sample=1.2),
+    ),
+    (
+        "ddim-threshold-sample-alpha0",
+        DDIM64,
+        dict(
+            thresholding=True,
+            dynamic_thresholding_ratio=0.9,
+            sample_max_value=1.3,
+            prediction_type="sample",
+            set_alpha_to_one=False,
+            steps_offset=1,
+        ),
+        (7, 25),
+        0.0,
+        False,
+        dict(thresholding=(0.9, 1.3)),
+    ),
+    (
+        "ddim-clip-clipped-eps-zero-snr-v-trailing",
+        DDIM64,
+        dict(
+            SD,
+            rescale_betas_zero_snr=True,
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+        ),
+        # η = 0.8: at η = 1 the first step (from ᾱ = 0) has direction coefficient
+        # √(1 − ᾱ_prev − std²) = √0, which diffusers computes as √(1.1e-16) = 1e-8 at
+        # N = 20 (round-off; 5e-10 in the final latents); ours is 0.
+        (10, 20),
+        0.8,
+        True,
+        dict(clip_sample=1.0, clipped_eps=True),
+    ),
 ]
 
 
@@ -104,18 +141,30 @@ def test_ddim_parity(case):
         sched.set_timesteps(n)
         kind = sched.config.prediction_type
         noise = NOISE[:n] if eta > 0 else None
-        ref = run_ddim(sched, _torch_model(sched, kind), X_T, noise=noise, eta=eta,
-                       use_clipped_model_output=clipped).numpy()
-        setup = aj.from_diffusers(_config(sched), n, model=_jax_model(sched, kind), eta=eta)
+        ref = run_ddim(
+            sched,
+            _torch_model(sched, kind),
+            X_T,
+            noise=noise,
+            eta=eta,
+            use_clipped_model_output=clipped,
+        ).numpy()
+        setup = aj.from_diffusers(
+            _config(sched), n, model=_jax_model(sched, kind), eta=eta
+        )
         if clipped:  # a `step` argument: set on the sampler
-            setup = setup._replace(sampler=dataclasses.replace(setup.sampler, clipped_eps=True))
+            setup = setup._replace(
+                sampler=dataclasses.replace(setup.sampler, clipped_eps=True)
+            )
         assert setup.sampler == aj.DDIM(eta=eta, **fields)
         ours = _ours(setup, None if noise is None else jnp.asarray(noise))
         np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
         # The clipping or thresholding is active: without it diffusers differs.
         free = cls(**kw | dict(clip_sample=False, thresholding=False))
         free.set_timesteps(n)
-        plain = run_ddim(free, _torch_model(free, kind), X_T, noise=noise, eta=eta).numpy()
+        plain = run_ddim(
+            free, _torch_model(free, kind), X_T, noise=noise, eta=eta
+        ).numpy()
         assert np.max(np.abs(plain - ref)) > 1e-3
 
 
@@ -125,28 +174,53 @@ def test_ddim_minimal_config_is_diffusers_default():
     assert setup.sampler == aj.DDIM(clip_sample=1.0)
     setup = aj.from_diffusers({"_class_name": "DDPMScheduler"}, 10)
     assert setup.sampler == aj.DDIM(eta=1.0, clip_sample=1.0, clipped_eps=True)
-    setup = aj.from_diffusers({"_class_name": "DDIMScheduler", "clip_sample": False}, 10)
+    setup = aj.from_diffusers(
+        {"_class_name": "DDIMScheduler", "clip_sample": False}, 10
+    )
     assert setup.sampler == aj.DDIM()
 
 
 # (id, config, step counts or custom timestep lists, expected sampler fields)
 DDPM_CASES = [
     ("ddpm-defaults-clip", {}, (10, 30), dict(clip_sample=1.0, clipped_eps=True)),
-    ("ddpm-fixed-large-threshold-v-trailing",
-     dict(variance_type="fixed_large", thresholding=True, dynamic_thresholding_ratio=0.95,
-          sample_max_value=1.4, prediction_type="v_prediction", timestep_spacing="trailing"),
-     (7, 20), dict(thresholding=(0.95, 1.4), clipped_eps=True, variance="fixed_large")),
-    ("ddpm-fixed-small-log-clip1.5-sample-linspace",
-     dict(SD, variance_type="fixed_small_log", clip_sample_range=1.5,
-          prediction_type="sample", timestep_spacing="linspace"),
-     (9, 20), dict(clip_sample=1.5, clipped_eps=True)),
-    ("ddpm-custom-timesteps-clip", {},
-     ([900, 700, 500, 301, 100, 0], [999, 640, 400, 123, 7, 2, 0]),
-     dict(clip_sample=1.0, clipped_eps=True)),
-    ("ddpm-custom-timesteps-fixed-large-final-noise", dict(variance_type="fixed_large"),
-     # The last timestep > 0: noise on the step to ᾱ = 1 (final_noise); = 0: none.
-     ([999, 750, 400, 120, 37], [850, 500, 250, 100, 50, 0]),
-     dict(clip_sample=1.0, clipped_eps=True, variance="fixed_large")),
+    (
+        "ddpm-fixed-large-threshold-v-trailing",
+        dict(
+            variance_type="fixed_large",
+            thresholding=True,
+            dynamic_thresholding_ratio=0.95,
+            sample_max_value=1.4,
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+        ),
+        (7, 20),
+        dict(thresholding=(0.95, 1.4), clipped_eps=True, variance="fixed_large"),
+    ),
+    (
+        "ddpm-fixed-small-log-clip1.5-sample-linspace",
+        dict(
+            SD,
+            variance_type="fixed_small_log",
+            clip_sample_range=1.5,
+            prediction_type="sample",
+            timestep_spacing="linspace",
+        ),
+        (9, 20),
+        dict(clip_sample=1.5, clipped_eps=True),
+    ),
+    (
+        "ddpm-custom-timesteps-clip",
+        {},
+        ([900, 700, 500, 301, 100, 0], [999, 640, 400, 123, 7, 2, 0]),
+        dict(clip_sample=1.0, clipped_eps=True),
+    ),
+    (
+        "ddpm-custom-timesteps-fixed-large-final-noise",
+        dict(variance_type="fixed_large"),
+        # The last timestep > 0: noise on the step to ᾱ = 1 (final_noise); = 0: none.
+        ([999, 750, 400, 120, 37], [850, 500, 250, 100, 50, 0]),
+        dict(clip_sample=1.0, clipped_eps=True, variance="fixed_large"),
+    ),
 ]
 
 
@@ -168,7 +242,9 @@ def test_ddpm_parity(case):
         if fields.get("variance") == "fixed_large":
             fields = fields | dict(final_noise=bool(sched.timesteps[-1] > 0))
         assert setup.sampler == aj.DDIM(eta=1.0, **fields)
-        np.testing.assert_allclose(_ours(setup, jnp.asarray(NOISE[:n])), ref, rtol=0, atol=TOL)
+        np.testing.assert_allclose(
+            _ours(setup, jnp.asarray(NOISE[:n])), ref, rtol=0, atol=TOL
+        )
 
 
 def test_ddpm_fixed_small_final_noise_quirk():
@@ -186,22 +262,45 @@ def test_ddpm_fixed_small_final_noise_quirk():
     plain = _ours(setup, noise)
     np.testing.assert_allclose(plain + 1e-10 * NOISE[n - 1], ref, rtol=0, atol=1e-13)
     quirk = aj.DDIM(
-        eta=1.0, clip_sample=1.0, clipped_eps=True, variance="fixed_small", final_noise=True
+        eta=1.0,
+        clip_sample=1.0,
+        clipped_eps=True,
+        variance="fixed_small",
+        final_noise=True,
     )
-    np.testing.assert_allclose(_ours(setup._replace(sampler=quirk), noise), ref,
-                               rtol=0, atol=1e-13)
+    np.testing.assert_allclose(
+        _ours(setup._replace(sampler=quirk), noise), ref, rtol=0, atol=1e-13
+    )
 
 
 COG_CASES = [
     # CogVideoX-2b's scheduler: v-prediction, trailing, zero terminal SNR on the
     # shifted ᾱ.
-    ("cogvideox-2b", dict(prediction_type="v_prediction", timestep_spacing="trailing",
-                          rescale_betas_zero_snr=True, clip_sample=False,
-                          snr_shift_scale=3.0), (10, 50), 0.0),
+    (
+        "cogvideox-2b",
+        dict(
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+            rescale_betas_zero_snr=True,
+            clip_sample=False,
+            snr_shift_scale=3.0,
+        ),
+        (10, 50),
+        0.0,
+    ),
     # Its defaults (ε, leading, clip_sample=True and η, both ignored by its step).
     ("cogvideox-defaults-eta-ignored", {}, (7, 20), 0.7),
-    ("cogvideox-5b-shift1-offset", dict(prediction_type="v_prediction", snr_shift_scale=1.0,
-                                        steps_offset=1, set_alpha_to_one=False), (8, 25), 0.0),
+    (
+        "cogvideox-5b-shift1-offset",
+        dict(
+            prediction_type="v_prediction",
+            snr_shift_scale=1.0,
+            steps_offset=1,
+            set_alpha_to_one=False,
+        ),
+        (8, 25),
+        0.0,
+    ),
 ]
 
 
@@ -213,7 +312,9 @@ def test_cogvideox_parity(case):
         sched.set_timesteps(n)
         kind = sched.config.prediction_type
         ref = run_ddim(sched, _torch_model(sched, kind), X_T, eta=eta).numpy()
-        setup = aj.from_diffusers(_config(sched), n, model=_jax_model(sched, kind), eta=eta)
+        setup = aj.from_diffusers(
+            _config(sched), n, model=_jax_model(sched, kind), eta=eta
+        )
         assert setup.sampler == aj.DDIM()
         # The schedule is the shifted (and rescaled) ᾱ at the knots t = (n + 1)/T.
         ab = sched.alphas_cumprod.numpy()
@@ -226,11 +327,27 @@ def test_cogvideox_parity(case):
 # ---- gradients -------------------------------------------------------------------
 GRAD_CASES = [
     # DDIM with clip_sample, η = 0.5 and v-prediction.
-    ("ddim-clip", DDIM64, dict(SD, steps_offset=1, prediction_type="v_prediction"), 10, 0.5),
+    (
+        "ddim-clip",
+        DDIM64,
+        dict(SD, steps_offset=1, prediction_type="v_prediction"),
+        10,
+        0.5,
+    ),
     # DDPM with thresholding and the large variance (its final noise on).
-    ("ddpm-threshold-fixed-large", DDPM64,
-     dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.3,
-          variance_type="fixed_large", timestep_spacing="trailing"), 7, None),
+    (
+        "ddpm-threshold-fixed-large",
+        DDPM64,
+        dict(
+            thresholding=True,
+            dynamic_thresholding_ratio=0.9,
+            sample_max_value=1.3,
+            variance_type="fixed_large",
+            timestep_spacing="trailing",
+        ),
+        7,
+        None,
+    ),
 ]
 
 
@@ -259,23 +376,40 @@ def test_dto_gradient_matches_torch_autograd_and_finite_differences(case):
     x_t = torch.tensor(X_T, requires_grad=True)
     theirs(mu_t, x_t).backward()
 
-    setup = aj.from_diffusers(_config(sched), n, model=_jax_model(sched, kind),
-                              eta=0.0 if eta is None else eta)
+    setup = aj.from_diffusers(
+        _config(sched),
+        n,
+        model=_jax_model(sched, kind),
+        eta=0.0 if eta is None else eta,
+    )
 
     def loss(mu, x_T):
-        x0 = aj.sample(setup.model, mu, x_T, schedule=setup.schedule, ts=setup.ts,
-                       sampler=setup.sampler, noise=jnp.asarray(noise), adjoint=aj.DTO())
+        x0 = aj.sample(
+            setup.model,
+            mu,
+            x_T,
+            schedule=setup.schedule,
+            ts=setup.ts,
+            sampler=setup.sampler,
+            noise=jnp.asarray(noise),
+            adjoint=aj.DTO(),
+        )
         return jnp.sum(jnp.asarray(w) * x0)
 
     g_mu, g_x = jax.grad(loss, argnums=(0, 1))(jnp.asarray(MU), jnp.asarray(X_T))
     np.testing.assert_allclose(float(g_mu), float(mu_t.grad), rtol=1e-10)
-    np.testing.assert_allclose(np.asarray(g_x), x_t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(g_x), x_t.grad.numpy(), rtol=1e-10, atol=1e-12
+    )
 
     h = 1e-6
     with torch.no_grad():
         x_T = torch.tensor(X_T)
         fd_mu = (theirs(MU + h, x_T) - theirs(MU - h, x_T)) / (2 * h)
-        fd_v = (theirs(MU, x_T + h * torch.tensor(v)) - theirs(MU, x_T - h * torch.tensor(v))) / (2 * h)
+        fd_v = (
+            theirs(MU, x_T + h * torch.tensor(v))
+            - theirs(MU, x_T - h * torch.tensor(v))
+        ) / (2 * h)
     np.testing.assert_allclose(float(g_mu), float(fd_mu), rtol=1e-6)
     np.testing.assert_allclose(float(np.vdot(g_x, v)), float(fd_v), rtol=1e-6)
 
@@ -286,9 +420,18 @@ def test_truncated_runs_a_clipping_sampler():
     setup = aj.from_diffusers(_config(sched), 10, model=_jax_model(sched, "epsilon"))
 
     def loss(mu):  # DRaFT-K: the last 3 steps differentiated (in μ)
-        return jnp.sum(aj.sample(
-            setup.model, mu, jnp.asarray(X_T), schedule=setup.schedule, ts=setup.ts,
-            sampler=setup.sampler, adjoint=aj.Truncated(last=3)) ** 2)
+        return jnp.sum(
+            aj.sample(
+                setup.model,
+                mu,
+                jnp.asarray(X_T),
+                schedule=setup.schedule,
+                ts=setup.ts,
+                sampler=setup.sampler,
+                adjoint=aj.Truncated(last=3),
+            )
+            ** 2
+        )
 
     g = float(jax.grad(loss)(jnp.asarray(MU)))
     assert np.isfinite(g) and g != 0
@@ -302,14 +445,18 @@ def test_clipped_ddim_is_first_order():
     from adjoint_jax.bench import GaussianProblem
 
     one = GaussianProblem.make(4)  # per-pixel μ in [−1, 1], s in [0.2, 2]
-    pb = GaussianProblem(one.schedule, jnp.stack([one.mu, -one.mu]),
-                         jnp.stack([one.s, one.s[::-1]]))
+    pb = GaussianProblem(
+        one.schedule, jnp.stack([one.mu, -one.mu]), jnp.stack([one.s, one.s[::-1]])
+    )
     x_T = jnp.asarray(np.random.default_rng(3).standard_normal((2, 4)))
 
     def run(n, sampler=aj.DDIM(clip_sample=1.0)):
         ts = aj.time_grid(pb.schedule, n, t_end=1e-3)
-        return np.asarray(aj.sample(pb.model, pb.params, x_T, schedule=pb.schedule,
-                                    ts=ts, sampler=sampler))
+        return np.asarray(
+            aj.sample(
+                pb.model, pb.params, x_T, schedule=pb.schedule, ts=ts, sampler=sampler
+            )
+        )
 
     ref = run(640)
     ns = [10, 20, 40]
@@ -323,8 +470,11 @@ def test_clipped_ddim_is_first_order():
 # ---- bfloat16 model on the CogVideoX grid ----------------------------------------
 def test_cogvideox_grid_with_bfloat16_model():
     n = 50
-    sched = COGVIDEOX64(prediction_type="v_prediction", timestep_spacing="trailing",
-                        rescale_betas_zero_snr=True)
+    sched = COGVIDEOX64(
+        prediction_type="v_prediction",
+        timestep_spacing="trailing",
+        rescale_betas_zero_snr=True,
+    )
     sched.set_timesteps(n)
     bf16 = jnp.bfloat16
     ab16 = jnp.asarray(sched.alphas_cumprod.numpy()).astype(bf16)
@@ -338,9 +488,16 @@ def test_cogvideox_grid_with_bfloat16_model():
     ref = run_ddim(sched, _torch_model(sched, "v_prediction"), X_T).numpy()
     setup = aj.from_diffusers(_config(sched), n, model=net16)
     assert setup.ts.dtype == jnp.float64
-    out = np.asarray(aj.sample(setup.model, jnp.asarray(MU, jnp.float32),
-                               jnp.asarray(X_T, jnp.float32), schedule=setup.schedule,
-                               ts=setup.ts, sampler=setup.sampler))
+    out = np.asarray(
+        aj.sample(
+            setup.model,
+            jnp.asarray(MU, jnp.float32),
+            jnp.asarray(X_T, jnp.float32),
+            schedule=setup.schedule,
+            ts=setup.ts,
+            sampler=setup.sampler,
+        )
+    )
     assert out.dtype == np.float32 and np.all(np.isfinite(out))
     np.testing.assert_allclose(out, ref, rtol=0, atol=5e-2)
     # The network receives diffusers' own integer timesteps, distinct, from the
@@ -370,27 +527,66 @@ def test_fixed_large_log_is_nan_in_diffusers():
     "config,kw,match",
     [
         ({"_class_name": "DDIMScheduler"}, dict(timesteps=[999, 500, 0]), "timesteps"),
-        ({"_class_name": "CogVideoXDDIMScheduler"}, dict(timesteps=[999, 0]), "timesteps"),
+        (
+            {"_class_name": "CogVideoXDDIMScheduler"},
+            dict(timesteps=[999, 0]),
+            "timesteps",
+        ),
         ({"_class_name": "DDIMScheduler"}, dict(sigmas=[1.0, 0.5]), "sigmas"),
-        ({"_class_name": "DDPMScheduler"}, dict(num_steps=3, timesteps=[999, 0]), "timesteps"),
+        (
+            {"_class_name": "DDPMScheduler"},
+            dict(num_steps=3, timesteps=[999, 0]),
+            "timesteps",
+        ),
         ({"_class_name": "DDPMScheduler"}, dict(timesteps=[500, 700, 0]), "timesteps"),
         ({"_class_name": "DDPMScheduler"}, dict(timesteps=[1000, 10]), "timesteps"),
         ({"_class_name": "DDPMScheduler"}, dict(timesteps=[900.5, 10]), "timesteps"),
-        ({"_class_name": "DDIMScheduler", "clip_sample_range": 0.0}, {}, "clip_sample_range"),
-        ({"_class_name": "DDPMScheduler", "thresholding": True,
-          "dynamic_thresholding_ratio": 1.5}, {}, "dynamic_thresholding_ratio"),
-        ({"_class_name": "DDIMScheduler", "thresholding": True, "sample_max_value": 0.0},
-         {}, "sample_max_value"),
+        (
+            {"_class_name": "DDIMScheduler", "clip_sample_range": 0.0},
+            {},
+            "clip_sample_range",
+        ),
+        (
+            {
+                "_class_name": "DDPMScheduler",
+                "thresholding": True,
+                "dynamic_thresholding_ratio": 1.5,
+            },
+            {},
+            "dynamic_thresholding_ratio",
+        ),
+        (
+            {
+                "_class_name": "DDIMScheduler",
+                "thresholding": True,
+                "sample_max_value": 0.0,
+            },
+            {},
+            "sample_max_value",
+        ),
         # The last step ᾱ_0 → ᾱ_0 only clips x̂_0: a step of zero length.
-        ({"_class_name": "DDIMScheduler", "set_alpha_to_one": False}, dict(num_steps=10),
-         "set_alpha_to_one"),
-        ({"_class_name": "DDIMScheduler", "set_alpha_to_one": False, "thresholding": True},
-         dict(num_steps=10), "thresholding"),
+        (
+            {"_class_name": "DDIMScheduler", "set_alpha_to_one": False},
+            dict(num_steps=10),
+            "set_alpha_to_one",
+        ),
+        (
+            {
+                "_class_name": "DDIMScheduler",
+                "set_alpha_to_one": False,
+                "thresholding": True,
+            },
+            dict(num_steps=10),
+            "thresholding",
+        ),
     ],
 )
 def test_refused_arguments_name_the_key(config, kw, match):
-    kw = {"num_steps": None} | kw if "num_steps" in kw or "timesteps" in kw else {
-        "num_steps": 10} | kw
+    kw = (
+        {"num_steps": None} | kw
+        if "num_steps" in kw or "timesteps" in kw
+        else {"num_steps": 10} | kw
+    )
     with pytest.raises(ValueError, match=match):
         aj.from_diffusers(config, **kw)
 
@@ -415,15 +611,24 @@ def test_zero_length_last_step_measured():
 
 @pytest.mark.parametrize(
     "adjoint",
-    [aj.AdjointDEIS(), aj.RecordedAdjoint(), aj.InterpolatedAdjoint(every=2),
-     aj.AdjointDPM(), aj.ReversibleAdjoint()],
+    [
+        aj.AdjointDEIS(),
+        aj.RecordedAdjoint(),
+        aj.InterpolatedAdjoint(every=2),
+        aj.AdjointDPM(),
+        aj.ReversibleAdjoint(),
+    ],
     ids=repr,
 )
 def test_continuous_adjoints_refuse_clipping(adjoint):
-    for sampler, key in ((aj.DDIM(clip_sample=1.0), "clip_sample"),
-                         (aj.DDIM(0.5, thresholding=(0.995, 1.0)), "thresholding"),
-                         (aj.DDIM(1.0, clip_sample=1.0, clipped_eps=True,
-                                  variance="fixed_large"), "clip_sample")):
+    for sampler, key in (
+        (aj.DDIM(clip_sample=1.0), "clip_sample"),
+        (aj.DDIM(0.5, thresholding=(0.995, 1.0)), "thresholding"),
+        (
+            aj.DDIM(1.0, clip_sample=1.0, clipped_eps=True, variance="fixed_large"),
+            "clip_sample",
+        ),
+    ):
         with pytest.raises(ValueError, match=key):
             adjoint.check_sampler(sampler)
     # aj.sample refuses before running anything.
@@ -431,19 +636,34 @@ def test_continuous_adjoints_refuse_clipping(adjoint):
     sched.set_timesteps(5)
     setup = aj.from_diffusers(_config(sched), 5, model=_jax_model(sched, "epsilon"))
     with pytest.raises(ValueError, match="clip_sample"):
-        aj.sample(setup.model, jnp.asarray(MU), jnp.asarray(X_T), schedule=setup.schedule,
-                  ts=setup.ts, sampler=setup.sampler, adjoint=adjoint)
+        aj.sample(
+            setup.model,
+            jnp.asarray(MU),
+            jnp.asarray(X_T),
+            schedule=setup.schedule,
+            ts=setup.ts,
+            sampler=setup.sampler,
+            adjoint=adjoint,
+        )
     if isinstance(adjoint, (aj.AdjointDEIS, aj.RecordedAdjoint)):
         # DDPM's large variance without clipping is a smooth SDE sampler: accepted.
-        adjoint.check_sampler(aj.DDIM(eta=1.0, variance="fixed_large", final_noise=True))
+        adjoint.check_sampler(
+            aj.DDIM(eta=1.0, variance="fixed_large", final_noise=True)
+        )
 
 
 def test_mccallum_foster_refuses_clipping():
     pb_sched = aj.VPLinear()
     ts = aj.time_grid(pb_sched, 4, t_end=1e-3)
     with pytest.raises(ValueError, match="clip_sample"):
-        aj.sample(lambda p, x, t, c: x, None, jnp.ones((2, 3)), schedule=pb_sched, ts=ts,
-                  sampler=aj.McCallumFoster(aj.DDIM(clip_sample=1.0)))
+        aj.sample(
+            lambda p, x, t, c: x,
+            None,
+            jnp.ones((2, 3)),
+            schedule=pb_sched,
+            ts=ts,
+            sampler=aj.McCallumFoster(aj.DDIM(clip_sample=1.0)),
+        )
 
 
 @pytest.mark.parametrize(
@@ -467,6 +687,11 @@ def test_ddim_arguments_checked(kw, match):
 def test_thresholding_needs_a_batch_axis():
     x0 = jnp.ones((4,))
     with pytest.raises(ValueError, match="thresholding"):
-        aj.sample(lambda p, x, t, c: x, None, x0, schedule=aj.VPLinear(),
-                  ts=aj.time_grid(aj.VPLinear(), 2, t_end=1e-3),
-                  sampler=aj.DDIM(thresholding=(0.9, 1.0)))
+        aj.sample(
+            lambda p, x, t, c: x,
+            None,
+            x0,
+            schedule=aj.VPLinear(),
+            ts=aj.time_grid(aj.VPLinear(), 2, t_end=1e-3),
+            sampler=aj.DDIM(thresholding=(0.9, 1.0)),
+        )
