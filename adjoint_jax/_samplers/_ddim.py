@@ -131,9 +131,15 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
     a step to σ = 0 too, as `DDPMScheduler` does when its last timestep is not 0
     (std 1e-10 for "fixed_small", σ_t for "fixed_large").
 
-    **Order:** 1 (strong order 1/2 in the noise for η > 0); the options on x̂_0 keep
-    order 1 where they are inactive near the data and change the limit where they
-    are active. **Cost:** one model evaluation per step; no memory beyond x.
+    **Order:** 1 (strong order 1/2 in the noise for η > 0). With `clip_sample`
+    active it still converges at order 1, to the limit of its own (Lipschitz,
+    piecewise smooth) dynamics (slope 0.97 for N = 10–40 on Gaussian data,
+    tests/test_diffusers_ddim.py). Dynamic thresholding with s > 1 has no such
+    limit: s > 1 on about every other step (a chattering rescale of all of x̂_0) and
+    x_0 stops settling as N grows (successive differences 0.22, 0.12, 0.065, 0.040,
+    0.021, 0.018, 0.025 for N = 10, 20, …, 1280 on the same data): use it at the
+    step count it is meant for. **Cost:** one model evaluation per step; no memory
+    beyond x (thresholding sorts each batch element's |x̂_0|).
     **Gradients:** `aj.DTO()` (exact, also ∂L/∂noise) and `aj.Truncated` always;
     without options on x̂_0, `aj.RecordedAdjoint`, `aj.AdjointDEIS` (continuous
     adjoints, factor 1 + η², 2 for DDPM's variances) and, for η = 0, `aj.AdjointDPM`,
