@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from diffusers import LCMScheduler, TCDScheduler
 
-from .diffusers64 import F64, FLOW64, _globals_with_f64_betas, _patched
+from .diffusers64 import F64, _globals_with_f64_betas, _patched
 
 
 def _init64(cls):
@@ -35,14 +35,24 @@ def _lcm():
     glb, init = _init64(LCMScheduler)
     scalings = _patched(
         LCMScheduler.get_scalings_for_boundary_condition_discrete,
-        [("scaled_timestep = timestep * self.config.timestep_scaling",
-          "scaled_timestep = torch.as_tensor(timestep, dtype=torch.float64) "
-          "* self.config.timestep_scaling", 1)],
+        [
+            (
+                "scaled_timestep = timestep * self.config.timestep_scaling",
+                "scaled_timestep = torch.as_tensor(timestep, dtype=torch.float64) "
+                "* self.config.timestep_scaling",
+                1,
+            )
+        ],
         glb,
     )
-    return type("LCMScheduler64", (LCMScheduler,), {
-        "__init__": init, "get_scalings_for_boundary_condition_discrete": scalings,
-    })
+    return type(
+        "LCMScheduler64",
+        (LCMScheduler,),
+        {
+            "__init__": init,
+            "get_scalings_for_boundary_condition_discrete": scalings,
+        },
+    )
 
 
 def _tcd():

@@ -59,7 +59,9 @@ def _models(invert: bool, bf16: bool = False):
     def jax_model(params, x, t, cond):
         del params, cond
         if bf16:  # the network computes in bfloat16 (and returns bfloat16)
-            return sign * _velocity(x.astype(jnp.bfloat16), sigma(t).astype(jnp.bfloat16))
+            return sign * _velocity(
+                x.astype(jnp.bfloat16), sigma(t).astype(jnp.bfloat16)
+            )
         return sign * _velocity(x, sigma(t))
 
     return torch_model, jax_model
@@ -76,31 +78,49 @@ def _linspace_sigmas(n):  # FLUX, LTX-Video, LongCat-Audio
 # id → (config, set_timesteps arguments for n steps)
 CASES = {
     "sd3-shift3": (dict(shift=3.0), lambda n: {}),
-    "flux-dev-mu": (dict(use_dynamic_shifting=True, shift=3.0),
-                    lambda n: dict(mu=0.93, **_linspace_sigmas(n))),
+    "flux-dev-mu": (
+        dict(use_dynamic_shifting=True, shift=3.0),
+        lambda n: dict(mu=0.93, **_linspace_sigmas(n)),
+    ),
     "dynamic-linear-no-sigmas": (
-        dict(use_dynamic_shifting=True, time_shift_type="linear"), lambda n: dict(mu=1.6)),
+        dict(use_dynamic_shifting=True, time_shift_type="linear"),
+        lambda n: dict(mu=1.6),
+    ),
     "flux-schnell-sigmas": (dict(shift=1.0), _linspace_sigmas),
-    "hunyuan-video-sigmas": (dict(shift=7.0),
-                             lambda n: dict(sigmas=list(np.linspace(1.0, 0.0, n + 1)[:-1]))),
-    "ltx-mu-shift-terminal": (dict(use_dynamic_shifting=True, shift_terminal=0.1),
-                              lambda n: dict(mu=1.4, **_linspace_sigmas(n))),
-    "timesteps": (dict(shift=3.0), lambda n: dict(timesteps=list(np.linspace(1000, 60, n)))),
+    "hunyuan-video-sigmas": (
+        dict(shift=7.0),
+        lambda n: dict(sigmas=list(np.linspace(1.0, 0.0, n + 1)[:-1])),
+    ),
+    "ltx-mu-shift-terminal": (
+        dict(use_dynamic_shifting=True, shift_terminal=0.1),
+        lambda n: dict(mu=1.4, **_linspace_sigmas(n)),
+    ),
+    "timesteps": (
+        dict(shift=3.0),
+        lambda n: dict(timesteps=list(np.linspace(1000, 60, n))),
+    ),
     "timesteps-and-sigmas": (
         dict(shift=2.0),
-        lambda n: dict(timesteps=list(np.linspace(990, 20, n)),
-                       sigmas=list(np.linspace(1.0, 0.05, n)))),
+        lambda n: dict(
+            timesteps=list(np.linspace(990, 20, n)),
+            sigmas=list(np.linspace(1.0, 0.05, n)),
+        ),
+    ),
     "karras": (dict(shift=3.0, use_karras_sigmas=True), lambda n: {}),
     "exponential": (dict(shift=3.0, use_exponential_sigmas=True), lambda n: {}),
     "beta": (dict(shift=3.0, use_beta_sigmas=True), lambda n: {}),
-    "karras-dynamic-mu": (dict(use_dynamic_shifting=True, use_karras_sigmas=True),
-                          lambda n: dict(mu=1.1, **_linspace_sigmas(n))),
+    "karras-dynamic-mu": (
+        dict(use_dynamic_shifting=True, use_karras_sigmas=True),
+        lambda n: dict(mu=1.1, **_linspace_sigmas(n)),
+    ),
     "invert-sigmas": (dict(shift=1.0, invert_sigmas=True), _linspace_sigmas),
     "invert-sigmas-shift": (dict(shift=3.0, invert_sigmas=True), lambda n: {}),
     "num-train-timesteps-500": (dict(shift=3.0, num_train_timesteps=500), lambda n: {}),
     "stochastic": (dict(shift=3.0, stochastic_sampling=True), lambda n: {}),
-    "stochastic-flux-mu": (dict(use_dynamic_shifting=True, stochastic_sampling=True),
-                           lambda n: dict(mu=0.93, **_linspace_sigmas(n))),
+    "stochastic-flux-mu": (
+        dict(use_dynamic_shifting=True, stochastic_sampling=True),
+        lambda n: dict(mu=0.93, **_linspace_sigmas(n)),
+    ),
 }
 
 # (id, n) → max |ours − diffusers|, for the report.
@@ -117,8 +137,14 @@ def _diffusers(case, n):
 def _ours(sched, n, args, model, x_T, noise=None, **kw):
     setup = aj.from_diffusers(_config(sched), n, model=model, **args)
     out = aj.sample(
-        setup.model, None, setup.initial(jnp.asarray(x_T)), schedule=setup.schedule,
-        ts=setup.ts, sampler=setup.sampler, noise=noise, **kw,
+        setup.model,
+        None,
+        setup.initial(jnp.asarray(x_T)),
+        schedule=setup.schedule,
+        ts=setup.ts,
+        sampler=setup.sampler,
+        noise=noise,
+        **kw,
     )
     return np.asarray(setup.final(out)), setup
 
@@ -129,7 +155,10 @@ def _ours(sched, n, args, model, x_T, noise=None, **kw):
 def test_parity(case, n):
     sched, args = _diffusers(case, n)
     config = CASES[case][0]
-    invert, stochastic = config.get("invert_sigmas", False), config.get("stochastic_sampling", False)
+    invert, stochastic = (
+        config.get("invert_sigmas", False),
+        config.get("stochastic_sampling", False),
+    )
     torch_model, jax_model = _models(invert)
     ref, draws = run_loop(sched, torch_model, X_T, noise=NOISE if stochastic else None)
     noise = jnp.asarray(NOISE[:n]) if stochastic else None
@@ -155,9 +184,13 @@ def test_pipeline_grids_were_not_reproducible_before():
         n = len(sched.timesteps)
         own = aj.diffusers_timesteps(_config(sched), n)
         given = aj.diffusers_timesteps(_config(sched), None, **args)
-        np.testing.assert_allclose(np.asarray(given), sched.sigmas.numpy(), rtol=0, atol=1e-15)
+        np.testing.assert_allclose(
+            np.asarray(given), sched.sigmas.numpy(), rtol=0, atol=1e-15
+        )
         gaps[case] = float(np.max(np.abs(np.asarray(own) - np.asarray(given))))
-    assert gaps["flux-schnell-sigmas"] > 5e-2 and gaps["hunyuan-video-sigmas"] > 4e-3, gaps
+    assert gaps["flux-schnell-sigmas"] > 5e-2 and gaps["hunyuan-video-sigmas"] > 4e-3, (
+        gaps
+    )
 
 
 def test_given_timesteps_reach_the_network():
@@ -174,8 +207,14 @@ def test_given_timesteps_reach_the_network():
 
 
 BF16_CASES = [
-    "flux-dev-mu", "ltx-mu-shift-terminal", "karras", "exponential", "beta",
-    "hunyuan-video-sigmas", "timesteps", "invert-sigmas",
+    "flux-dev-mu",
+    "ltx-mu-shift-terminal",
+    "karras",
+    "exponential",
+    "beta",
+    "hunyuan-video-sigmas",
+    "timesteps",
+    "invert-sigmas",
 ]
 
 
@@ -229,11 +268,17 @@ def test_mu_without_dynamic_shifting_is_ignored_as_by_diffusers():
 REFUSALS = [
     # (config, from_diffusers arguments, text the message must contain)
     (dict(use_dynamic_shifting=True), dict(num_steps=8), "`mu`"),
-    (dict(stochastic_sampling=True, invert_sigmas=True), dict(num_steps=8),
-     "stochastic_sampling"),
+    (
+        dict(stochastic_sampling=True, invert_sigmas=True),
+        dict(num_steps=8),
+        "stochastic_sampling",
+    ),
     (dict(time_shift_type="cubic"), dict(num_steps=8), "time_shift_type"),
-    (dict(use_karras_sigmas=True, use_beta_sigmas=True), dict(num_steps=8),
-     "use_karras_sigmas"),
+    (
+        dict(use_karras_sigmas=True, use_beta_sigmas=True),
+        dict(num_steps=8),
+        "use_karras_sigmas",
+    ),
     (dict(), dict(num_steps=8, sigmas=[1.0, 0.5]), "sigmas"),
     (dict(), dict(num_steps=2, sigmas=[1.0, 0.5], timesteps=[900.0]), "same length"),
     (dict(), dict(num_steps=8, eta=0.5), "eta"),

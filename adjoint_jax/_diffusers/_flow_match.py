@@ -33,11 +33,22 @@ _NAME = "FlowMatchEulerDiscreteScheduler"
 _REFUSED = {
     "time_shift_type": (("exponential", "linear"), "is not a time shift diffusers has"),
 }
-_KNOWN = frozenset({
-    "shift", "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
-    "max_image_seq_len", "invert_sigmas", "shift_terminal", "use_karras_sigmas",
-    "use_exponential_sigmas", "use_beta_sigmas", "stochastic_sampling",
-})
+_KNOWN = frozenset(
+    {
+        "shift",
+        "use_dynamic_shifting",
+        "base_shift",
+        "max_shift",
+        "base_image_seq_len",
+        "max_image_seq_len",
+        "invert_sigmas",
+        "shift_terminal",
+        "use_karras_sigmas",
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "stochastic_sampling",
+    }
+)
 _CONVERSIONS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
 
 
@@ -68,7 +79,9 @@ def _train_sigma_range(config) -> tuple[float, float]:
 def _check_lengths(num_steps, sigmas, timesteps) -> int:
     for arg, given in (("sigmas", sigmas), ("timesteps", timesteps)):
         if given is not None and (given.ndim != 1 or len(given) < 1):
-            raise ValueError(f"`{arg}` must be a non-empty 1-D sequence; got {given!r}.")
+            raise ValueError(
+                f"`{arg}` must be a non-empty 1-D sequence; got {given!r}."
+            )
     if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
         raise ValueError(
             f"`sigmas` and `timesteps` must have the same length; got {len(sigmas)} "
@@ -110,10 +123,14 @@ def flow_sigmas(config, num_steps, sigmas, timesteps, mu) -> np.ndarray:
     kind = [k for k in _CONVERSIONS if config.get(k, False)]
     if len(kind) > 1:
         raise ValueError(
-            f"at most one of config{list(_CONVERSIONS)} may be set ({_NAME}); got {kind}."
+            f"at most one of config{list(_CONVERSIONS)} may be set ({_NAME}); "
+            f"got {kind}."
         )
-    convert = {"use_karras_sigmas": karras, "use_exponential_sigmas": exponential,
-               "use_beta_sigmas": beta}
+    convert = {
+        "use_karras_sigmas": karras,
+        "use_exponential_sigmas": exponential,
+        "use_beta_sigmas": beta,
+    }
     if kind:
         sigmas = convert[kind[0]](float(sigmas[0]), float(sigmas[-1]), n)
     return np.asarray(sigmas, np.float64)
@@ -126,7 +143,8 @@ def _refuse_combinations(config, eta) -> None:
         raise ValueError(
             f"config['stochastic_sampling'] = True with config['invert_sigmas'] = True "
             f"({_NAME}) is not supported: diffusers' stochastic step then treats the "
-            "inverted s = 1 − σ (the data fraction) as the noise level, x̂_0 = x − s·out "
+            "inverted s = 1 − σ (the data fraction) as the noise level, "
+            "x̂_0 = x − s·out "
             "is the noise estimate and x_next = (1 − s_next) x̂_0 + s_next ξ re-noises "
             "with data and noise exchanged, which is no sampler of the model's flow."
         )
@@ -140,7 +158,8 @@ def _grid(sig: np.ndarray) -> np.ndarray:
     ts = np.concatenate([sig, [0.0]]) if sig[-1] > 0 else sig
     if len(ts) < 2 or np.any(np.diff(ts) >= 0):
         raise ValueError(
-            "the σ of the steps (from `sigmas`/`timesteps` after diffusers' shifts) must "
+            "the σ of the steps (from `sigmas`/`timesteps` after diffusers' shifts) "
+            "must "
             f"be strictly decreasing and end above 0 or at a single 0; got {sig}."
         )
     return ts
@@ -164,10 +183,14 @@ class FlowMatchFamily(Family):
     def network(self, model, config, name):
         T = float(config.get("num_train_timesteps", 1000))
         if config.get("invert_sigmas", False):
-            return network(_Inverted(model, T), FlowMatching(), TimestepMap("flow"), "flow")
+            return network(
+                _Inverted(model, T), FlowMatching(), TimestepMap("flow"), "flow"
+            )
         if self.table is not None:
             xs, ys = self.table
-            return network(model, FlowMatching(), TimestepMap("table", xs=xs, ys=ys), "flow")
+            return network(
+                model, FlowMatching(), TimestepMap("table", xs=xs, ys=ys), "flow"
+            )
         return network(model, FlowMatching(), TimestepMap("flow", scale=T), "flow")
 
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):

@@ -39,15 +39,25 @@ from .._samplers._x0_clip import clip_sample, dynamic_threshold
 from .._schedule import AbstractSchedule, VPDiscrete
 from ._config import Keys, betas_from_config
 from ._ddim import knots_network
-from ._net import prediction_of
 from ._family import Family, Plan, refuse_args
+from ._net import prediction_of
 
 
-_KNOWN = frozenset({
-    "original_inference_steps", "clip_sample", "clip_sample_range", "set_alpha_to_one",
-    "steps_offset", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
-    "sample_max_value", "timestep_spacing", "timestep_scaling",
-})
+_KNOWN = frozenset(
+    {
+        "original_inference_steps",
+        "clip_sample",
+        "clip_sample_range",
+        "set_alpha_to_one",
+        "steps_offset",
+        "prediction_type",
+        "thresholding",
+        "dynamic_thresholding_ratio",
+        "sample_max_value",
+        "timestep_spacing",
+        "timestep_scaling",
+    }
+)
 _SIGMA_DATA = 0.5
 
 
@@ -101,7 +111,8 @@ def consistency_timesteps(config, name: str, n: int) -> np.ndarray:
         )
     if n > orig:
         raise ValueError(
-            f"{name}: num_inference_steps={n} exceeds config['original_inference_steps']"
+            f"{name}: num_inference_steps={n} exceeds "
+            f"config['original_inference_steps']"
             f"={orig} (the timesteps are a subset of the distillation schedule's)."
         )
     origin = (np.arange(1, orig + 1) * (T // orig) - 1)[::-1]
@@ -149,22 +160,29 @@ class ConsistencyFamily(Family):
             return net
         threshold = None
         if config.get("thresholding", False):
-            threshold = (float(config.get("dynamic_thresholding_ratio", 0.995)),
-                         float(config.get("sample_max_value", 1.0)))
+            threshold = (
+                float(config.get("dynamic_thresholding_ratio", 0.995)),
+                float(config.get("sample_max_value", 1.0)),
+            )
         clip = None
         if config.get("clip_sample", False):
             clip = float(config.get("clip_sample_range", 1.0))
         return _LCMDenoiser(
-            net, net.schedule, net.model.timestep,
-            float(config.get("timestep_scaling", 10.0)), clip, threshold,
+            net,
+            net.schedule,
+            net.model.timestep,
+            float(config.get("timestep_scaling", 10.0)),
+            clip,
+            threshold,
         )
 
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
         refuse_args(name, sigmas=sigmas, mu=mu)
         if prediction_of(config, name) not in ("epsilon", "sample", "v_prediction"):
             raise ValueError(
-                f"`config['prediction_type'] = {config['prediction_type']!r}` ({name}) is "
-                "not supported: diffusers' step takes 'epsilon', 'sample', 'v_prediction'."
+                f"`config['prediction_type'] = {config['prediction_type']!r}` ({name}) "
+                "is not supported: diffusers' step takes 'epsilon', 'sample', "
+                "'v_prediction'."
             )
         T = int(config.get("num_train_timesteps", 1000))
         if timesteps is not None:
@@ -174,10 +192,15 @@ class ConsistencyFamily(Family):
         times = (steps + 1) / T
         if name == "LCMScheduler":
             if eta:
-                raise ValueError(f"`eta` is DDIM's and TCD's; LCMScheduler.step takes none (got {eta!r}).")
+                raise ValueError(
+                    f"`eta` is DDIM's and TCD's; LCMScheduler.step takes none "
+                    f"(got {eta!r})."
+                )
             return Plan(np.concatenate([times, [0.0]]), LCM())
         if not 0 <= eta <= 1:
-            raise ValueError(f"TCDScheduler's `eta` (TCD's gamma) must lie in [0, 1]; got {eta!r}.")
+            raise ValueError(
+                f"TCDScheduler's `eta` (TCD's gamma) must lie in [0, 1]; got {eta!r}."
+            )
         mids = tcd_mids(steps, float(eta), T)
         if steps[-1] == 0:  # a last step from timestep 0 to timestep 0: the identity
             return Plan(times, TCD(float(eta), mids[:-1]))

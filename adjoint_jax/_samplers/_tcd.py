@@ -66,9 +66,12 @@ class TCD(AbstractSampler[PyTree]):
     def __check_init__(self):
         g = self.gamma
         if isinstance(g, bool) or not isinstance(g, int | float) or not 0 <= g <= 1:
-            raise ValueError(f"`TCD(gamma=...)` must be a Python number in [0, 1]; got {g!r}.")
+            raise ValueError(
+                f"`TCD(gamma=...)` must be a Python number in [0, 1]; got {g!r}."
+            )
         if self.mids is not None and not (
-            isinstance(self.mids, tuple) and all(isinstance(m, float) for m in self.mids)
+            isinstance(self.mids, tuple)
+            and all(isinstance(m, float) for m in self.mids)
         ):
             raise TypeError(
                 f"`TCD(mids=...)` must be a tuple of Python floats; got {self.mids!r}."
