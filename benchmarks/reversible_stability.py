@@ -16,9 +16,10 @@ Claims checked:
    parasitic mode and makes the *forward* solve more accurate (McCallum–Foster around
    DPMSolver1 at N = 40: error 0.8 at λ = 0.999, 0.01 at λ = 0.5; around DPMSolver2
    at N = 10: 0.3 against 0.02).
-3. The two-step samplers: BELM recovers x_T to ≤ 4e-13 (float64) / 2e-4 (float32) at
-   every N (its inverse amplifies round-off by 1/a_i = (Δ_{i−1}/Δ_i)² per step, a
-   bounded product on these grids); BDIA at γ = 1 to 1e-15 / 7e-7, while γ = 0.5
+3. The two-step samplers: BELM recovers x_T to ≤ 6e-14 (float64) / 8e-6 (float32) at
+   every N (its inverse amplifies its parasitic mode by 1/a_i = (Δ_{i−1}/Δ_i)² per
+   step, a bounded product on these grids, and its velocity-form state rounds that
+   mode at the size of the velocity difference, not of x: 2e-4 in float32 before); BDIA at γ = 1 to 1e-15 / 7e-7, while γ = 0.5
    divides by γ per step and loses x_T beyond N ≈ 40; EDICT's un-mixing multiplies
    round-off by 1/p² ≈ 1.16 per step (x_T lost beyond N ≈ 300 in float64, 150 in
    float32). Forward accuracy at N = 10 / 20 / 40: BELM 1e-1 / 1e-2 / 3e-3 (as
@@ -42,7 +43,7 @@ Reconstruction of x_T ("rec"), float64:
 | --- | --- | --- | --- | --- | --- | --- | --- |
 | ReversibleHeun | 9e-15 | 3e-15 | 2e-15 | 4e-15 | 1e-14 | 8e-15 | 1e-14 |
 | AsyncLeapfrog | 3e-15 | 3e-15 | 2e-15 | 4e-15 | 5e-15 | 6e-15 | 6e-15 |
-| BELM | 6e-14 | 8e-14 | 1e-13 | 9e-14 | 2e-13 | 3e-13 | 4e-13 |
+| BELM | 4e-14 | 6e-14 | 7e-15 | 4e-15 | 5e-15 | 6e-15 | 1e-14 |
 | BDIA | 6e-16 | 7e-16 | 8e-16 | 6e-16 | 8e-16 | 1e-15 | 9e-16 |
 | BDIA, γ=0.5 | 9e-14 | 4e-11 | 7e-06 | 6e+06 | 1e+30 | 2e+78 | nan |
 | EDICT | 8e-15 | 1e-15 | 2e-15 | 3e-15 | 1e-11 | 7e-02 | 6e+18 |
@@ -63,7 +64,7 @@ Reconstruction of x_T, float32 (round-off 6e-8):
 | --- | --- | --- | --- | --- | --- | --- | --- |
 | ReversibleHeun | 5e-06 | 3e-06 | 1e-06 | 3e-06 | 2e-06 | 8e-06 | 6e-06 |
 | AsyncLeapfrog | 3e-06 | 7e-07 | 1e-06 | 2e-06 | 2e-06 | 8e-06 | 7e-06 |
-| BELM | 4e-05 | 1e-04 | 3e-05 | 5e-05 | 1e-04 | 2e-04 | 9e-05 |
+| BELM | 8e-06 | 4e-06 | 7e-06 | 4e-06 | 2e-06 | 8e-06 | 6e-06 |
 | BDIA | 4e-07 | 3e-07 | 4e-07 | 4e-07 | 3e-07 | 7e-07 | 5e-07 |
 | BDIA, γ=0.5 | 4e-05 | 1e-02 | 3e+03 | 7e+14 | nan | nan | nan |
 | EDICT | 4e-06 | 2e-06 | 6e-06 | 1e-05 | 1e-02 | 2e+07 | nan |
