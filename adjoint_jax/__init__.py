@@ -42,7 +42,11 @@ from ._samplers import BELM as BELM
 from ._samplers import DDIM as DDIM
 from ._samplers import DEIS as DEIS
 from ._samplers import EDICT as EDICT
+from ._samplers import Heun as Heun
+from ._samplers import KDPM2 as KDPM2
+from ._samplers import KDPM2Ancestral as KDPM2Ancestral
 from ._samplers import LCM as LCM
+from ._samplers import LMS as LMS
 from ._samplers import AbstractMultistepSampler as AbstractMultistepSampler
 from ._samplers import AbstractReversibleSampler as AbstractReversibleSampler
 from ._samplers import AbstractSampler as AbstractSampler
@@ -51,6 +55,7 @@ from ._samplers import AsyncLeapfrog as AsyncLeapfrog
 from ._samplers import DPMSolver1 as DPMSolver1
 from ._samplers import DPMSolver2 as DPMSolver2
 from ._samplers import DPMSolverPP as DPMSolverPP
+from ._samplers import EulerChurn as EulerChurn
 from ._samplers import DPMSolver as DPMSolver
 from ._samplers import DPMSolverSinglestep as DPMSolverSinglestep
 from ._samplers import DPMSolverSDE as DPMSolverSDE

@@ -100,12 +100,13 @@ def run_pipeline(scheduler, model_fn, z, noises=None, **step_kw):
     each timestep t: out = model_fn(scale_model_input(latents, t), t), latents =
     step(out, t, latents). `model_fn(x, timestep)` gets the timestep as a float64
     tensor. Returns (final latents, the timesteps the network saw, noises drawn)."""
-    latents = torch.as_tensor(np.asarray(z), dtype=F64) * scheduler.init_noise_sigma
+    latents = torch.as_tensor(np.asarray(z), dtype=F64) * getattr(scheduler, "init_noise_sigma", 1.0)
     seen = []
     bank = noise_bank(scheduler, noises if noises is not None else np.zeros((0,)))
     with bank as drawn:
         for t in scheduler.timesteps:
-            inp = scheduler.scale_model_input(latents, t)
+            scale = getattr(scheduler, "scale_model_input", None)  # (flow: none)
+            inp = latents if scale is None else scale(latents, t)
             tt = torch.as_tensor(t, dtype=F64)
             seen.append(float(tt))
             latents = scheduler.step(model_fn(inp, tt), t, latents, **step_kw).prev_sample
@@ -180,7 +181,7 @@ def agree(check, ours, ref, atol=TOL):
 
 
 def compare(check, sched, n, *, kind=None, continuous=False, noise=False, sigmas=None,
-            timesteps=None, step_kw=None, sampler=None, evals=None):
+            timesteps=None, step_kw=None, sampler=None, eval_times=None):
     """Runs the pipeline and `aj.sample` on `from_diffusers`' setup; asserts they
     agree and that the network saw the same timesteps. Returns the setup."""
     kind = kind or sched.config.prediction_type
@@ -206,8 +207,27 @@ def compare(check, sched, n, *, kind=None, continuous=False, noise=False, sigmas
         noise=jnp.asarray(NOISE[: len(setup.ts) - 1]) if noise else None,
     )
     agree(check, setup.final(x), ref)
-    if evals is None:  # one evaluation per step: the grid's points are the network's
-        np.testing.assert_allclose(
-            net_timesteps(setup, setup.ts[: len(seen)]), seen, rtol=0, atol=1e-9
-        )
+    # The network's timesteps: at the grid's points (one evaluation per step), or
+    # where `eval_times(setup, seen)` says (→ (times, the timesteps seen there)).
+    times, expected = (setup.ts[: len(seen)], seen) if eval_times is None else (
+        eval_times(setup, seen)
+    )
+    np.testing.assert_allclose(net_timesteps(setup, times), expected, rtol=0, atol=1e-9)
     return setup, seen, drawn
+
+
+def heun_points(setup, seen):
+    """Heun-type loops see t₀, t₁, t₁, …: each grid point but the last, once."""
+    return setup.ts[:-1], np.concatenate([seen[:1], seen[1::2]])
+
+
+def kdpm2_points(setup, seen):
+    """KDPM2 loops see t₀, u₀, t₁, u₁, …, t_(N−1): the grid points but the last, and
+    between them the log-SNR midpoints (the ancestral one's: the next point)."""
+    ts, sch = setup.ts, setup.schedule
+    if isinstance(setup.sampler, aj.KDPM2Ancestral):
+        mids = ts[1:-1]
+    else:
+        mids = sch.t_of_lam(0.5 * (sch.lam(ts[:-2]) + sch.lam(ts[1:-1])))
+    times = jnp.stack([ts[:-2], mids], 1).reshape(-1)
+    return jnp.concatenate([times, ts[-2:-1]]), seen

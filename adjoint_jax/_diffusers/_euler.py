@@ -307,9 +307,10 @@ class KFamily(Family):
             tmap = timestep_map(grid, train, None)
         return network(model, self.schedule(config, name), tmap, prediction_of(config, name))
 
-    def k_plan(self, config, name, grid: KGrid, sampler, *, ode: bool) -> Plan:
+    def k_plan(self, config, name, grid: KGrid, sampler, *, ode: bool, mids=None) -> Plan:
         """The plan of `grid` run by `sampler`; an ODE sampler's last step of zero
-        length (σ_min to σ_min) is the identity and is dropped."""
+        length (σ_min to σ_min) is the identity and is dropped. `mids`: (σ, timestep)
+        of the evaluations between the grid's points (KDPM2's)."""
         train = k_train_sigmas(config, name)
         times = grid_times(grid, train, self.schedule(config, name))
         t_range = time_range(times, len(train))
@@ -322,11 +323,49 @@ class KFamily(Family):
         init = grid.init_noise_sigma / math.sqrt(grid.sigmas[0] ** 2 + 1)
         final = math.sqrt(grid.sigmas[-1] ** 2 + 1)
         plan = KPlan(times, sampler, init, final)
-        bound = grid.kind != self.default_kind(config, name)
-        if bound or t_range is not None:
-            tmap = timestep_map(grid, train, times) if bound else None
+        if mids is None:
+            tmap = None
+            if grid.kind != self.default_kind(config, name):
+                tmap = timestep_map(grid, train, times)
+        else:
+            tmap = self.mid_map(config, name, grid, train, times, mids)
+        if tmap is not None or t_range is not None:
             plan.family = type(self)(tmap, t_range)
         return plan
+
+    def mid_map(self, config, name, grid, train, times, mids) -> TimestepMap | None:
+        """None where the config's own map gives the timesteps at the grid's points
+        and at `mids`; else a table of both (refused where one σ needs two)."""
+        sig = np.concatenate([grid.sigmas[: len(grid.timesteps)], mids[0]])
+        taus = np.concatenate([grid.timesteps, mids[1]])
+        kind = self.default_kind(config, name)
+        if np.allclose(kind_timesteps(kind, sig, train), taus, rtol=0, atol=1e-9):
+            return None
+        xs = np.concatenate([times[: len(grid.timesteps)], vp_times(self.schedule(config, name), mids[0])])
+        order = np.argsort(xs)
+        xs, ys = xs[order], taus[order]
+        clash = (np.diff(xs) <= 1e-12 * xs[1:]) & (np.abs(np.diff(ys)) > 1e-9)
+        if np.any(clash):
+            raise ValueError(
+                f"{name}: the network is called twice at the noise level σ = "
+                f"{sig[order][1:][clash][0]:.6g} with different timesteps "
+                f"({ys[1:][clash][0]:.6g} and {ys[:-1][clash][0]:.6g}: the step's own "
+                "timestep — the `timestep_spacing` value, or with use_karras_sigmas the "
+                "rounded `_sigma_to_t` — and `_sigma_to_t` at the interpolated σ), "
+                "which no function of the time reproduces; the two agree with "
+                "timestep_spacing='leading' or 'trailing' (without use_karras_sigmas) "
+                "and with use_exponential_sigmas or use_beta_sigmas."
+            )
+        return TimestepMap("table", xs=xs, ys=ys)
+
+
+def kind_timesteps(kind: str, sig: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """The timesteps a `TimestepMap` kind gives at σ `sig`, in NumPy float64."""
+    if kind == "log-index":
+        return sigma_to_index(sig, train)
+    if kind == "linear-index":
+        return np.interp(sig, train, np.arange(len(train)))
+    return 0.25 * np.log(sig)
 
 
 # ---- Euler and Euler a ----------------------------------------------------------------

@@ -15,6 +15,9 @@ from .._schedule import AbstractSchedule, VPDiscrete
 from . import _ddim, _dpm_multistep, _flow_match
 from . import _lcm
 from . import _euler
+from . import _heun
+from . import _kdpm2
+from . import _lms
 from . import _dpm_singlestep
 from . import _deis
 from . import _dpm_sde
@@ -30,6 +33,9 @@ FAMILIES: tuple[Family, ...] = (
     _flow_match.FAMILY,
     _lcm.FAMILY,
     _euler.FAMILY,
+    _heun.FAMILY,
+    _kdpm2.FAMILY,
+    _lms.FAMILY,
     _dpm_singlestep.FAMILY,
     _deis.FAMILY,
     _dpm_sde.FAMILY,

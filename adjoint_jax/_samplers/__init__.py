@@ -13,8 +13,13 @@ from ._dpm_singlestep import DPMSolverSinglestep as DPMSolverSinglestep
 from ._deis import DEIS as DEIS
 from ._dpm_sde import DPMSolverSDE as DPMSolverSDE
 from ._edict import EDICT as EDICT
+from ._euler_churn import EulerChurn as EulerChurn
+from ._heun import Heun as Heun
+from ._kdpm2 import KDPM2 as KDPM2
+from ._kdpm2 import KDPM2Ancestral as KDPM2Ancestral
 from ._leapfrog import AsyncLeapfrog as AsyncLeapfrog
 from ._lcm import LCM as LCM
+from ._lms import LMS as LMS
 from ._mccallum_foster import McCallumFoster as McCallumFoster
 from ._reversible_heun import ReversibleHeun as ReversibleHeun
 from ._sde import SDEDPMSolver1 as SDEDPMSolver1
