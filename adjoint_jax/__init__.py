@@ -70,6 +70,7 @@ from ._schedule import FlowMatching as FlowMatching
 from ._schedule import VPCosine as VPCosine
 from ._schedule import VPDiscrete as VPDiscrete
 from ._schedule import VPLinear as VPLinear
+from ._schedule import VarianceExploding as VarianceExploding
 from ._time_grid import time_grid as time_grid
 
 

@@ -335,3 +335,35 @@ class FlowMatching(AbstractSchedule):
 
     def t_of_lam(self, lam: ArrayLike) -> Array:
         return 1.0 / (1.0 + jnp.exp(_float(lam)))
+
+
+class VarianceExploding(AbstractSchedule):
+    """The variance-exploding process y_t = x_0 + t ε of Karras et al. (2022, "EDM":
+    σ(t) = t, s(t) = 1, so the time *is* the noise level), in `aj`'s state x = α_t y_t:
+
+        α_t = 1/√(1 + t²),  σ_t = t/√(1 + t²),  λ_t = −log t,  t_of_lam(λ) = e^{−λ}.
+
+    Every sampler of `aj` runs on it unchanged (they see α, σ and λ only); its x is
+    the VE sample scaled by α_t (1 at t = 0, 1/√(1 + t_max²) at the noisy end), so
+    x_T = α_T y_T and the VE result is x/α. A VE denoiser D(y; σ) (EDM's
+    preconditioned network) gives the data prediction x̂_0 = D(x/α_t; t) and
+    ε = (x − α_t x̂_0)/σ_t. t ∈ `[t_min, t_max]` (EDM's σ_min = 0.002, σ_max = 80 by
+    default; both static bounds of the grids), and a grid may end at t = 0.
+    """
+
+    t_min: float = eqx.field(default=0.002, static=True)
+    t_max: float = eqx.field(default=80.0, static=True)
+    alpha_zero_time: None = eqx.field(default=None, static=True, repr=False)
+
+    def __check_init__(self):
+        _check_bounds("VarianceExploding", self.t_min, self.t_max)
+
+    def log_alpha(self, t: ArrayLike) -> Array:
+        return -0.5 * jnp.log1p(jnp.square(_float(t)))
+
+    def log_sigma(self, t: ArrayLike) -> Array:
+        t = _float(t)
+        return jnp.log(t) - 0.5 * jnp.log1p(jnp.square(t))
+
+    def t_of_lam(self, lam: ArrayLike) -> Array:
+        return jnp.exp(-_float(lam))
