@@ -1,0 +1,79 @@
+"""The pipeline table (`benchmarks/pipelines.py`) on representative set-ups: the real
+diffusers scheduler loop of a public pipeline (its shipped `scheduler_config.json`
+or the switch users make, its default step count, what it passes to
+`set_timesteps`) in float64 against `aj.from_diffusers` + `aj.sample` on the same
+analytic network, noises and z, to 1e-10. `python benchmarks/pipelines.py` runs all
+of them; the set-ups here cover a shipped DDIM, Euler ancestral with trailing spacing
+(stochastic), DPM-Solver++ SDE on Karras σ (stochastic), DPM-Solver++ 2M, UniPC on
+flow σ, TCD (stochastic), and flow matching with pipeline-passed σ and μ."""
+
+import importlib.util
+import json
+import os
+
+import pytest
+
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation:DeprecationWarning",
+    "ignore:The config attributes:FutureWarning",
+)
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+REPRESENTATIVE = (
+    "sd15-ddim",                 # DDIMScheduler from SD 1.5's config, 50 steps
+    "sdxl-turbo-4",              # EulerAncestral, trailing, 4 steps, same noises
+    "sdxl-dpmpp2m-sde-karras",   # sde-dpmsolver++ on Karras σ, same noises
+    "pixart-alpha",              # DPMSolverMultistep defaults, 20 steps
+    "wan2.1-t2v-1.3b",           # UniPC, flow σ with shift 3, 50 steps
+    "sdxl-tcd-lora",             # TCD, eta 0.3, same noises
+    "flux-dev",                  # FlowMatchEuler, σ = linspace(1, 1/n, n) and μ
+)
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    spec = importlib.util.spec_from_file_location(
+        "pipelines_bench", os.path.join(ROOT, "benchmarks", "pipelines.py")
+    )
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def by_key(pipelines):
+    return {s.key: s for s in pipelines.SETUPS}
+
+
+@pytest.mark.parametrize("key", REPRESENTATIVE)
+def test_pipeline_setup_reproduced(pipelines, by_key, key):
+    row = pipelines.run_setup(by_key[key])
+    assert row["status"] == "reproduced", row
+    assert row["diff"] <= 1e-10
+    # Both sides ran the pipeline's steps (no step dropped or added).
+    assert row["aj_steps"] == row["diffusers_timesteps"] == row["N"], row
+
+
+def test_stochastic_setups_use_the_schedulers_draws(pipelines, by_key):
+    # Euler ancestral draws one normal per step (the last one multiplied by σ_up = 0).
+    row = pipelines.run_setup(by_key["sdxl-turbo-1"])
+    assert row["status"] == "reproduced" and row["draws"] == 1, row
+
+
+def test_a_refusal_is_reported_with_its_message(pipelines, by_key, tmp_path, capsys):
+    # Kandinsky 2.2's DDPM reads the variance its UNet predicts (learned_range).
+    rc = pipelines.main(["--only", "kandinsky-2.2", "--json", str(tmp_path / "rows.json")])
+    assert rc == 0
+    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    assert row["status"] == "refused" and "variance_type" in row["message"], row
+    table = capsys.readouterr().out
+    assert "| KandinskyV22Pipeline" in table and "refused: " in table
+
+
+def test_the_configs_are_complete(pipelines):
+    keys = [s.key for s in pipelines.SETUPS]
+    assert len(keys) == len(set(keys)) >= 31
+    for s in pipelines.SETUPS:
+        assert s.config["_class_name"] and s.steps >= 1, s
