@@ -244,7 +244,7 @@ def test_bfloat16_network(case):
     want = sched.timesteps.numpy()
     np.testing.assert_allclose(seen, want, rtol=2e-7, atol=1e-4)
     err = float(np.max(np.abs(out - ref)))
-    assert err < 3e-2, err
+    assert err < 5e-3, err  # measured 8e-4 – 1.5e-3
 
 
 def test_step_churn_arguments_change_nothing():

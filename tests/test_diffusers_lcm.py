@@ -320,7 +320,7 @@ def test_bfloat16_network(case):
     assert out.dtype == np.float32 and np.all(np.isfinite(out))
     assert seen[-len(sched.timesteps):] == sched.timesteps.tolist()
     err = float(np.max(np.abs(out - np.asarray(ref))))
-    assert err < 5e-2, err
+    assert err < 1e-2, err  # measured 4e-3 (LCM), 3e-3 (TCD)
 
 
 # ---- refusals ----------------------------------------------------------------------
