@@ -40,6 +40,16 @@ pytestmark = pytest.mark.filterwarnings(
 # sampler fields besides η)
 CASES = [
     ("ddim-defaults-clip", DDIM64, {}, (10, 50), 0.0, False, dict(clip_sample=1.0)),
+    # 'trailing' with N ∤ T: each step lands one timestep off the next (`targets`).
+    (
+        "ddim-trailing-uneven-clip-eta0.5",
+        DDIM64,
+        dict(SD, timestep_spacing="trailing"),
+        (7, 30),
+        0.5,
+        False,
+        dict(clip_sample=1.0),
+    ),
     (
         "ddim-clip1.2-v-eta0.5",
         DDIM64,
@@ -108,7 +118,15 @@ def test_ddim_parity(case):
             setup = setup._replace(
                 sampler=dataclasses.replace(setup.sampler, clipped_eps=True)
             )
-        assert setup.sampler == aj.DDIM(eta=eta, **fields)
+        targets = setup.sampler.targets
+        if targets is not None:  # 'trailing' with N not dividing T
+            # Each step goes where diffusers' does: timestep n − T // N.
+            prev = sched.timesteps.numpy() - 1000 // n
+            np.testing.assert_allclose(targets[:-1], (prev[:-1] + 1) / 1000, atol=0)
+            assert np.any(prev[:-1] != sched.timesteps.numpy()[1:])
+        assert dataclasses.replace(setup.sampler, targets=None) == aj.DDIM(
+            eta, **fields
+        )
         ours = run_ours(setup, None if noise is None else jnp.asarray(noise))
         np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
         # The clipping or thresholding is active: without it diffusers differs.
@@ -239,7 +257,7 @@ COG_CASES = [
             clip_sample=False,
             snr_shift_scale=3.0,
         ),
-        (10, 50),
+        (9, 50),
         0.0,
     ),
     # Its defaults (ε, leading, clip_sample=True and η, both ignored by its step).
@@ -269,7 +287,7 @@ def test_cogvideox_parity(case):
         setup = aj.from_diffusers(
             config_of(sched), n, model=jax_model(sched, kind), eta=eta
         )
-        assert setup.sampler == aj.DDIM()
+        assert dataclasses.replace(setup.sampler, targets=None) == aj.DDIM()
         # The schedule is the shifted (and rescaled) ᾱ at the knots t = (n + 1)/T.
         ab = sched.alphas_cumprod.numpy()
         knots = jnp.asarray((np.arange(1000) + 1) / 1000)

@@ -278,6 +278,12 @@ def test_fixed_large_log_is_nan_in_diffusers():
             {},
             "sample_max_value",
         ),
+        # diffusers' DDIM supports 'leading' and 'trailing' only.
+        (
+            {"_class_name": "CogVideoXDDIMScheduler", "timestep_spacing": "linspace"},
+            dict(num_steps=7),
+            "timestep_spacing",
+        ),
         # The last step ᾱ_0 → ᾱ_0 only clips x̂_0: a step of zero length.
         (
             {"_class_name": "DDIMScheduler", "set_alpha_to_one": False},
@@ -337,6 +343,7 @@ def test_continuous_adjoints_refuse_clipping(adjoint):
             aj.DDIM(1.0, clip_sample=1.0, clipped_eps=True, variance="fixed_large"),
             "clip_sample",
         ),
+        (aj.DDIM(targets=(0.5, 0.0)), "targets"),
     ):
         with pytest.raises(ValueError, match=key):
             adjoint.check_sampler(sampler)

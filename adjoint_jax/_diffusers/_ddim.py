@@ -110,25 +110,30 @@ def cogvideox_betas(config) -> np.ndarray:
     return betas
 
 
-def _ddim_end(config, steps, n: int, name: str) -> float:
-    """Where DDIM's last step goes: timestep steps[-1] − T // n, or ᾱ = 1
-    (`set_alpha_to_one`) / ᾱ_0 below 0; checks that every step goes to the next
-    timestep."""
+def _ddim_targets(config, steps, n: int, name: str):
+    """Where each DDIM step goes, as times: timestep steps[i] − T // n, or ᾱ = 1
+    (`set_alpha_to_one`) / ᾱ_0 below 0. Returns (the grid's end, the per-step
+    targets where they are not the next timestep, else None)."""
     T = int(config.get("num_train_timesteps", 1000))
+    spacing = config.get("timestep_spacing", "leading")
     jump = T // n
-    if np.any(steps[1:] != steps[:-1] - jump):
+    prev = steps - jump
+    final = 0.0 if config.get("set_alpha_to_one", True) else 1.0 / T
+    times = np.where(prev >= 0, (prev + 1) / T, final)
+    if np.all(prev[:-1] == steps[1:]):
+        return float(times[-1]), None
+    if spacing != "trailing":
         raise ValueError(
-            f"{name} steps from timestep n to n − num_train_timesteps // "
-            f"num_inference_steps = n − {jump}, which is not the next timestep for "
-            f"timestep_spacing={config.get('timestep_spacing', 'leading')!r} with "
-            f"{n} steps ({steps.tolist()[:4]}...), so its evaluation and target "
-            "times do not form one grid; use 'leading', or 'trailing' with "
-            "num_inference_steps dividing num_train_timesteps."
+            f"{name} with timestep_spacing={spacing!r} and {n} steps is not "
+            "supported (`config['timestep_spacing']`): its step goes from timestep "
+            f"n to n − num_train_timesteps // num_inference_steps = n − {jump}, far "
+            "from the "
+            f"next timestep ({steps.tolist()[:4]}...), and diffusers' DDIM itself "
+            "supports only 'leading' or 'trailing'."
         )
-    last = steps[-1] - jump
-    if last >= 0:
-        return (last + 1) / T
-    return 0.0 if config.get("set_alpha_to_one", True) else 1.0 / T
+    # 'trailing' timesteps are T/n apart up to rounding: a step lands one timestep
+    # off the next one, which is then evaluated at its own timestep.
+    return float(times[-1]), tuple(float(v) for v in times)
 
 
 def _custom_steps(timesteps, T: int, name: str) -> np.ndarray:
@@ -144,8 +149,8 @@ def _custom_steps(timesteps, T: int, name: str) -> np.ndarray:
     return steps.astype(np.int64)
 
 
-def _zero_length_clip(sampler) -> None:
-    key = "thresholding" if sampler.thresholding is not None else "clip_sample"
+def _zero_length_clip(opts) -> None:
+    key = "thresholding" if "thresholding" in opts else "clip_sample"
     raise ValueError(
         f"`config['set_alpha_to_one'] = False` with `{key}` and a last timestep of 0 "
         "is not supported: diffusers' last step then goes from ᾱ_0 to ᾱ_0 and only "
@@ -191,17 +196,19 @@ class DDIMFamily(Family):
         T = int(config.get("num_train_timesteps", 1000))
         steps = vp_timesteps(config, name, num_steps)
         times = (steps + 1) / T
-        end = _ddim_end(config, steps, num_steps, name)
-        # CogVideoX's step is deterministic whatever η, and never clips.
+        end, targets = _ddim_targets(config, steps, num_steps, name)
         if name == "CogVideoXDDIMScheduler":
-            sampler = DDIM()
+            eta, opts = 0.0, {}  # its step is deterministic whatever η, never clips
         else:
-            sampler = DDIM(eta=eta, **x0_options(config))
-        if end == times[-1]:  # ᾱ_0 to ᾱ_0: the identity, dropped
-            if sampler.continuous_adjoint_error is not None:
-                _zero_length_clip(sampler)
-            return Plan(times, sampler)
-        return Plan(np.concatenate([times, [end]]), sampler)
+            opts = x0_options(config)
+        if end != times[-1]:
+            sampler = DDIM(eta, targets=targets, **opts)
+            return Plan(np.concatenate([times, [end]]), sampler)
+        # ᾱ_0 to ᾱ_0: the identity (without clipping), dropped.
+        if opts:
+            _zero_length_clip(opts)
+        targets = None if targets is None else targets[:-1]
+        return Plan(times, DDIM(eta, targets=targets, **opts))
 
     def _ddpm(self, config, num_steps, timesteps):
         name = "DDPMScheduler"

@@ -152,6 +152,7 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
     clipped_eps: bool = eqx.field(default=False, static=True)
     variance: str = eqx.field(default="eta", static=True)
     final_noise: bool = eqx.field(default=False, static=True)
+    targets: tuple[float, ...] | None = eqx.field(default=None, static=True)
 
     order: ClassVar[int] = 1
     evals_per_step: ClassVar[int] = 1
@@ -191,6 +192,14 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
                 f"`DDIM(variance={self.variance!r})` is DDPM's step, whose mean is the "
                 f"η = 1 posterior mean: pass eta=1.0 (got eta={self.eta!r})."
             )
+        if self.targets is not None and (
+            not isinstance(self.targets, tuple)
+            or not all(isinstance(v, float) for v in self.targets)
+        ):
+            raise ValueError(
+                "`DDIM(targets=...)` must be a tuple of Python floats (one time per "
+                f"step); got {self.targets!r}."
+            )
         if self.final_noise and self.variance == "eta":
             raise ValueError(
                 "`DDIM(final_noise=True)` needs DDPM's `variance='fixed_small'` or "
@@ -210,6 +219,12 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
     def continuous_adjoint_error(self) -> str | None:
         """Why the continuous adjoints and `aj.ReversibleAdjoint` cannot
         differentiate this sampler (None: they can)."""
+        if self.targets is not None:
+            return (
+                "its steps go to `targets`, not to the grid's next time, so it "
+                "discretises no ODE/SDE on the grid; its gradient is aj.DTO()'s or "
+                "aj.Truncated's"
+            )
         if self.clip_sample is not None:
             r = self.clip_sample
             what = f"clamps x̂_0 to [−{r}, {r}] (clip_sample)"
@@ -231,11 +246,18 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
         return x0
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> PyTree:
-        del schedule, ts
+        del schedule
+        if self.targets is not None and len(self.targets) != ts.shape[0] - 1:
+            raise ValueError(
+                f"`DDIM(targets=...)` has {len(self.targets)} times but the grid has "
+                f"{ts.shape[0] - 1} steps; pass one target per step."
+            )
         return x_T
 
     def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
-        del i
+        if self.targets is not None:
+            # Step i goes to its own target; the result is the state at ts[i + 1].
+            s = jnp.asarray(self.targets, jnp.result_type(t))[i]
         if self.clip_sample is None and self.thresholding is None:
             return self._plain_step(eps, schedule, state, t, s, noise)
         e, x0 = predict(eps, schedule, state, t)
@@ -302,4 +324,8 @@ DDIM.__init__.__doc__ = """**Arguments:**
     (with eta=1).
 - `final_noise`: with DDPM's variances, add noise on a step to σ = 0 as well
     (diffusers' `DDPMScheduler` whose last timestep is not 0). Default False.
+- `targets`: None (default), or one time per step (Python floats): step i goes
+    from `ts[i]` to `targets[i]`, and its result is taken as the state at
+    `ts[i + 1]` (diffusers' `DDIMScheduler`, which steps from timestep n to
+    n − T // N, with 'trailing' timesteps T/N apart up to rounding).
 """
