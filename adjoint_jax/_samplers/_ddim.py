@@ -131,6 +131,11 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
     a step to σ = 0 too, as `DDPMScheduler` does when its last timestep is not 0
     (std 1e-10 for "fixed_small", σ_t for "fixed_large").
 
+    **Targets.** `targets=(s_0, ..., s_{N−1})` sends step i to s_i instead of
+    `ts[i + 1]` (its result then stands for the state at `ts[i + 1]`): diffusers'
+    DDIM steps from timestep n to n − T // N, which misses the next 'trailing'
+    timestep by one when N does not divide T.
+
     **Order:** 1 (strong order 1/2 in the noise for η > 0). With `clip_sample`
     active it still converges at order 1, to the limit of its own (Lipschitz,
     piecewise smooth) dynamics (slope 0.97 for N = 10–40 on Gaussian data,
@@ -141,7 +146,7 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
     step count it is meant for. **Cost:** one model evaluation per step; no memory
     beyond x (thresholding sorts each batch element's |x̂_0|).
     **Gradients:** `aj.DTO()` (exact, also ∂L/∂noise) and `aj.Truncated` always;
-    without options on x̂_0, `aj.RecordedAdjoint`, `aj.AdjointDEIS` (continuous
+    without options on x̂_0 or `targets`, `aj.RecordedAdjoint`, `aj.AdjointDEIS` (continuous
     adjoints, factor 1 + η², 2 for DDPM's variances) and, for η = 0, `aj.AdjointDPM`,
     `aj.InterpolatedAdjoint` and `aj.McCallumFoster(aj.DDIM())`.
     """
