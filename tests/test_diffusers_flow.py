@@ -116,6 +116,9 @@ CASES = {
     "invert-sigmas": (dict(shift=1.0, invert_sigmas=True), _linspace_sigmas),
     "invert-sigmas-shift": (dict(shift=3.0, invert_sigmas=True), lambda n: {}),
     "num-train-timesteps-500": (dict(shift=3.0, num_train_timesteps=500), lambda n: {}),
+    # A last σ below aj.FlowMatching()'s default t_min = 1e-4.
+    "sigmas-below-1e-4": (
+        dict(shift=1.0), lambda n: dict(sigmas=list(np.geomspace(1.0, 2e-5, n)))),
     "stochastic": (dict(shift=3.0, stochastic_sampling=True), lambda n: {}),
     "stochastic-flux-mu": (
         dict(use_dynamic_shifting=True, stochastic_sampling=True),
@@ -282,7 +285,7 @@ REFUSALS = [
     (dict(), dict(num_steps=8, sigmas=[1.0, 0.5]), "sigmas"),
     (dict(), dict(num_steps=2, sigmas=[1.0, 0.5], timesteps=[900.0]), "same length"),
     (dict(), dict(num_steps=8, eta=0.5), "eta"),
-    (dict(), dict(num_steps=None, sigmas=[0.5, 0.7]), "strictly decreasing"),
+    (dict(), dict(num_steps=None, sigmas=[0.5, 0.7]), "decrease strictly"),
 ]
 
 

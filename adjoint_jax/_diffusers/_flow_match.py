@@ -1,4 +1,4 @@
-"""`FlowMatchEulerDiscreteScheduler` (SD3, FLUX, LTX-Video, HunyuanVideo, Wan, …):
+"""`FlowMatchEulerDiscreteScheduler` (SD3, FLUX, LTX-Video, HunyuanVideo, …):
 `aj.DPMSolver1()` (on `aj.FlowMatching()` its step is exactly the Euler step of the
 velocity, x_s = x_t + (s − t) u, since the interpolation is linear) or, with
 `stochastic_sampling`, `aj.LCM()` (x_s = (1 − s) x̂_0 + s ξ), on the grid of
@@ -11,10 +11,16 @@ pipeline-passed `sigmas` (FLUX.1-schnell, HunyuanVideo) and `timesteps` (the net
 then gets the given timesteps: a `TimestepMap("table")`), `shift_terminal`
 (LTX-Video), Karras / exponential / beta σ-grids, `invert_sigmas` (the network's
 time runs from data to noise and its output is the negated velocity), and
-`num_train_timesteps`. `step`'s `s_churn`, `s_tmin`, `s_tmax`, `s_noise` are unused
-by diffusers' step (no change to the numbers). Refused: `stochastic_sampling` with
-`invert_sigmas` (see `_refuse_combinations`), and `step(per_token_timesteps=)` is
-not an option of `from_diffusers` (one σ per token).
+`num_train_timesteps`; a grid reaching below `aj.FlowMatching()`'s default t_min
+(or above its t_max) gets a schedule whose range includes it. `step`'s `s_churn`,
+`s_tmin`, `s_tmax`, `s_noise` are unused by diffusers' step (no change to the
+numbers). Refused: `stochastic_sampling` with `invert_sigmas` (see
+`_refuse_combinations`); `step(per_token_timesteps=)` (one σ per token) is no
+option of `from_diffusers`.
+
+`from_diffusers` asks the plan's family for the schedule and the network: with
+`timesteps=` (or an extended range) `plan` returns a `Plan` carrying a family bound
+to them (`_BoundPlan.family`), since `Family.network` sees the config only.
 """
 
 import equinox as eqx
@@ -159,8 +165,7 @@ def _grid(sig: np.ndarray) -> np.ndarray:
     if len(ts) < 2 or np.any(np.diff(ts) >= 0):
         raise ValueError(
             "the σ of the steps (from `sigmas`/`timesteps` after diffusers' shifts) "
-            "must "
-            f"be strictly decreasing and end above 0 or at a single 0; got {sig}."
+            f"must decrease strictly and end above 0 or at a single 0; got {sig}."
         )
     return ts
 
@@ -206,7 +211,8 @@ class FlowMatchFamily(Family):
         lo, hi = FlowMatching().t_min, FlowMatching().t_max
         t_range = None
         if len(inner) and (inner.min() < lo or inner.max() > hi):
-            t_range = (min(lo, 0.5 * inner.min()), max(hi, 0.5 * (1 + inner.max())))
+            t_range = (float(min(lo, 0.5 * inner.min())),
+                       float(max(hi, 0.5 * (1 + inner.max()))))
         if table is not None or t_range is not None:
             plan.family = FlowMatchFamily(table, t_range)
         return plan
