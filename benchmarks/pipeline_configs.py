@@ -33,8 +33,10 @@ class PipelineSetup:
         scheduler's final config; `step_kwargs`: the extra `step` arguments.
     - `init_sigma`: whether the pipeline multiplies its standard-normal draw by
         `scheduler.init_noise_sigma`.
-    - `loop`: "standard" (`step(out, t, latents, **step_kwargs)`), or "cogvideox-dpm"
-        (`CogVideoXDPMScheduler.step(out, old_x0, t, t_prev, latents)`).
+    - `loop`: "standard" (`step(out, t, latents, **step_kwargs)`), "brownian" (the
+        same, DPMSolverSDEScheduler given known Brownian increments in place of its
+        torchsde tree), or "cogvideox-dpm" (`CogVideoXDPMScheduler.step(out, old_x0,
+        t, t_prev, latents)`).
     """
 
     key: str
@@ -255,6 +257,9 @@ SETUPS: tuple[PipelineSetup, ...] = (
                   SD15, 50, switch=_KARRAS),
     PipelineSetup("sd15-dpmpp2m-sde-karras", _SD, "stable-diffusion-v1-5",
                   "DPM++ 2M SDE Karras", SD15, 50, switch=_DPM_SDE_KARRAS),
+    PipelineSetup("sd15-dpmpp-sde-karras", _SD, "stable-diffusion-v1-5", "DPM++ SDE Karras",
+                  SD15, 50, switch=("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+                  loop="brownian"),
     PipelineSetup("sd15-euler-a", _SD, "stable-diffusion-v1-5", "Euler a", SD15, 50,
                   switch=_EULER_A),
     PipelineSetup("sd15-euler", _SD, "stable-diffusion-v1-5", "Euler", SD15, 50,

@@ -119,6 +119,7 @@ class Network:
         cfg = sched.config
         self.T = float(cfg.get("num_train_timesteps", 1000))
         self.sigma_data = float(cfg.get("sigma_data", 0.5))
+        self.learned_variance = cfg.get("variance_type") in ("learned", "learned_range")
         if class_name == "FlowMatchEulerDiscreteScheduler" or cfg.get("use_flow_sigmas"):
             self.kind, self.pred, self.table = "flow", "flow", None
         elif class_name.startswith("EDM"):
@@ -135,7 +136,10 @@ class Network:
 
     def torch(self, x, t):
         level = float(_level_np(self.kind, self.table, float(t), self.T))
-        return _output(self.kind, self.pred, level, x, math, self.sigma_data)
+        out = _output(self.kind, self.pred, level, x, math, self.sigma_data)
+        if self.learned_variance:  # the UNet's variance channels: v = 0 (frac 1/2)
+            out = torch.cat([out, torch.zeros_like(out)], dim=1)
+        return out
 
     def jax(self, params, x, timestep, cond):
         del cond
@@ -169,8 +173,25 @@ def fed_normals(sched, normals):
             del glb["randn_tensor"]
 
 
+def brownian_normals(sched):
+    """DPMSolverSDEScheduler draws from a Brownian tree (torchsde) at its steps' σ and
+    their log-midpoints; it is given the Brownian motion on that grid whose
+    normalised increments are NOISE[0], NOISE[1], … (`aj`'s noise[i] for grid
+    interval i; `tests/diffusers64_singlestep.BrownianNormals`)."""
+    from tests.diffusers64_singlestep import BrownianNormals
+
+    sig = sched.sigmas.numpy()
+    steps = np.concatenate([sig[:1], sig[2:-1:2]])
+    t = -np.log(steps)
+    grid = np.empty(2 * len(steps) - 1)
+    grid[0::2], grid[1::2] = steps, np.exp(-(t[:-1] + (t[1:] - t[:-1]) * 0.5))
+    return BrownianNormals(grid, NOISE[: len(grid) - 1])
+
+
 def run_diffusers(setup: PipelineSetup, sched, net: Network):
     """The pipeline's loop in float64; returns (final latents, timesteps, draws)."""
+    if setup.loop == "brownian":
+        sched.noise_sampler = brownian_normals(sched)
     latents = torch.as_tensor(Z, dtype=F64)
     if setup.init_sigma:
         latents = latents * sched.init_noise_sigma
@@ -190,7 +211,8 @@ def run_diffusers(setup: PipelineSetup, sched, net: Network):
             else:
                 latents = sched.step(out, t, latents, **setup.step_kwargs).prev_sample
             assert latents.dtype == F64, latents.dtype
-    return latents.numpy(), steps.numpy(), len(drawn)
+    calls = sched.noise_sampler.calls if setup.loop == "brownian" else len(drawn)
+    return latents.numpy(), steps.numpy(), calls
 
 
 def scheduler_of(setup: PipelineSetup):
@@ -231,6 +253,44 @@ def _short(sampler) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _grid(made) -> str:
+    ts = np.asarray(made.ts)
+    return f"{type(made.schedule).__name__}, t {ts[0]:.4g} → {ts[-1]:.4g}"
+
+
+def call_text(kwargs) -> str:
+    """`set_timesteps(...)` as the pipeline calls it."""
+    parts = []
+    for k, v in kwargs.items():
+        if k == "num_inference_steps":
+            parts.append(str(v))
+        elif k == "sigmas":
+            v = np.asarray(v)
+            parts.append(f"sigmas=[{v[0]:.4g}, {v[1]:.4g}, …, {v[-1]:.4g}] ({len(v)})")
+        else:
+            parts.append(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}")
+    return f"set_timesteps({', '.join(parts)})"
+
+
+def latents_text(setup, sched) -> str:
+    """How the pipeline draws its latents (after `set_timesteps`, as pipelines do)."""
+    if not setup.init_sigma:
+        return "z"
+    return f"z · init_noise_sigma ({float(sched.init_noise_sigma):.6g})"
+
+
+def _diffusers_alone(row, setup, sched, net, kwargs):
+    """For a refused set-up: diffusers' loop still runs (finite latents, draws)."""
+    try:
+        sched.set_timesteps(**kwargs)
+        row["latents"] = latents_text(setup, sched)
+        ref, steps, drawn = run_diffusers(setup, sched, net)
+        row.update(diffusers_finite=bool(np.all(np.isfinite(ref))),
+                   diffusers_timesteps=len(steps), draws=drawn)
+    except Exception as e:  # noqa: BLE001
+        row["diffusers_error"] = f"{type(e).__name__}: {e}"
+
+
 def run_setup(setup: PipelineSetup) -> dict:
     """One row of the table."""
     row = {"key": setup.key, "pipeline": setup.pipeline, "model": setup.model,
@@ -244,6 +304,7 @@ def run_setup(setup: PipelineSetup) -> dict:
         kwargs = setup.timesteps_kwargs(config)
         row["set_timesteps"] = {k: (np.asarray(v).tolist() if k == "sigmas" else v)
                                 for k, v in kwargs.items()}
+        row["call"] = call_text(kwargs)
         net = Network(sched, name)
         row["network"] = f"{net.kind}/{net.pred}"
         with warnings.catch_warnings(record=True) as caught:
@@ -252,11 +313,14 @@ def run_setup(setup: PipelineSetup) -> dict:
                 ours, made = run_ours(setup, config, net, kwargs)
             except (ValueError, TypeError, NotImplementedError) as e:
                 row.update(status="refused", message=str(e), sampler="—", diff=None)
+                _diffusers_alone(row, setup, sched, net, kwargs)
                 return row
         row["warnings"] = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
         row["sampler"] = _short(made.sampler)
+        row["grid"] = _grid(made)
         row["aj_steps"] = len(made.ts) - 1
         sched.set_timesteps(**kwargs)
+        row["latents"] = latents_text(setup, sched)
         ref, steps, drawn = run_diffusers(setup, sched, net)
         row["diffusers_timesteps"] = len(steps)
         row["draws"] = drawn
@@ -286,6 +350,12 @@ def status_text(row: dict) -> str:
     return "differs"
 
 
+def _sampler_cell(row: dict) -> str:
+    if "grid" not in row:
+        return row.get("sampler", "—")
+    return f"{row['sampler']} on {row['grid']} ({row['aj_steps']} steps)"
+
+
 def markdown(rows) -> str:
     lines = ["| pipeline | scheduler + options | aj sampler | N | max \\|ours − diffusers\\| "
              "| status |", "| --- | --- | --- | --- | --- | --- |"]
@@ -293,13 +363,23 @@ def markdown(rows) -> str:
         diff = "—" if r.get("diff") is None else f"{r['diff']:.1e}"
         lines.append(
             f"| {_cell(r['pipeline'] + ' · ' + r['model'])} | {_cell(r.get('scheduler', '—'))} "
-            f"| {_cell(r.get('sampler', '—'))} | {r['N']} | {diff} | {_cell(status_text(r))} |"
+            f"| {_cell(_sampler_cell(r))} | {r['N']} | {diff} | {_cell(status_text(r))} |"
         )
     counts = {}
     for r in rows:
         counts[r["status"]] = counts.get(r["status"], 0) + 1
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    return "\n".join(lines) + f"\n\n{len(rows)} set-ups — {summary}"
+    inputs = ["| set-up | the pipeline calls | latents | step kwargs | diffusers draws "
+              "| from_diffusers warned |", "| --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        warned = "; ".join(w.split(" are not known")[0] for w in r.get("warnings") or [])
+        inputs.append(
+            f"| {r['key']} | {_cell(r.get('call', '—'))} | {_cell(r.get('latents', '—'))} "
+            f"| {_cell(r['step_kwargs'] or '—')} | {r.get('draws', '—')} "
+            f"| {_cell(warned or '—')} |"
+        )
+    return ("\n".join(lines) + f"\n\n{len(rows)} set-ups — {summary}\n\n"
+            + "\n".join(inputs))
 
 
 def main(argv=None) -> int:

@@ -9,28 +9,10 @@ raises LookupError naming the modules it looked in.
 """
 
 import importlib
-import sys
 
-from diffusers import CogVideoXDPMScheduler, EDMDPMSolverMultistepScheduler
+from diffusers import CogVideoXDPMScheduler
 
 from .diffusers64 import _globals_with_f64_betas, _patched
-
-
-def _edm():
-    """EDMDPMSolverMultistepScheduler: `set_timesteps` builds its ramp with torch's
-    default float32 and casts σ to float32 twice."""
-    cls = EDMDPMSolverMultistepScheduler
-    glb = dict(sys.modules[cls.__module__].__dict__)
-    set_timesteps = _patched(
-        cls.set_timesteps,
-        [
-            ("torch.linspace(0, 1, self.num_inference_steps)",
-             "torch.linspace(0, 1, self.num_inference_steps, dtype=torch.float64)", 1),
-            ("dtype=torch.float32", "dtype=torch.float64", 2),
-        ],
-        glb,
-    )
-    return type("EDMDPMSolverMultistepScheduler64", (cls,), {"set_timesteps": set_timesteps})
 
 
 def _cogvideox_dpm():
@@ -49,7 +31,7 @@ def _cogvideox_dpm():
     return type("CogVideoXDPMScheduler64", (cls,), {"__init__": init, "_glb": glb})
 
 
-EDM64, COGVIDEOX_DPM64 = _edm(), _cogvideox_dpm()
+COGVIDEOX_DPM64 = _cogvideox_dpm()
 
 # class name → (module under tests/, attribute): the scheduler families' own float64
 # classes first; this module's for the classes none of them has.
@@ -71,7 +53,10 @@ _WHERE = {
     "CogVideoXDDIMScheduler": ("diffusers64_ddim", "COGVIDEOX64"),
     "DPMSolverSinglestepScheduler": ("diffusers64_singlestep", "SINGLESTEP64"),
     "DEISMultistepScheduler": ("diffusers64_singlestep", "DEIS64"),
-    "EDMDPMSolverMultistepScheduler": ("diffusers64_pipelines", "EDM64"),
+    "DPMSolverSDEScheduler": ("diffusers64_singlestep", "SDE64"),
+    "FlowMatchHeunDiscreteScheduler": ("diffusers64_euler", "FLOW_HEUN64"),
+    "EDMDPMSolverMultistepScheduler": ("diffusers64_dpm", "EDMDPM64"),
+    "EDMEulerScheduler": ("diffusers64_dpm", "EDMEULER64"),
     "CogVideoXDPMScheduler": ("diffusers64_pipelines", "COGVIDEOX_DPM64"),
 }
 

@@ -68,6 +68,7 @@ def test_a_refusal_is_reported_with_its_message(pipelines, by_key, tmp_path, cap
     assert rc == 0
     (row,) = json.loads((tmp_path / "rows.json").read_text())
     assert row["status"] == "refused" and "variance_type" in row["message"], row
+    assert row["diffusers_finite"], row  # diffusers itself still ran it
     table = capsys.readouterr().out
     assert "| KandinskyV22Pipeline" in table and "refused: " in table
 
