@@ -67,7 +67,8 @@ def calculate_shift(seq_len, base_seq_len=256, max_seq_len=4096, base_shift=0.5,
 
 def _mu(config, seq_len):
     return calculate_shift(
-        seq_len, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+        seq_len,
+        config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
         config.get("base_shift", 0.5), config.get("max_shift", 1.15),
     )
 
@@ -80,7 +81,8 @@ def flux_timesteps(config, n):
 
 def ltx_timesteps(config, n):
     """LTXPipeline at its defaults (704×512, 161 frames; VAE compression 32 in space,
-    8 in time): (160 // 8 + 1) · (512 // 32) · (704 // 32) = 21 · 16 · 22 = 7392 tokens."""
+    8 in time): (160 // 8 + 1) · (512 // 32) · (704 // 32) = 21 · 16 · 22 = 7392
+    tokens."""
     seq = ((161 - 1) // 8 + 1) * (512 // 32) * (704 // 32)
     return {"sigmas": np.linspace(1.0, 1 / n, n), "mu": _mu(config, seq)}
 
@@ -99,7 +101,8 @@ SD15 = {
     "beta_start": 0.00085, "clip_sample": False, "clip_sample_range": 1.0,
     "dynamic_thresholding_ratio": 0.995, "num_train_timesteps": 1000,
     "prediction_type": "epsilon", "sample_max_value": 1.0, "set_alpha_to_one": False,
-    "skip_prk_steps": True, "steps_offset": 1, "thresholding": False, "trained_betas": None,
+    "skip_prk_steps": True, "steps_offset": 1, "thresholding": False,
+    "trained_betas": None,
 }
 
 # stabilityai/stable-diffusion-2-1: the keys read in the mirror
@@ -108,8 +111,8 @@ SD15 = {
 SD21 = {
     "_class_name": "DDIMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
     "beta_start": 0.00085, "clip_sample": False, "num_train_timesteps": 1000,
-    "prediction_type": "v_prediction", "set_alpha_to_one": False, "skip_prk_steps": True,
-    "steps_offset": 1, "trained_betas": None,
+    "prediction_type": "v_prediction", "set_alpha_to_one": False,
+    "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
 }
 
 # stabilityai/stable-diffusion-xl-base-1.0: quoted verbatim (diffusers 0.19.0.dev0) in
@@ -136,9 +139,9 @@ SDXL_TURBO = {
     "trained_betas": None,
 }
 
-# stabilityai/stable-diffusion-3-medium-diffusers (and 3.5-large): shift 3.  # UNCONFIRMED
-# (from memory of the file; diffusers' SD3 docs and the shift-3 default of the SD3
-# training scripts agree).
+# stabilityai/stable-diffusion-3-medium-diffusers (and 3.5-large): shift 3.
+# UNCONFIRMED (from memory of the file; diffusers' SD3 docs and the shift-3 default of
+# the SD3 training scripts agree).
 SD3 = {"_class_name": "FlowMatchEulerDiscreteScheduler", "num_train_timesteps": 1000,
        "shift": 3.0}
 
@@ -157,8 +160,8 @@ FLUX_SCHNELL = {
     "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": False,
 }
 
-# PixArt-alpha/PixArt-XL-2-1024-MS and PixArt-alpha/PixArt-Sigma-XL-2-1024-MS: written by
-# diffusers' scripts/convert_pixart_{alpha,sigma}_to_diffusers.py as
+# PixArt-alpha/PixArt-XL-2-1024-MS and PixArt-alpha/PixArt-Sigma-XL-2-1024-MS: written
+# by diffusers' scripts/convert_pixart_{alpha,sigma}_to_diffusers.py as
 # `DPMSolverMultistepScheduler()` (all defaults).
 PIXART = {"_class_name": "DPMSolverMultistepScheduler"}
 
@@ -176,7 +179,8 @@ PLAYGROUND = {
     "_class_name": "EDMDPMSolverMultistepScheduler", "algorithm_type": "dpmsolver++",
     "dynamic_thresholding_ratio": 0.995, "euler_at_final": False,
     "final_sigmas_type": "zero", "lower_order_final": True, "num_train_timesteps": 1000,
-    "prediction_type": "epsilon", "rho": 7.0, "sample_max_value": 1.0, "sigma_data": 0.5,
+    "prediction_type": "epsilon", "rho": 7.0, "sample_max_value": 1.0,
+    "sigma_data": 0.5,
     "sigma_max": 80.0, "sigma_min": 0.002, "solver_order": 2, "solver_type": "midpoint",
     "thresholding": False,
 }
@@ -197,14 +201,17 @@ KANDINSKY22 = {
 # projects; diffusers' scripts/convert_wan_to_diffusers.py writes the same
 # (flow_shift 3.0 for T2V).
 WAN21 = {
-    "_class_name": "UniPCMultistepScheduler", "beta_end": 0.02, "beta_schedule": "linear",
+    "_class_name": "UniPCMultistepScheduler", "beta_end": 0.02,
+    "beta_schedule": "linear",
     "beta_start": 0.0001, "disable_corrector": [], "dynamic_thresholding_ratio": 0.995,
     "final_sigmas_type": "zero", "flow_shift": 3.0, "lower_order_final": True,
-    "num_train_timesteps": 1000, "predict_x0": True, "prediction_type": "flow_prediction",
+    "num_train_timesteps": 1000, "predict_x0": True,
+    "prediction_type": "flow_prediction",
     "rescale_betas_zero_snr": False, "sample_max_value": 1.0, "solver_order": 2,
     "solver_p": None, "solver_type": "bh2", "steps_offset": 0, "thresholding": False,
     "timestep_spacing": "linspace", "trained_betas": None, "use_beta_sigmas": False,
-    "use_exponential_sigmas": False, "use_flow_sigmas": True, "use_karras_sigmas": False,
+    "use_exponential_sigmas": False, "use_flow_sigmas": True,
+    "use_karras_sigmas": False,
 }
 
 # hunyuanvideo-community/HunyuanVideo: diffusers'
@@ -228,7 +235,8 @@ def _cogvideox(snr_shift_scale):
     return {
         "_class_name": "CogVideoXDDIMScheduler", "snr_shift_scale": snr_shift_scale,
         "beta_end": 0.012, "beta_schedule": "scaled_linear", "beta_start": 0.00085,
-        "clip_sample": False, "num_train_timesteps": 1000, "prediction_type": "v_prediction",
+        "clip_sample": False, "num_train_timesteps": 1000,
+        "prediction_type": "v_prediction",
         "rescale_betas_zero_snr": True, "set_alpha_to_one": True,
         "timestep_spacing": "trailing",
     }
@@ -244,7 +252,8 @@ _XL = "StableDiffusionXLPipeline"
 # The switches of diffusers' scheduler docs ("using-diffusers/schedulers"): DPM++ 2M
 # Karras = DPMSolverMultistepScheduler(use_karras_sigmas=True), Euler a, …; LCM-LoRA
 # from the LCM docs (LCMScheduler.from_config, 4 steps, guidance 1); TCD-LoRA from the
-# h1t/TCD-SD15-LoRA and TCD-SDXL-LoRA model cards (4 steps, eta=0.3).  # UNCONFIRMED: eta
+# h1t/TCD-SD15-LoRA and TCD-SDXL-LoRA model cards (4 steps, eta=0.3).
+# UNCONFIRMED: eta (from memory of the model cards).
 _KARRAS = ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True})
 _DPM_SDE_KARRAS = ("DPMSolverMultistepScheduler",
                    {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"})
@@ -252,13 +261,15 @@ _EULER_A = ("EulerAncestralDiscreteScheduler", {})
 _TCD_ETA = 0.3
 
 SETUPS: tuple[PipelineSetup, ...] = (
-    PipelineSetup("sd15-pndm", _SD, "stable-diffusion-v1-5", "PNDM (shipped)", SD15, 50),
-    PipelineSetup("sd15-dpmpp2m-karras", _SD, "stable-diffusion-v1-5", "DPM++ 2M Karras",
-                  SD15, 50, switch=_KARRAS),
+    PipelineSetup("sd15-pndm", _SD, "stable-diffusion-v1-5", "PNDM (shipped)",
+                  SD15, 50),
+    PipelineSetup("sd15-dpmpp2m-karras", _SD, "stable-diffusion-v1-5",
+                  "DPM++ 2M Karras", SD15, 50, switch=_KARRAS),
     PipelineSetup("sd15-dpmpp2m-sde-karras", _SD, "stable-diffusion-v1-5",
                   "DPM++ 2M SDE Karras", SD15, 50, switch=_DPM_SDE_KARRAS),
-    PipelineSetup("sd15-dpmpp-sde-karras", _SD, "stable-diffusion-v1-5", "DPM++ SDE Karras",
-                  SD15, 50, switch=("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    PipelineSetup("sd15-dpmpp-sde-karras", _SD, "stable-diffusion-v1-5",
+                  "DPM++ SDE Karras", SD15, 50,
+                  switch=("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
                   loop="brownian"),
     PipelineSetup("sd15-euler-a", _SD, "stable-diffusion-v1-5", "Euler a", SD15, 50,
                   switch=_EULER_A),
@@ -281,16 +292,16 @@ SETUPS: tuple[PipelineSetup, ...] = (
     PipelineSetup("sd15-tcd-lora", _SD, "stable-diffusion-v1-5 + TCD-SD15-LoRA",
                   "TCD (eta 0.3)", SD15, 4, switch=("TCDScheduler", {}),
                   step_kwargs={"eta": _TCD_ETA}),
-    PipelineSetup("sd21-v-ddim", _SD, "stable-diffusion-2-1", "DDIM v-prediction (shipped)",
-                  SD21, 50, step_kwargs={"eta": 0.0}),
+    PipelineSetup("sd21-v-ddim", _SD, "stable-diffusion-2-1",
+                  "DDIM v-prediction (shipped)", SD21, 50, step_kwargs={"eta": 0.0}),
     PipelineSetup("sdxl-euler", _XL, "stable-diffusion-xl-base-1.0", "Euler (shipped)",
                   SDXL, 50),
     PipelineSetup("sdxl-dpmpp2m-karras", _XL, "stable-diffusion-xl-base-1.0",
                   "DPM++ 2M Karras", SDXL, 50, switch=_KARRAS),
     PipelineSetup("sdxl-dpmpp2m-sde-karras", _XL, "stable-diffusion-xl-base-1.0",
                   "DPM++ 2M SDE Karras", SDXL, 50, switch=_DPM_SDE_KARRAS),
-    PipelineSetup("sdxl-euler-a", _XL, "stable-diffusion-xl-base-1.0", "Euler a", SDXL, 50,
-                  switch=_EULER_A),
+    PipelineSetup("sdxl-euler-a", _XL, "stable-diffusion-xl-base-1.0", "Euler a",
+                  SDXL, 50, switch=_EULER_A),
     PipelineSetup("sdxl-turbo-1", _XL, "sdxl-turbo", "Euler a trailing (shipped)",
                   SDXL_TURBO, 1),
     PipelineSetup("sdxl-turbo-4", _XL, "sdxl-turbo", "Euler a trailing (shipped)",
@@ -303,8 +314,8 @@ SETUPS: tuple[PipelineSetup, ...] = (
     PipelineSetup("playground-v2.5", _XL, "playground-v2.5-1024px-aesthetic",
                   "EDM DPM++ 2M (shipped)", PLAYGROUND, 50),
     PipelineSetup("sd3-medium", "StableDiffusion3Pipeline",
-                  "stable-diffusion-3-medium-diffusers", "FlowMatchEuler shift 3 (shipped)",
-                  SD3, 28, init_sigma=False),
+                  "stable-diffusion-3-medium-diffusers",
+                  "FlowMatchEuler shift 3 (shipped)", SD3, 28, init_sigma=False),
     PipelineSetup("flux-dev", "FluxPipeline", "FLUX.1-dev",
                   "FlowMatchEuler, dynamic shifting (shipped)", FLUX_DEV, 28,
                   set_timesteps=flux_timesteps, init_sigma=False),
@@ -316,7 +327,8 @@ SETUPS: tuple[PipelineSetup, ...] = (
     PipelineSetup("pixart-sigma", "PixArtSigmaPipeline", "PixArt-Sigma-XL-2-1024-MS",
                   "DPM++ 2M (shipped)", PIXART, 20),
     PipelineSetup("sana-1600m", "SanaPipeline", "Sana_1600M_1024px_diffusers",
-                  "DPM++ 2M flow sigmas, shift 3 (shipped)", SANA, 20, init_sigma=False),
+                  "DPM++ 2M flow sigmas, shift 3 (shipped)", SANA, 20,
+                  init_sigma=False),
     PipelineSetup("kandinsky-2.2", "KandinskyV22Pipeline", "kandinsky-2-2-decoder",
                   "DDPM learned_range (shipped)", KANDINSKY22, 100),
     PipelineSetup("wan2.1-t2v-1.3b", "WanPipeline", "Wan2.1-T2V-1.3B-Diffusers",
@@ -328,7 +340,8 @@ SETUPS: tuple[PipelineSetup, ...] = (
                   "FlowMatchEuler, mu + shift_terminal (shipped)", LTX, 50,
                   set_timesteps=ltx_timesteps, init_sigma=False),
     PipelineSetup("cogvideox-2b", "CogVideoXPipeline", "CogVideoX-2b",
-                  "CogVideoX DDIM (shipped)", COGVIDEOX_2B, 50, step_kwargs={"eta": 0.0}),
+                  "CogVideoX DDIM (shipped)", COGVIDEOX_2B, 50,
+                  step_kwargs={"eta": 0.0}),
     PipelineSetup("cogvideox-5b-dpm", "CogVideoXPipeline", "CogVideoX-5b",
                   "CogVideoX DPM (the model card's switch)", COGVIDEOX_5B, 50,
                   switch=("CogVideoXDPMScheduler", {"timestep_spacing": "trailing"}),

@@ -49,9 +49,9 @@ jax.config.update("jax_enable_x64", True)
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from pipeline_configs import SETUPS, PipelineSetup  # noqa: E402
 
 import adjoint_jax as aj  # noqa: E402
-from pipeline_configs import SETUPS, PipelineSetup  # noqa: E402
 from tests.diffusers64_pipelines import float64_class  # noqa: E402
 
 
@@ -62,7 +62,7 @@ Z = np.random.default_rng(0).standard_normal((2, 3))
 NOISE = np.random.default_rng(1).standard_normal((256, 2, 3))
 
 
-# ---- the network, the same function on both sides -------------------------------------
+# ---- the network, the same function on both sides ------------------------------------
 
 def _posterior(a, s, x):
     """E[ε | x], E[x_0 | x] for x = a x_0 + s ε, x_0 ~ N(μ, s²) elementwise."""
@@ -96,7 +96,9 @@ def _level_np(kind, table, tau, T):
     if kind == "vp":
         lo = int(np.clip(np.floor(tau), 0, len(table) - 1))
         w = tau - lo
-        return table[lo] if w == 0 else (1 - w) * table[lo] + w * table[min(lo + 1, len(table) - 1)]
+        if w == 0:
+            return table[lo]
+        return (1 - w) * table[lo] + w * table[min(lo + 1, len(table) - 1)]
     return tau / T if kind == "flow" else np.exp(4 * tau)
 
 
@@ -120,7 +122,8 @@ class Network:
         self.T = float(cfg.get("num_train_timesteps", 1000))
         self.sigma_data = float(cfg.get("sigma_data", 0.5))
         self.learned_variance = cfg.get("variance_type") in ("learned", "learned_range")
-        if class_name == "FlowMatchEulerDiscreteScheduler" or cfg.get("use_flow_sigmas"):
+        flow = class_name.startswith("FlowMatch") or cfg.get("use_flow_sigmas")
+        if flow:
             self.kind, self.pred, self.table = "flow", "flow", None
         elif class_name.startswith("EDM"):
             self.kind, self.pred, self.table = "edm", cfg.prediction_type, None
@@ -148,7 +151,7 @@ class Network:
         return _output(self.kind, self.pred, level, x, jnp, self.sigma_data)
 
 
-# ---- diffusers' side ------------------------------------------------------------------
+# ---- diffusers' side -----------------------------------------------------------------
 
 @contextlib.contextmanager
 def fed_normals(sched, normals):
@@ -222,27 +225,29 @@ def scheduler_of(setup: PipelineSetup):
     return name, sched
 
 
-# ---- aj's side ------------------------------------------------------------------------
+# ---- aj's side -----------------------------------------------------------------------
 
 def run_ours(setup: PipelineSetup, config, net: Network, kwargs):
     """`aj.from_diffusers` + `aj.sample` + `initial`/`final`: (latents, setup)."""
     ours = aj.from_diffusers(
         config, kwargs.get("num_inference_steps"), model=net.jax,
-        sigmas=kwargs.get("sigmas"), timesteps=kwargs.get("timesteps"), mu=kwargs.get("mu"),
-        eta=float(setup.step_kwargs.get("eta", 0.0)),
+        sigmas=kwargs.get("sigmas"), timesteps=kwargs.get("timesteps"),
+        mu=kwargs.get("mu"), eta=float(setup.step_kwargs.get("eta", 0.0)),
     )
     n = len(ours.ts) - 1
     noise = jnp.asarray(NOISE[:n]) if ours.sampler.is_sde else None
     x = aj.sample(
-        ours.model, net.params, ours.initial(jnp.asarray(Z)), None, schedule=ours.schedule,
-        ts=ours.ts, sampler=ours.sampler, noise=noise,
+        ours.model, net.params, ours.initial(jnp.asarray(Z)), None,
+        schedule=ours.schedule, ts=ours.ts, sampler=ours.sampler, noise=noise,
     )
     return np.asarray(ours.final(x)), ours
 
 
 def describe(setup: PipelineSetup, name: str) -> str:
     overrides = dict(setup.switch[1]) if setup.switch else {}
-    extra = {k: v for k, v in setup.step_kwargs.items() if not (k == "eta" and v == 0.0)}
+    extra = {
+        k: v for k, v in setup.step_kwargs.items() if not (k == "eta" and v == 0.0)
+    }
     args = ", ".join(f"{k}={v!r}" for k, v in {**overrides, **extra}.items())
     return f"{setup.scheduler}: {name}({args})"
 
@@ -315,7 +320,9 @@ def run_setup(setup: PipelineSetup) -> dict:
                 row.update(status="refused", message=str(e), sampler="—", diff=None)
                 _diffusers_alone(row, setup, sched, net, kwargs)
                 return row
-        row["warnings"] = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+        row["warnings"] = [
+            str(w.message) for w in caught if issubclass(w.category, UserWarning)
+        ]
         row["sampler"] = _short(made.sampler)
         row["grid"] = _grid(made)
         row["aj_steps"] = len(made.ts) - 1
@@ -336,7 +343,7 @@ def run_setup(setup: PipelineSetup) -> dict:
     return row
 
 
-# ---- the report -----------------------------------------------------------------------
+# ---- the report ----------------------------------------------------------------------
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
@@ -357,13 +364,15 @@ def _sampler_cell(row: dict) -> str:
 
 
 def markdown(rows) -> str:
-    lines = ["| pipeline | scheduler + options | aj sampler | N | max \\|ours − diffusers\\| "
+    lines = ["| pipeline | scheduler + options | aj sampler | N "
+             "| max \\|ours − diffusers\\| "
              "| status |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         diff = "—" if r.get("diff") is None else f"{r['diff']:.1e}"
         lines.append(
-            f"| {_cell(r['pipeline'] + ' · ' + r['model'])} | {_cell(r.get('scheduler', '—'))} "
-            f"| {_cell(_sampler_cell(r))} | {r['N']} | {diff} | {_cell(status_text(r))} |"
+            f"| {_cell(r['pipeline'] + ' · ' + r['model'])} "
+            f"| {_cell(r.get('scheduler', '—'))} | {_cell(_sampler_cell(r))} "
+            f"| {r['N']} | {diff} | {_cell(status_text(r))} |"
         )
     counts = {}
     for r in rows:
@@ -372,9 +381,11 @@ def markdown(rows) -> str:
     inputs = ["| set-up | the pipeline calls | latents | step kwargs | diffusers draws "
               "| from_diffusers warned |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
-        warned = "; ".join(w.split(" are not known")[0] for w in r.get("warnings") or [])
+        warns = r.get("warnings") or []
+        warned = "; ".join(w.split(" are not known")[0] for w in warns)
         inputs.append(
-            f"| {r['key']} | {_cell(r.get('call', '—'))} | {_cell(r.get('latents', '—'))} "
+            f"| {r['key']} | {_cell(r.get('call', '—'))} "
+            f"| {_cell(r.get('latents', '—'))} "
             f"| {_cell(r['step_kwargs'] or '—')} | {r.get('draws', '—')} "
             f"| {_cell(warned or '—')} |"
         )
@@ -384,12 +395,15 @@ def markdown(rows) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        description="Run public diffusers pipeline set-ups with diffusers (float64) and "
+        description="Run public diffusers pipeline set-ups with diffusers (float64) "
+        "and "
         "with aj.from_diffusers + aj.sample on an analytic network, and print a "
         "markdown table of the largest difference per set-up.",
     )
-    parser.add_argument("--only", default="", help="comma-separated set-up keys (see --list)")
-    parser.add_argument("--json", default=None, metavar="PATH", help="also write the rows as JSON")
+    parser.add_argument("--only", default="",
+                        help="comma-separated set-up keys (see --list)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the rows as JSON")
     parser.add_argument("--list", action="store_true", help="list the set-ups and exit")
     args = parser.parse_args(argv)
     if args.list:
@@ -404,7 +418,8 @@ def main(argv=None) -> int:
     rows = []
     for s in chosen:
         rows.append(run_setup(s))
-        print(f"{s.key}: {rows[-1]['status']} ({rows[-1]['seconds']} s)", file=sys.stderr)
+        print(f"{s.key}: {rows[-1]['status']} ({rows[-1]['seconds']} s)",
+              file=sys.stderr)
     print(markdown(rows))
     if args.json:
         with open(args.json, "w") as f:

@@ -64,12 +64,16 @@ _WHERE = {
 def float64_class(name: str):
     """The float64 subclass of diffusers' scheduler class `name`."""
     if name not in _WHERE:
-        raise LookupError(f"no float64 diffusers class for {name!r} (none of tests/diffusers64*.py)")
+        raise LookupError(
+            f"no float64 diffusers class for {name!r} (none of tests/diffusers64*.py)"
+        )
     module, attr = _WHERE[name]
     try:
         found = getattr(importlib.import_module(f"{__package__}.{module}"), attr)
     except (ImportError, AttributeError) as e:
-        raise LookupError(f"no float64 diffusers class for {name!r}: tests/{module}.py: {e}") from e
+        raise LookupError(
+            f"no float64 diffusers class for {name!r}: tests/{module}.py: {e}"
+        ) from e
     if found.__mro__[1].__name__ != name:
         raise LookupError(f"tests/{module}.{attr} is not a {name} subclass")
     return found

@@ -32,6 +32,7 @@ sde_samplers = [aj.SDEDPMSolver1(), aj.DDIM(eta=1.0)]
 # their parity and orders); the matrix runs each with one exact and one continuous
 # strategy. One line per sampler:
 diffusers_samplers = [
+    aj.UniPC(),  # UniPCMultistepScheduler (tests/test_diffusers_unipc.py)
     aj.DDIM(0.5, clip_sample=1.0),  # DDIMScheduler clip_sample (test_diffusers_ddim.py)
     aj.DDIM(1.0, thresholding=(0.9, 1.3), clipped_eps=True, variance="fixed_large"),
     aj.DPMSolverSDE(),  # DPMSolverSDEScheduler (tests/test_diffusers_singlestep.py)

@@ -64,7 +64,8 @@ def test_stochastic_setups_use_the_schedulers_draws(pipelines, by_key):
 
 def test_a_refusal_is_reported_with_its_message(pipelines, by_key, tmp_path, capsys):
     # Kandinsky 2.2's DDPM reads the variance its UNet predicts (learned_range).
-    rc = pipelines.main(["--only", "kandinsky-2.2", "--json", str(tmp_path / "rows.json")])
+    rc = pipelines.main(["--only", "kandinsky-2.2", "--json",
+                         str(tmp_path / "rows.json")])
     assert rc == 0
     (row,) = json.loads((tmp_path / "rows.json").read_text())
     assert row["status"] == "refused" and "variance_type" in row["message"], row
