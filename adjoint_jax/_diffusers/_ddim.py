@@ -7,11 +7,9 @@ integer timesteps of `set_timesteps` (t = (n + 1)/T on `aj.VPDiscrete`).
     `aj.DDIM(eta=1, variance="fixed_large")`, and with `clip_sample` / `thresholding`
     ε is re-derived from the transformed x̂_0 (`clipped_eps=True`: DDPM's mean uses x̂_0
     and x_t). Custom `timesteps=` are reproduced (its steps go to the next timestep).
-    One quirk is left out: for "fixed_small" diffusers clamps the variance to 1e-20,
-    so a last step to ᾱ = 1 from a timestep > 0 ('trailing', `steps_offset`) adds
-    1e-10 ξ (|ξ| ≤ ~4: ≤ 4e-10); the plan keeps the exact posterior there
-    (`tests/test_diffusers_parity.py` pins `DDIM(eta=1.0)`), and
-    `aj.DDIM(eta=1, variance="fixed_small", final_noise=True)` adds it.
+    For "fixed_small" diffusers clamps the variance to 1e-20, so a last step to
+    ᾱ = 1 from a timestep > 0 ('trailing', `steps_offset`) adds 1e-10 ξ; the plan
+    reproduces it (`aj.DDIM(eta=1, variance="fixed_small", final_noise=True)`).
 - CogVideoX: ᾱ ↦ ᾱ/(s + (1 − s) ᾱ) (`snr_shift_scale` s), then zero terminal SNR on ᾱ
     itself, and a deterministic DDIM step (it ignores η and `clip_sample`).
 """
@@ -229,6 +227,10 @@ class DDIMFamily(Family):
         if variance == "fixed_large":
             # Noise on the step to ᾱ = 1 whenever it starts from a timestep > 0.
             opts |= {"variance": "fixed_large", "final_noise": bool(steps[-1] > 0)}
+        elif steps[-1] > 0:
+            # diffusers clamps the posterior variance to 1e-20: a step to ᾱ = 1 from a
+            # timestep > 0 adds 1e-10 ξ.
+            opts |= {"variance": "fixed_small", "final_noise": True}
         return Plan(times, DDIM(eta=1.0, **opts))
 
 
