@@ -182,8 +182,11 @@ def agree(check, ours, ref, atol=TOL):
 
 def compare(check, sched, n, *, kind=None, continuous=False, noise=False, sigmas=None,
             timesteps=None, step_kw=None, sampler=None, eval_times=None):
-    """Runs the pipeline and `aj.sample` on `from_diffusers`' setup; asserts they
-    agree and that the network saw the same timesteps. Returns the setup."""
+    """Runs the pipeline and `aj.sample` on `from_diffusers`' setup (its sampler
+    replaced by `sampler`, if given); asserts they agree and that the network saw the
+    same timesteps. With `noise`, step i's normal is NOISE[i] on both sides (for
+    `aj.EulerChurn` diffusers draws only on its churning steps). Returns (setup, the
+    timesteps the pipeline's network saw, the number of normals it drew)."""
     kind = kind or sched.config.prediction_type
     if sigmas is not None:
         sched.set_timesteps(sigmas=sigmas)
@@ -191,20 +194,24 @@ def compare(check, sched, n, *, kind=None, continuous=False, noise=False, sigmas
         sched.set_timesteps(timesteps=timesteps)
     else:
         sched.set_timesteps(n)
-    ref, seen, drawn = run_pipeline(
-        sched, torch_model(sched, kind, continuous), Z, NOISE if noise else None,
-        **(step_kw or {}),
-    )
     setup = aj.from_diffusers(
         config_of(sched), n, model=jax_model(kind, continuous), sigmas=sigmas,
         timesteps=timesteps,
     )
     if sampler is not None:
         setup = setup._replace(sampler=sampler)
+    steps = len(setup.ts) - 1
+    bank = None
+    if noise:
+        draws = getattr(setup.sampler, "churn_steps", None)
+        bank = NOISE if draws is None else NOISE[draws(setup.schedule, setup.ts)]
+    ref, seen, drawn = run_pipeline(
+        sched, torch_model(sched, kind, continuous), Z, bank, **(step_kw or {})
+    )
     x = aj.sample(
         setup.model, jnp.asarray(log_table(sched)), setup.initial(jnp.asarray(Z)),
         schedule=setup.schedule, ts=setup.ts, sampler=setup.sampler,
-        noise=jnp.asarray(NOISE[: len(setup.ts) - 1]) if noise else None,
+        noise=jnp.asarray(NOISE[:steps]) if noise else None,
     )
     agree(check, setup.final(x), ref)
     # The network's timesteps: at the grid's points (one evaluation per step), or

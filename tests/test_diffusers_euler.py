@@ -19,7 +19,10 @@ from .diffusers64_euler import (
 )
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
+]
 
 # ---- EulerDiscreteScheduler: aj.DPMSolver1() on its σ-grid -----------------------------
 # Every case runs at two step counts, mostly NS = (7, 20): the compiled loops are

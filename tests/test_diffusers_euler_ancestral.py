@@ -9,7 +9,10 @@ import adjoint_jax as aj
 from .diffusers64_euler import EULER_A64, NS, SD, compare
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
+]
 
 
 @pytest.mark.parametrize(
