@@ -13,7 +13,9 @@ from .diffusers64 import F64, _globals_with_f64_betas, _patched
 def _unipc():
     cls = UniPCMultistepScheduler
     glb = _globals_with_f64_betas(cls)
-    init = _patched(cls.__init__, [("dtype=torch.float32", "dtype=torch.float64", 3)], glb)
+    init = _patched(
+        cls.__init__, [("dtype=torch.float32", "dtype=torch.float64", 3)], glb
+    )
     set_timesteps = _patched(
         cls.set_timesteps, [(".astype(np.float32)", ".astype(np.float64)", 5)], glb
     )
@@ -52,6 +54,7 @@ def run_loop(scheduler, model_fn, x_T, init_sigma: float = 1.0):
     draw."""
     x = torch.as_tensor(np.asarray(x_T), dtype=F64) * init_sigma
     for t in scheduler.timesteps:
-        x = scheduler.step(model_fn(scheduler.scale_model_input(x, t), t), t, x).prev_sample
+        out = model_fn(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(out, t, x).prev_sample
         assert x.dtype == F64
     return x.numpy()

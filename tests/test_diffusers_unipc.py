@@ -25,7 +25,9 @@ from .diffusers64_unipc_pndm import UNIPC64, run_loop
 from .helpers import rel_err, slope
 
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:__array__ implementation:DeprecationWarning"
+)
 
 MU, S = 0.7, 0.5
 TOL = 1e-10
@@ -50,13 +52,16 @@ def _level(sched, n, xp):
     if sched.config.use_flow_sigmas:
         sig = (n.astype(jnp.float64) if xp is jnp else float(n)) / T
         return 1 - sig, sig
-    ab = sched.alphas_cumprod if xp is torch else jnp.asarray(sched.alphas_cumprod.numpy())
+    ab = sched.alphas_cumprod
+    ab = ab if xp is torch else jnp.asarray(ab.numpy())
     return ab[n] ** 0.5, (1 - ab[n]) ** 0.5
 
 
 def _diffusers(sched, mu=MU, x_T=X_T):
     kind = sched.config.prediction_type
-    return run_loop(sched, lambda x, t: _out(kind, *_level(sched, int(t), torch), mu, x), x_T)
+    return run_loop(
+        sched, lambda x, t: _out(kind, *_level(sched, int(t), torch), mu, x), x_T
+    )
 
 
 def _jax_model(sched, seen=None):
@@ -98,7 +103,8 @@ CASES = {
              timestep_spacing="trailing", lower_order_final=False,
              final_sigmas_type="sigma_min"),
         (6, 20), {},
-        aj.UniPC(solver_order=3, solver_type="bh1", predict_x0=False, lower_order_final=False),
+        aj.UniPC(solver_order=3, solver_type="bh1", predict_x0=False,
+                 lower_order_final=False),
     ),
     "order1-leading-offset-sample-cosine": (
         dict(solver_order=1, timestep_spacing="leading", steps_offset=1,
@@ -106,12 +112,13 @@ CASES = {
         (7, 20), {}, aj.UniPC(solver_order=1),
     ),
     "bh1-v-disable_corrector-sigma_min": (
-        dict(SD, solver_type="bh1", prediction_type="v_prediction", disable_corrector=[0, 2],
-             final_sigmas_type="sigma_min"),
+        dict(SD, solver_type="bh1", prediction_type="v_prediction",
+             disable_corrector=[0, 2], final_sigmas_type="sigma_min"),
         (7, 16), {}, aj.UniPC(solver_type="bh1", disable_corrector=(0, 2)),
     ),
     "eps-form-karras-sigma_min": (  # the repeated last σ: correct_last
-        dict(SD, predict_x0=False, use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+        dict(SD, predict_x0=False, use_karras_sigmas=True,
+             final_sigmas_type="sigma_min"),
         (6, 20), {}, aj.UniPC(predict_x0=False, correct_last=True),
     ),
     "exponential-order3-thresholding": (
@@ -120,8 +127,8 @@ CASES = {
         (7, 20), {}, aj.UniPC(solver_order=3, thresholding=(0.9, 1.3)),
     ),
     "beta-no-lof-sigma_min-flow_prediction": (
-        dict(SD, use_beta_sigmas=True, lower_order_final=False, final_sigmas_type="sigma_min",
-             prediction_type="flow_prediction"),
+        dict(SD, use_beta_sigmas=True, lower_order_final=False,
+             final_sigmas_type="sigma_min", prediction_type="flow_prediction"),
         (7, 20), {}, aj.UniPC(lower_order_final=False, correct_last=True),
     ),
     "karras-zero_snr-v": (
@@ -139,8 +146,8 @@ CASES = {
         dict(use_flow_sigmas=True, use_karras_sigmas=True), (7, 20), {}, aj.UniPC(),
     ),
     "flow-mu-linear-terminal-v": (
-        dict(use_flow_sigmas=True, prediction_type="v_prediction", use_dynamic_shifting=True,
-             time_shift_type="linear", shift_terminal=0.1),
+        dict(use_flow_sigmas=True, prediction_type="v_prediction",
+             use_dynamic_shifting=True, time_shift_type="linear", shift_terminal=0.1),
         (7, 20), {"mu": 1.7}, aj.UniPC(),
     ),
 }
@@ -201,8 +208,11 @@ def test_corrector_off_is_dpm_solver_pp():
     pb = GaussianProblem.make(4)
     ts = aj.time_grid(pb.schedule, 10, t_end=1e-3)
     x_T = jnp.array([0.3, -1.2, 2.0, 0.7])
-    run = lambda smp: np.asarray(aj.sample(pb.model, pb.params, x_T, schedule=pb.schedule,
-                                           ts=ts, sampler=smp))
+
+    def run(smp):
+        return np.asarray(aj.sample(pb.model, pb.params, x_T, schedule=pb.schedule,
+                                    ts=ts, sampler=smp))
+
     plain = run(aj.UniPC(disable_corrector=tuple(range(10))))
     np.testing.assert_allclose(plain, run(aj.DPMSolverPP()), rtol=0, atol=1e-14)
 
@@ -291,9 +301,11 @@ def test_bfloat16_network(case):
         (dict(lower_order_final=False), "lower_order_final", {}),
         (dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", solver_order=3,
               lower_order_final=False), "final_sigmas_type", {}),
-        (dict(use_flow_sigmas=True, use_exponential_sigmas=True), "use_exponential_sigmas", {}),
+        (dict(use_flow_sigmas=True, use_exponential_sigmas=True),
+         "use_exponential_sigmas", {}),
         (dict(use_flow_sigmas=True, use_beta_sigmas=True), "use_beta_sigmas", {}),
-        (dict(prediction_type="flow_prediction", predict_x0=False), "prediction_type", {}),
+        (dict(prediction_type="flow_prediction", predict_x0=False),
+         "prediction_type", {}),
         (dict(solver_type="bh3"), "solver_type", {}),
         ({}, "use_flow_sigmas", {"sigmas": [0.9, 0.5, 0.1]}),
         (dict(use_flow_sigmas=True, use_dynamic_shifting=True), "mu", {}),

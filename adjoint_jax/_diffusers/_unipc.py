@@ -18,7 +18,6 @@ model evaluation, the corrector, and an identity predictor; `aj.UniPC(correct_la
 True)` on the grid without the repeat.
 """
 
-import math
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -40,7 +39,7 @@ from ._grids import (
     sigma_to_index,
     time_shift,
 )
-from ._net import Network, TimestepMap, network
+from ._net import Network, TimestepMap
 
 
 _NAME = "UniPCMultistepScheduler"
@@ -50,10 +49,10 @@ _REFUSED = {
 _KNOWN = frozenset({
     "solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
     "sample_max_value", "predict_x0", "solver_type", "lower_order_final",
-    "disable_corrector", "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-    "use_flow_sigmas", "flow_shift", "timestep_spacing", "steps_offset",
-    "final_sigmas_type", "use_dynamic_shifting", "time_shift_type", "sigma_min",
-    "sigma_max", "shift_terminal",
+    "disable_corrector", "use_karras_sigmas", "use_exponential_sigmas",
+    "use_beta_sigmas", "use_flow_sigmas", "flow_shift", "timestep_spacing",
+    "steps_offset", "final_sigmas_type", "use_dynamic_shifting", "time_shift_type",
+    "sigma_min", "sigma_max", "shift_terminal",
 })
 _CONVERSIONS = {"use_karras_sigmas": karras, "use_exponential_sigmas": exponential,
                 "use_beta_sigmas": beta}
@@ -63,13 +62,17 @@ _ZERO_SNR_ALPHA_BAR = 2.0**-24
 
 
 def _refuse(key, value, why) -> ValueError:
-    return ValueError(f"`config[{key!r}] = {value!r}` ({_NAME}) is not supported: {why}.")
+    return ValueError(
+        f"`config[{key!r}] = {value!r}` ({_NAME}) is not supported: {why}."
+    )
 
 
 def _conversion(config) -> str | None:
     kind = [k for k in _CONVERSIONS if config.get(k, False)]
     if len(kind) > 1:
-        raise ValueError(f"at most one of config{list(_CONVERSIONS)} may be set ({_NAME}).")
+        raise ValueError(
+            f"at most one of config{list(_CONVERSIONS)} may be set ({_NAME})."
+        )
     return kind[0] if kind else None
 
 
@@ -101,8 +104,8 @@ def _alphas_cumprod(config) -> np.ndarray:
         if not ab[-2] > _ZERO_SNR_ALPHA_BAR:
             raise _refuse("rescale_betas_zero_snr", True, (
                 f"diffusers then overwrites ᾱ_{{T−1}} = 0 with 2⁻²⁴, above ᾱ_{{T−2}} = "
-                f"{ab[-2]:.3g} for these betas: a noise level that decreases at the end "
-                "is no VP schedule (a negative beta)"
+                f"{ab[-2]:.3g} for these betas: a noise level that decreases at the "
+                "end is no VP schedule (a negative beta)"
             ))
         ab[-1] = _ZERO_SNR_ALPHA_BAR
     return ab
@@ -136,7 +139,8 @@ class _Converted(AbstractPredictor):
     predict_x0: bool = eqx.field(static=True)
 
     def predict(self, params, x, t, cond):
-        out = jtu.tree_map(lambda o, v: o.astype(v.dtype), self.net(params, x, t, cond), x)
+        out = self.net(params, x, t, cond)
+        out = jtu.tree_map(lambda o, v: o.astype(v.dtype), out, x)
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
 
         def both(v, o):
@@ -175,9 +179,9 @@ def _vp_sigmas(config, n, train):
         steps = vp_timesteps(config, _NAME, n, extra=True)
         sig = np.interp(steps, np.arange(T), train)
         return sig, train[0], steps
-    lo = config.get("sigma_min")
-    hi = config.get("sigma_max")
-    sig = _CONVERSIONS[kind](train[-1] if hi is None else hi, train[0] if lo is None else lo, n)
+    lo, hi = config.get("sigma_min"), config.get("sigma_max")
+    hi = train[-1] if hi is None else hi
+    sig = _CONVERSIONS[kind](hi, train[0] if lo is None else lo, n)
     index = sigma_to_index(sig, train)
     steps = np.round(index) if kind == "use_karras_sigmas" else index
     return sig, sig[-1], steps.astype(np.int64)
@@ -190,7 +194,8 @@ def _flow_sigmas(config, n, given, mu):
         # and ramps from its first to its last value.
         flipped = (given if given is not None else _train_sigmas(config))[::-1]
         lo, hi = config.get("sigma_min"), config.get("sigma_max")
-        sig = karras(flipped[0] if hi is None else hi, flipped[-1] if lo is None else lo, n)
+        hi = flipped[0] if hi is None else hi
+        sig = karras(hi, flipped[-1] if lo is None else lo, n)
         sig = sig / (sig + 1)
     else:
         sig = given if given is not None else np.linspace(1, 1 / T, n + 1)[:-1]
@@ -222,7 +227,8 @@ class UniPCFamily(Family):
         pred = config.get("prediction_type", "epsilon")
         flow = bool(config.get("use_flow_sigmas", False))
         net = Network(model, schedule, _timestep_map(config))
-        if (pred == "v_prediction" and flow) or (pred == "flow_prediction" and not flow):
+        odd = (pred == "v_prediction") if flow else (pred == "flow_prediction")
+        if odd:
             kind = "flow" if pred == "flow_prediction" else "v"
             return _Converted(net, schedule, kind, bool(config.get("predict_x0", True)))
         kinds = {"epsilon": "eps", "sample": "x0", "v_prediction": "v",
@@ -234,8 +240,9 @@ class UniPCFamily(Family):
         if solver_type in ("midpoint", "heun", "logrho"):  # diffusers' own mapping
             solver_type = "bh2"
         if solver_type not in ("bh1", "bh2"):
-            raise _refuse("solver_type", solver_type, "diffusers implements bh1 and bh2")
+            raise _refuse("solver_type", solver_type, "diffusers has bh1 and bh2")
         order = int(config.get("solver_order", 2))
+        disabled = config.get("disable_corrector") or ()
         lof = bool(config.get("lower_order_final", True))
         predict_x0 = bool(config.get("predict_x0", True))
         threshold = None
@@ -245,7 +252,7 @@ class UniPCFamily(Family):
         return UniPC(
             solver_order=order, solver_type=solver_type, predict_x0=predict_x0,
             lower_order_final=lof,
-            disable_corrector=tuple(sorted({int(j) for j in config.get("disable_corrector") or ()})),
+            disable_corrector=tuple(sorted({int(j) for j in disabled})),
             correct_last=correct_last, thresholding=threshold,
         )
 
@@ -254,13 +261,19 @@ class UniPCFamily(Family):
         _check(config)
         flow = bool(config.get("use_flow_sigmas", False))
         if sigmas is not None and not flow:
-            raise ValueError(f"{_NAME}: custom `sigmas` need config['use_flow_sigmas'] = True "
-                             "(diffusers raises too).")
+            raise ValueError(
+                f"{_NAME}: custom `sigmas` need config['use_flow_sigmas'] = True "
+                "(diffusers raises too)."
+            )
         if eta:
-            raise ValueError(f"`eta` is DDIM's; {_NAME}.step takes none (got eta={eta!r}).")
+            raise ValueError(
+                f"`eta` is DDIM's; {_NAME}.step takes none (got eta={eta!r})."
+            )
         if config.get("use_dynamic_shifting", False) and mu is None:
-            raise ValueError(f"config['use_dynamic_shifting'] = True ({_NAME}) needs the "
-                             "pipeline's `mu`: pass `mu=` as the pipeline passes it.")
+            raise ValueError(
+                f"config['use_dynamic_shifting'] = True ({_NAME}) needs the "
+                "pipeline's `mu`: pass `mu=` as the pipeline passes it."
+            )
         n = len(sigmas) if sigmas is not None else num_steps
         if flow:
             sig, last, steps = _flow_sigmas(config, n, sigmas, mu)

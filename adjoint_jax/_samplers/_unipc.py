@@ -158,10 +158,13 @@ class UniPC(AbstractSampler[tuple]):
     def __check_init__(self):
         k = self.solver_order
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"`UniPC(solver_order=...)` must be an int >= 1; got {k!r}.")
+            raise ValueError(
+                f"`UniPC(solver_order=...)` must be an int >= 1; got {k!r}."
+            )
         if self.solver_type not in ("bh1", "bh2"):
             raise ValueError(
-                f"`UniPC(solver_type=...)` must be 'bh1' or 'bh2'; got {self.solver_type!r}."
+                "`UniPC(solver_type=...)` must be 'bh1' or 'bh2'; got "
+                f"{self.solver_type!r}."
             )
         for name in ("predict_x0", "lower_order_final", "correct_last"):
             if not isinstance(getattr(self, name), bool):
@@ -318,7 +321,9 @@ class UniPC(AbstractSampler[tuple]):
         e, x0 = predict(eps, schedule, x, t, derive=self.predict_x0)
         if not self.predict_x0:
             return e
-        return x0 if self.thresholding is None else dynamic_threshold(x0, *self.thresholding)
+        if self.thresholding is None:
+            return x0
+        return dynamic_threshold(x0, *self.thresholding)
 
     def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
         del noise
@@ -336,8 +341,9 @@ class UniPC(AbstractSampler[tuple]):
         p = jnp.where(c.sigma_zero_end, 1, orders[i])
         x_s = self._predictor(frame, c.lam_t, x, m, ms[:-1], lams, p)
         if self.correct_last:
-            x_s = self._last_correction(eps, schedule, frame, x, ms_new, lams_new, x_s, s,
-                                        i, orders, corrected)
+            x_s = self._last_correction(
+                eps, schedule, frame, x, ms_new, lams_new, x_s, s, i, orders, corrected
+            )
         return (x_s, x, ms_new, lams_new, frame, orders, corrected)
 
     def _last_correction(self, eps, schedule, frame, x, ms, lams, x_s, s, i, orders,
