@@ -261,11 +261,21 @@ class DPMMultistepFamily(Family):
 
     @staticmethod
     def _check_identity(config, orders, exact) -> None:
-        if exact and orders[-1] == 3:
+        """The dropped step σ_min → σ_min: diffusers' step of length h = 0 exactly
+        divides 0 by h where its order is 3, or 2 with "heun" (NaN); an SDE step of
+        round-off length adds noise of that length's square root."""
+        if not exact and config.get("algorithm_type", "").startswith("sde"):
+            raise _refuse("final_sigmas_type", "sigma_min", "ends this σ-grid with a step "
+                          "from σ_min (up to round-off) to σ_min, whose length h ~ 1e-16 "
+                          "is round-off, over which the SDE adds noise σ √(2h) ξ ~ 1e-9 ξ "
+                          "(measured 2.5e-9) that cannot be reproduced")
+        heun = config.get("solver_type", "midpoint") == "heun"
+        if exact and (orders[-1] == 3 or (orders[-1] == 2 and heun)):
             raise _refuse("final_sigmas_type", "sigma_min", "ends this grid with a step "
-                          "σ_min → σ_min of order 3, where diffusers' third-order update "
-                          "divides by h = 0 and returns NaN (set lower_order_final=True "
-                          "with fewer than 15 steps, or euler_at_final=True)")
+                          f"σ_min → σ_min of order {orders[-1]}, where diffusers' update "
+                          "divides 0 by h = 0 and returns NaN (lower its order: "
+                          "lower_order_final=True with fewer than 15 steps, or "
+                          "euler_at_final=True)")
 
     @staticmethod
     def _sampler(config, orders, zero, n):

@@ -146,10 +146,18 @@ class EDMFamily(Family):
         full = self._orders(config, len(sig))
         drop = not zero and abs(sig[-1] - last) <= 1e-12 * last
         if drop:  # σ_min → σ_min: the identity, dropped
-            if name == _DPM and full[-1] == 3 and sig[-1] == last:
+            if name == _DPM and sig[-1] != last and config.get(
+                    "algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
                 raise _refuse(name, "final_sigmas_type", "sigma_min", "ends this grid "
-                              "with a step σ_min → σ_min of order 3, where diffusers' "
-                              "third-order update divides by h = 0 (NaN)")
+                              "with a step from σ_min up to round-off to σ_min, over "
+                              "which sde-dpmsolver++ adds noise σ √(2h) ξ (~1e-10 for "
+                              "h ~ 1e-16 of round-off) that cannot be reproduced")
+            heun = config.get("solver_type", "midpoint") == "heun"
+            if name == _DPM and sig[-1] == last and (
+                    full[-1] == 3 or (full[-1] == 2 and heun)):
+                raise _refuse(name, "final_sigmas_type", "sigma_min", "ends this grid "
+                              f"with a step σ_min → σ_min of order {full[-1]}, where "
+                              "diffusers' update divides 0 by h = 0 (NaN)")
             ts = sig
         else:
             ts = np.concatenate([sig, [last]])
