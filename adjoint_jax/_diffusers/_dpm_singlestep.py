@@ -14,7 +14,7 @@ from collections.abc import Callable
 import equinox as eqx
 import numpy as np
 
-from .._samplers._dpm_singlestep import DPMSolverSinglestep
+from .._samplers._dpm_singlestep import DPMSolverSinglestep, singlestep_orders
 from .._schedule import FlowMatching, VPDiscrete
 from ._config import Keys, betas_from_config, train_sigmas
 from ._family import Family, Plan, refuse_args
@@ -261,18 +261,37 @@ class DPMSinglestepFamily(Family):
             end = float(train_sigmas(vp_config(config))[0])
         else:
             end = 1.0 / T
-        if end >= times[-1]:
-            raise ValueError(
-                f"{name}: the last grid point and the final sigma ('sigma_min') are the "
-                "same noise level: a zero-length step."
-            )
         order = int(config.get("solver_order", 2))
         solver_type = config.get("solver_type", "midpoint")
         if solver_type in ("logrho", "bh1", "bh2"):  # diffusers maps these to midpoint
             solver_type = "midpoint"
         lower = bool(config.get("lower_order_final", False)) or final == "zero"
-        sampler = DPMSolverSinglestep(order, solver_type, algorithm, lower)
-        return Plan(np.concatenate([times, [end]]), sampler)
+        if end < times[-1]:
+            sampler = DPMSolverSinglestep(order, solver_type, algorithm, lower)
+            return Plan(np.concatenate([times, [end]]), sampler)
+        return Plan(times, _zero_length_end(name, order, solver_type, algorithm, lower, n))
+
+
+def _zero_length_end(name, order, solver_type, algorithm, lower, n):
+    """The sampler of a grid whose last σ is already the final σ_min (a Karras /
+    exponential / beta grid, or custom timesteps ending at 0, with
+    `final_sigmas_type="sigma_min"`): diffusers' last step σ_min → σ_min is the
+    identity when it is of order 1 (dropped), else it evaluates the model at its own
+    target and redoes its macro step's update (`reevaluate_last`)."""
+    orders = tuple(int(k) for k in singlestep_orders(order, n, lower))
+    if orders[-1] == 1:
+        if n < 2:
+            raise ValueError(f"{name} with 1 step on this grid takes only an identity step.")
+        return DPMSolverSinglestep(order, solver_type, algorithm, lower, orders[:-1])
+    if algorithm == "sde-dpmsolver++":
+        raise ValueError(
+            f"`config['algorithm_type'] = 'sde-dpmsolver++'` ({name}) with "
+            "final_sigmas_type='sigma_min' on a grid that already ends at σ_min is not "
+            "supported: diffusers' last step (σ_min to σ_min, of order "
+            f"{orders[-1]}) re-evaluates the model at its own target and draws a second "
+            "normal, which aj's one noise per step cannot carry."
+        )
+    return DPMSolverSinglestep(order, solver_type, algorithm, lower, orders, True)
 
 
 FAMILY = DPMSinglestepFamily()

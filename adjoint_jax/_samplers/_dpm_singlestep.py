@@ -6,6 +6,7 @@ one update from its start."""
 from typing import ClassVar
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -116,6 +117,8 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
     solver_type: str = eqx.field(default="midpoint", static=True)
     algorithm_type: str = eqx.field(default="dpmsolver++", static=True)
     lower_order_final: bool = eqx.field(default=True, static=True)
+    orders: tuple[int, ...] | None = eqx.field(default=None, static=True)
+    reevaluate_last: bool = eqx.field(default=False, static=True)
 
     evals_per_step: ClassVar[int] = 1
     steps_to_sigma_zero: ClassVar[bool] = True
@@ -141,6 +144,34 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
                 "`DPMSolverSinglestep(lower_order_final=...)` must be a bool; got "
                 f"{self.lower_order_final!r}."
             )
+        if self.orders is not None and (
+            not isinstance(self.orders, tuple) or not self.orders or self.orders[0] != 1
+            or any(k not in (1, prev + 1) or k > self.order
+                   for prev, k in zip(self.orders, self.orders[1:]))
+        ):
+            raise ValueError(
+                "`DPMSolverSinglestep(orders=...)` must be None or a tuple of macro "
+                f"steps [1, 2, …, k ≤ order] (each entry 1 or the previous + 1); got "
+                f"{self.orders!r}."
+            )
+        if self.reevaluate_last and self.is_sde:
+            raise ValueError(
+                "`DPMSolverSinglestep(reevaluate_last=True)` is deterministic only: the "
+                "re-evaluated update would draw a second normal in its step."
+            )
+
+    def _orders(self, n: int) -> np.ndarray:
+        """The order of each step (and of the re-evaluation after the last)."""
+        m = n + 1 if self.reevaluate_last else n
+        if self.orders is None:
+            return singlestep_orders(self.order, m, self.lower_order_final)
+        if len(self.orders) != m:
+            raise ValueError(
+                f"`DPMSolverSinglestep(orders=...)` gives {len(self.orders)} orders for a "
+                f"grid of {n} steps" + (" and the re-evaluation" if self.reevaluate_last
+                                        else "") + "."
+            )
+        return np.asarray(self.orders, np.int32)
 
     @property
     def is_sde(self) -> bool:
@@ -149,8 +180,7 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array):
         del schedule
         zeros = lincomb((jnp.zeros((), ts.dtype), x_T))
-        orders = jnp.asarray(singlestep_orders(self.order, ts.shape[0] - 1,
-                                               self.lower_order_final))
+        orders = jnp.asarray(self._orders(ts.shape[0] - 1))
         zero = jnp.zeros((), ts.dtype)
         return (x_T, x_T, ts[0], zeros, zeros, zero, orders)
 
@@ -181,19 +211,13 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
         return (cb.sigma_ratio * cb.exp_neg_h, a1, 0.5 * a1 if mid else p1, p1,
                 -cb.alpha_s * (psi2(2.0 * h) + 1.0), cb.sigma_s * jnp.sqrt(one_m))
 
-    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
-        x, base, t_b, q0, q1, h1, orders = state
-        c = step_coeffs(schedule, t, s)
-        order = jnp.where(c.sigma_zero_end, 1, orders[i])
-        m = self._output(eps, schedule, x, t)
-        # An order-1 step starts a macro step: x and its output become the base.
-        new = order == 1
-        base, q0 = _where(new, x, base), _where(new, m, q0)
-        t_b = jnp.where(new, t, t_b)
+    def _update(self, schedule, order, m, lam_t, s, base, t_b, q0, q1, h1, noise):
+        """The update from the base point (x_b at t_b, output q₀; q₁ at λ_b + h₁) to s
+        of the given order, with the output m at the current point (log-SNR lam_t)."""
         cb = step_coeffs(schedule, t_b, s)
         one = jnp.ones_like(cb.h)
         h = jnp.where(cb.h == 0, one, cb.h)
-        h0 = c.lam_t - cb.lam_t  # λ_t − λ_b (0 on an order-1 step)
+        h0 = lam_t - cb.lam_t  # λ_t − λ_b (0 on an order-1 step)
         r0 = jnp.where(order >= 2, h0 / h, one)
         r1 = jnp.where(order >= 3, h1 / h, jnp.full_like(one, 2.0))
         a, b0, k_o2, k_o3, k_d2, scale = self._coeffs(cb)
@@ -208,8 +232,29 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
         k_d10 = jnp.where(heun3, k_o3 * r0 * inv - 2.0 * k_d2 * inv, zero)
         x_s = lincomb((a, base), (b0, q0), (k_d11, d11), (k_d10, d10),
                       (scale, noise if self.is_sde else None))
+        return x_s, h0
+
+    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
+        x, base, t_b, q0, q1, h1, orders = state
+        c = step_coeffs(schedule, t, s)
+        order = jnp.where(c.sigma_zero_end, 1, orders[i])
+        m = self._output(eps, schedule, x, t)
+        # An order-1 step starts a macro step: x and its output become the base.
+        new = order == 1
+        base, q0 = _where(new, x, base), _where(new, m, q0)
+        t_b = jnp.where(new, t, t_b)
+        x_s, h0 = self._update(schedule, order, m, c.lam_t, s, base, t_b, q0, q1, h1, noise)
         q1 = _where(order == 2, m, q1)
         h1 = jnp.where(order == 2, h0, h1)
+        if self.reevaluate_last:
+            # The last macro step's last evaluation at its own target s, and its update
+            # redone one order higher with it (the current point is s: r₀ = 1).
+            def again(x_s):
+                m_s = self._output(eps, schedule, x_s, s)
+                return self._update(schedule, orders[i + 1], m_s, c.lam_t + c.h, s, base,
+                                    t_b, q0, q1, h1, noise)[0]
+
+            x_s = jax.lax.cond(i == orders.shape[0] - 2, again, lambda v: v, x_s)
         return (x_s, base, t_b, q0, q1, h1, orders)
 
     def output(self, state) -> PyTree:
@@ -227,4 +272,11 @@ DPMSolverSinglestep.__init__.__doc__ = """**Arguments:**
 - `lower_order_final`: when the step count is a multiple of `order`, split the last
     macro step into orders [1, …, order − 1] and [1] (default True; diffusers sets it
     whenever its grid ends at σ = 0).
+- `orders`: optionally, the order of each step, as a tuple (and of the
+    re-evaluation, last), instead of the rule above.
+- `reevaluate_last`: after the last step, evaluate the model once more at its
+    target and redo the last macro step's update one order higher with that
+    evaluation (default False). This is diffusers' zero-length last step σ_min →
+    σ_min of a Karras / exponential / beta grid with `final_sigmas_type="sigma_min"`:
+    the step evaluates at its own target and updates from its macro step's base.
 """
