@@ -11,6 +11,13 @@ Brownian tree; the sampler takes the normalised increment over each interval of 
 interleaved grid as that step's standard normal (`aj.DPMSolverSDE`), which is how
 diffusers' two draws per step (over the first half and over the whole step) combine.
 
+To reproduce a run of diffusers' own Brownian tree (`noise_sampler_seed`), query a
+fresh `BrownianTreeNoiseSampler(x, σ_min, σ_max, seed)` (σ_min, σ_max: the extremes of
+the scheduler's positive `sigmas`) over each interval of the grid, in diffusers' σ
+(= e^{−λ(ts[i])}): `noises[i] = sampler(σ_i, σ_{i+1})`; this gives diffusers' final
+latents to 4e-15 in float64 (measured at 10 and 25 steps; torchsde is not a
+dependency of adjoint_jax).
+
 The network's timestep: the spacing's value at the steps' σ (fractional for
 "linspace": σ interpolated linearly) and `_sigma_to_t` (log-σ interpolation) at the
 midpoints and on Karras / exponential / beta grids; as the two differ between the
