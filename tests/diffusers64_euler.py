@@ -124,12 +124,13 @@ NS = (7, 20)  # the step counts of most cases (below 15, where lower_order_final
 MAX_DIFF: dict[str, float] = {}
 
 
-def gaussian(ab, x, kind):
-    """The exact ε, x̂_0 or v of N(μ, s²) data at ᾱ, for x = √ᾱ x_0 + √(1 − ᾱ) ε."""
+def gaussian(ab, x, kind, mu=MU):
+    """The exact ε, x̂_0, v or flow velocity of N(μ, s²) data at ᾱ, for
+    x = √ᾱ x_0 + √(1 − ᾱ) ε."""
     a, sig = ab**0.5, (1 - ab) ** 0.5
     d = a * a * S * S + sig * sig
-    eps = sig * (x - a * MU) / d
-    x0 = MU + a * S * S * (x - a * MU) / d
+    eps = sig * (x - a * mu) / d
+    x0 = mu + a * S * S * (x - a * mu) / d
     return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - sig * x0,
             "flow": eps - x0}[kind]
 

@@ -40,6 +40,12 @@ diffusers_samplers = [
     aj.DPMSolverSinglestep(order=3),  # DPMSolverSinglestepScheduler (tests/test_diffusers_singlestep.py)
     aj.LCM(),  # LCMScheduler; FlowMatchEuler stochastic_sampling (tests/test_diffusers_lcm.py)
     aj.TCD(gamma=0.3),  # TCDScheduler (tests/test_diffusers_lcm.py)
+    aj.Heun(),  # HeunDiscreteScheduler (tests/test_diffusers_euler_heun.py)
+    aj.Heun(space="t"),  # FlowMatchHeunDiscreteScheduler (test_diffusers_euler_heun.py)
+    aj.KDPM2(),  # KDPM2DiscreteScheduler (tests/test_diffusers_euler_kdpm2.py)
+    aj.KDPM2Ancestral(),  # KDPM2AncestralDiscreteScheduler (test_diffusers_euler_kdpm2.py)
+    aj.LMS(),  # LMSDiscreteScheduler (tests/test_diffusers_euler_lms.py)
+    aj.EulerChurn(s_churn=2.0),  # EulerDiscreteScheduler.step(s_churn) (DTO only)
 ]
 all_samplers = (
     ode_samplers
