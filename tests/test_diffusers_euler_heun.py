@@ -33,6 +33,7 @@ HEUN_CASES = [  # (name, config, pipeline timesteps or None)
     ("exponential", dict(use_exponential_sigmas=True), None),
     ("beta", dict(SD, use_beta_sigmas=True), None),
     ("pipeline timesteps, sample", dict(prediction_type="sample"), "given"),
+    ("clip_sample, clip_sample_range 0.9", dict(clip_sample=True, clip_sample_range=0.9), None),
 ]
 GIVEN = {7: [999, 901.5, 700, 512, 300, 120, 15], 20: list(np.linspace(980, 4.5, 20))}
 
@@ -43,7 +44,8 @@ def test_heun(name, kw, given):
         steps = GIVEN[n] if given else None
         setup, seen, _ = compare(f"Heun: {name}", HEUN64(**kw), None if given else n,
                                  timesteps=steps, eval_times=heun_points)
-        assert setup.sampler == aj.Heun() and len(seen) == 2 * n - 1
+        clip = 0.9 if kw.get("clip_sample") else None
+        assert setup.sampler == aj.Heun(clip_sample=clip) and len(seen) == 2 * n - 1
 
 
 def _velocity(x, tau):
@@ -108,7 +110,6 @@ def test_heun_spaces_differ():
 @pytest.mark.parametrize(
     "name,config,n,kw,key",
     [
-        ("HeunDiscreteScheduler", dict(clip_sample=True), 10, {}, "clip_sample"),
         ("HeunDiscreteScheduler", dict(use_karras_sigmas=True), None,
          dict(timesteps=[900, 500]), "timesteps"),
         ("HeunDiscreteScheduler", {}, 10, dict(sigmas=[1.0, 0.0]), "sigmas"),

@@ -15,8 +15,9 @@ change:
   `aj.Heun(space="t")` on `aj.FlowMatching()`, σ from 1 with `shift` applied twice as
   diffusers applies it, then 0. (`aj.Heun()` there differs by ~1e-3 at 10 steps.)
 
-Refused: Heun's `clip_sample=True`. FlowMatchHeun's `step(s_churn=...)` is a `step`
-argument `from_diffusers` does not take (its default, 0, is what is reproduced).
+Heun's `clip_sample` (with `clip_sample_range`) is `aj.Heun(clip_sample=r)`.
+FlowMatchHeun's `step(s_churn=...)` is a `step` argument `from_diffusers` does not
+take (its default, 0, is what is reproduced; no `aj` sampler has its churn).
 """
 
 import numpy as np
@@ -46,14 +47,11 @@ def flow_heun_sigmas(config, n: int) -> np.ndarray:
 
 class HeunFamily(KFamily):
     keys = {
-        _HEUN: Keys(
-            {"clip_sample": ((False,), "clamps x̂_0 to ±clip_sample_range at every evaluation")},
-            {},
-            frozenset({
-                "prediction_type", "use_karras_sigmas", "use_exponential_sigmas",
-                "use_beta_sigmas", "clip_sample_range", "timestep_spacing", "steps_offset",
-            }),
-        ),
+        _HEUN: Keys({}, {}, frozenset({
+            "prediction_type", "use_karras_sigmas", "use_exponential_sigmas",
+            "use_beta_sigmas", "clip_sample", "clip_sample_range", "timestep_spacing",
+            "steps_offset",
+        })),
         _FLOW: Keys({}, {}, frozenset({"shift"})),
     }
 
@@ -81,7 +79,8 @@ class HeunFamily(KFamily):
                 "refused by diffusers itself."
             )
         grid = k_grid(config, name, num_steps, timesteps=timesteps)
-        return self.k_plan(config, name, grid, Heun(), ode=True)
+        clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+        return self.k_plan(config, name, grid, Heun(clip_sample=clip), ode=True)
 
 
 FAMILY = HeunFamily()

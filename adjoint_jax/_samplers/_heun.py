@@ -13,6 +13,7 @@ from .._schedule import AbstractSchedule
 from ._base import AbstractSampler, EpsFn, predict
 from ._coeffs import step_coeffs
 from ._dpm_solver import multistep_update
+from ._x0_clip import clip_sample
 
 
 _SPACES = ("ve", "t")
@@ -56,15 +57,20 @@ class Heun(AbstractSampler[PyTree]):
     A last step to σ = 0 is the Euler step alone (the data prediction in "ve"), as in
     Karras et al. and diffusers: no evaluation at σ = 0 (a `lax.cond`).
 
+    With `clip_sample=r` ("ve" only: diffusers' `clip_sample` with
+    `clip_sample_range` r) each evaluation's x̂_0 is clamped to [−r, r] and its slope
+    is that of the clamped x̂_0, ε̂ = (x − α clamp(x̂_0))/σ.
+
     **When to use it:** the deterministic second-order sampler of k-diffusion
     pipelines; 2 model evaluations per step buy an error O(h²) (DPM-Solver++(2M) gets
     it with one). **Order:** 2. **Cost:** 2 evaluations per step (1 on a last step to
     σ = 0). **State:** x only. **Gradients:** `aj.DTO()` (exact) and the continuous
     adjoints (`aj.AdjointDEIS`, `RecordedAdjoint`, `InterpolatedAdjoint`: the
-    probability-flow ODE's adjoint).
+    probability-flow ODE's adjoint; refused with `clip_sample`).
     """
 
     space: str = eqx.field(default="ve", static=True)
+    clip_sample: float | None = eqx.field(default=None, static=True)
 
     order: ClassVar[int] = 2
     is_sde: ClassVar[bool] = False
@@ -74,6 +80,32 @@ class Heun(AbstractSampler[PyTree]):
     def __check_init__(self):
         if self.space not in _SPACES:
             raise ValueError(f"`Heun(space=...)` must be 've' or 't'; got {self.space!r}.")
+        r = self.clip_sample
+        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or r <= 0):
+            raise ValueError(f"`Heun(clip_sample=...)` must be None or a number > 0; got {r!r}.")
+        if r is not None and self.space != "ve":
+            raise ValueError("`Heun(clip_sample=...)` needs space='ve' (diffusers' Heun).")
+
+    @property
+    def continuous_adjoint_error(self) -> str | None:
+        if self.clip_sample is None:
+            return None
+        return (
+            f"it clamps x̂_0 to [−{self.clip_sample}, {self.clip_sample}] (clip_sample) "
+            "at every evaluation, which is not the smooth probability-flow ODE their "
+            "adjoint equations assume; its gradient is aj.DTO()'s (exact, almost "
+            "everywhere)"
+        )
+
+    def _eps(self, eps, schedule, x, t):
+        """(ε̂, x̂_0) at (x, t); with `clip_sample`, the ε̂ of the clamped x̂_0."""
+        if self.clip_sample is None:
+            return predict(eps, schedule, x, t, derive=False)
+        _, x0 = predict(eps, schedule, x, t)
+        x0 = clip_sample(x0, self.clip_sample)
+        alpha, sigma = schedule.alpha(t), schedule.sigma(t)
+        e = lincomb((1.0 / sigma, x), (-alpha / sigma, x0))
+        return e, x0
 
     @property
     def steps_from_alpha_zero(self) -> bool:
@@ -95,11 +127,11 @@ class Heun(AbstractSampler[PyTree]):
     # Euler step y + (ς_s − ς_t) ε̂ and the trapezoid y + (ς_s − ς_t)(ε̂_t + ε̂_s)/2 are
     # x_s = (α_s/α_t) x − σ_s (e^h − 1) · (the slope) in x.
     def _ve(self, eps, schedule, x, t, s, to_data):
-        e_t, x0 = predict(eps, schedule, x, t, derive=False)
+        e_t, x0 = self._eps(eps, schedule, x, t)
         x_pred = multistep_update(schedule, x, e_t, None, t, s, None, True, x0)
 
         def corrected():
-            e_s = eps(x_pred, s)
+            e_s, _ = self._eps(eps, schedule, x_pred, s)
             c = step_coeffs(schedule, t, s)
             return lincomb((c.alpha_ratio, x), (-0.5 * c.sigma_phi1, e_t),
                            (-0.5 * c.sigma_phi1, e_s))
@@ -128,4 +160,6 @@ Heun.__init__.__doc__ = """**Arguments:**
 - `space`: `"ve"` (default; Karras et al.'s y = x/α against σ/α: diffusers'
     `HeunDiscreteScheduler`) or `"t"` (the schedule's own x and t: on
     `aj.FlowMatching()`, diffusers' `FlowMatchHeunDiscreteScheduler`).
+- `clip_sample`: None, or r > 0 to clamp each x̂_0 to [−r, r] (diffusers' Heun
+    `clip_sample=True` with `clip_sample_range=r`; "ve" only).
 """

@@ -55,11 +55,12 @@ class LMS(AbstractSampler[tuple]):
     warm-up), as diffusers' `LMSDiscreteScheduler.step(order=4)` and k-diffusion's
     `sample_lms`. A last step to σ = 0 integrates to ς = 0 the same way.
 
-    **Order:** the first steps' lower orders limit the global error: measured order
-    2 on the closed-form Gaussian with `order` ≥ 2 (the first, Euler, step's local
-    error O(h²) is not repeated, so the slope shows the warm-up, not the
-    `order`-step local error; `tests/test_diffusers_euler_lms.py`), 1 with
-    `order=1`. **Cost:** one model evaluation per step. **State:** x, the `order − 1`
+    **Order:** `order` in practice: measured 3.78, 2.83, 1.92 and 0.95 for orders
+    4–1 on the closed-form Gaussian (log-SNR-uniform grids, N = 40–320;
+    `tests/test_diffusers_euler_orders.py`). Formally the warm-up's first (Euler)
+    step bounds the global error by O(h²), but it is taken at the highest noise,
+    where the solution is nearly linear in ς, so its constant is negligible there.
+    **Cost:** one model evaluation per step. **State:** x, the `order − 1`
     previous ε̂ and their ς. **Gradients:** `aj.DTO()` (exact) and the continuous
     adjoints (the probability-flow ODE's adjoint).
     """
