@@ -95,12 +95,12 @@ def _params(sched, mu=MU):
     return {"ab": jnp.asarray(sched.alphas_cumprod.numpy()), "mu": jnp.asarray(mu)}
 
 
-def _ours(config, n, sched, kind, flow=False, noise=None, **kw):
+def _ours(config, n, sched, kind, flow=False, noise=None, x_T=X_T, **kw):
     """(final latents, setup) of `aj.from_diffusers(config, n, **kw)` (kw: the
     `set_timesteps` arguments)."""
     setup = aj.from_diffusers(config, n, model=NETS[kind, flow], **kw)
     nz = None if noise is None else jnp.asarray(noise[: len(setup.ts) - 1])
-    out = aj.sample(setup.model, _params(sched), setup.initial(jnp.asarray(X_T)),
+    out = aj.sample(setup.model, _params(sched), setup.initial(jnp.asarray(x_T)),
                     schedule=setup.schedule, ts=setup.ts, sampler=setup.sampler, noise=nz)
     return np.asarray(setup.final(out)), setup
 
@@ -193,6 +193,37 @@ def test_singlestep_custom_timesteps_and_order_lists():
                 lof = lower or n % order != 0
                 sched.register_to_config(lower_order_final=lof)
                 assert ours.tolist() == sched.get_order_list(n), (order, lower, n)
+
+
+# Dynamic thresholding (diffusers' `_threshold_sample` needs latents with a batch,
+# a channel and at least one more axis). Active: the 0.9-quantile of |x̂_0| exceeds 1.
+X3 = np.random.default_rng(2).standard_normal((2, 3, 4))
+NOISE3 = np.random.default_rng(4).standard_normal((40, 2, 3, 4))
+THRESHOLD = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.3)
+
+
+@pytest.mark.parametrize(
+    "cls,kw,ns,noisy",
+    [
+        (SINGLESTEP64, dict(SD, solver_order=3, **THRESHOLD), (9, 16), False),
+        (SINGLESTEP64, dict(SD, algorithm_type="sde-dpmsolver++", use_karras_sigmas=True,
+                            prediction_type="v_prediction", **THRESHOLD), (8, 15), True),
+        (DEIS64, dict(SD, solver_order=3, use_exponential_sigmas=True, **THRESHOLD),
+         (8, 16), False),
+    ],
+    ids=["singlestep-o3", "singlestep-sde-karras-v", "deis-o3-exponential"],
+)
+def test_thresholding_parity(cls, kw, ns, noisy):
+    kind = kw.get("prediction_type", "epsilon")
+    for n in ns:
+        sched = cls(**kw)
+        config = _config(sched)
+        sched.set_timesteps(n)
+        noise = NOISE3 if noisy else None
+        ref = run(sched, _torch_net(sched.alphas_cumprod.numpy(), kind), X3, noise=noise)
+        ours, setup = _ours(config, n, sched, kind, noise=noise, x_T=X3)
+        assert setup.sampler.thresholding == (0.9, 1.3)
+        _agree(f"{cls.__mro__[1].__name__} thresholding", ours, ref)
 
 
 # ---- DEISMultistepScheduler ---------------------------------------------------------
@@ -429,7 +460,9 @@ def test_bfloat16_network(case):
 @pytest.mark.parametrize(
     "name,config,kw,key",
     [
-        ("DPMSolverSinglestepScheduler", {"thresholding": True}, {}, "thresholding"),
+        ("DPMSolverSinglestepScheduler", {"thresholding": True, "algorithm_type": "dpmsolver",
+                                          "final_sigmas_type": "sigma_min"}, {},
+         "thresholding"),
         ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}, {},
          "final_sigmas_type"),
         ("DPMSolverSinglestepScheduler", {"prediction_type": "flow_prediction"}, {},
@@ -443,7 +476,6 @@ def test_bfloat16_network(case):
         ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True},
          {"timesteps": [900, 500, 100]}, "timesteps"),
         ("DPMSolverSinglestepScheduler", {}, {"sigmas": [14.0, 1.0]}, "sigmas"),
-        ("DEISMultistepScheduler", {"thresholding": True}, {}, "thresholding"),
         ("DEISMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}, "algorithm_type"),
         ("DEISMultistepScheduler", {"solver_type": "bh3"}, {}, "solver_type"),
         ("DEISMultistepScheduler", {}, {"timesteps": [900, 500, 100]}, "timesteps"),

@@ -16,7 +16,6 @@ from .._samplers._deis import DEIS, deis_orders
 from ._config import Keys
 from ._ddim import vp_timesteps
 from ._dpm_singlestep import (
-    THRESHOLDING,
     flow_shift_of,
     grid_times,
     prediction_kind,
@@ -24,13 +23,15 @@ from ._dpm_singlestep import (
     sigma_grid,
     sigma_kind,
     sigma_network,
+    thresholding_of,
 )
 from ._family import Family, Plan, refuse_args
 
 
 _NAME = "DEISMultistepScheduler"
 _KNOWN = frozenset({
-    "solver_order", "prediction_type", "dynamic_thresholding_ratio", "sample_max_value",
+    "solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
+    "sample_max_value",
     "algorithm_type", "solver_type", "lower_order_final", "use_karras_sigmas",
     "use_exponential_sigmas", "use_beta_sigmas", "use_flow_sigmas", "flow_shift",
     "timestep_spacing", "steps_offset", "use_dynamic_shifting", "time_shift_type",
@@ -53,7 +54,7 @@ def _check_solver(config, name: str) -> None:
 
 
 class DEISFamily(Family):
-    keys = {_NAME: Keys(THRESHOLDING, {}, _KNOWN)}
+    keys = {_NAME: Keys({}, {}, _KNOWN)}
 
     def schedule(self, config, name):
         return schedule_of(config)
@@ -79,8 +80,9 @@ class DEISFamily(Family):
             end = 1.0 / T  # sigma_last: the table's σ_min
         order = int(config.get("solver_order", 2))
         lower = bool(config.get("lower_order_final", True))
+        thr = thresholding_of(config)
         if end != times[-1]:
-            return Plan(np.concatenate([times, [end]]), DEIS(order, lower))
+            return Plan(np.concatenate([times, [end]]), DEIS(order, lower, thresholding=thr))
         # The last step (σ_min to σ_min) is the identity: dropped, with the order
         # schedule of all n steps kept for the others.
         if n < 2:
@@ -89,7 +91,7 @@ class DEISFamily(Family):
                 "(σ_min to σ_min); use at least 2 steps."
             )
         orders = tuple(int(k) for k in deis_orders(order, n, lower)[:-1])
-        return Plan(times, DEIS(order, lower, orders))
+        return Plan(times, DEIS(order, lower, orders, thr))
 
 
 FAMILY = DEISFamily()

@@ -25,15 +25,19 @@ from ._net import TimestepMap, network
 _NAME = "DPMSolverSinglestepScheduler"
 _SIGMA_KINDS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_flow_sigmas")
-THRESHOLDING = {
-    "thresholding": (
-        (False,),
-        "applies dynamic thresholding to x̂_0 (a per-sample quantile clamp of the "
-        "data prediction), which no adjoint_jax sampler of this scheduler applies",
-    ),
-}
+
+
+def thresholding_of(config):
+    """(dynamic_thresholding_ratio, sample_max_value) when `thresholding` is on."""
+    if not config.get("thresholding", False):
+        return None
+    return (float(config.get("dynamic_thresholding_ratio", 0.995)),
+            float(config.get("sample_max_value", 1.0)))
+
+
 _KNOWN = frozenset({
-    "solver_order", "prediction_type", "dynamic_thresholding_ratio", "sample_max_value",
+    "solver_order", "prediction_type", "thresholding", "dynamic_thresholding_ratio",
+    "sample_max_value",
     "algorithm_type", "solver_type", "lower_order_final", "final_sigmas_type",
     "lambda_min_clipped", "variance_type", "use_dynamic_shifting", "time_shift_type",
     "flow_shift", *_SIGMA_KINDS,
@@ -207,7 +211,7 @@ class _FirstChannels(eqx.Module):
 
 
 class DPMSinglestepFamily(Family):
-    keys = {_NAME: Keys(THRESHOLDING, {}, _KNOWN)}
+    keys = {_NAME: Keys({}, {}, _KNOWN)}
 
     def schedule(self, config, name):
         return schedule_of(config)
@@ -266,13 +270,16 @@ class DPMSinglestepFamily(Family):
         if solver_type in ("logrho", "bh1", "bh2"):  # diffusers maps these to midpoint
             solver_type = "midpoint"
         lower = bool(config.get("lower_order_final", False)) or final == "zero"
+        thr = thresholding_of(config)
         if end < times[-1]:
-            sampler = DPMSolverSinglestep(order, solver_type, algorithm, lower)
+            sampler = DPMSolverSinglestep(order, solver_type, algorithm, lower,
+                                          thresholding=thr)
             return Plan(np.concatenate([times, [end]]), sampler)
-        return Plan(times, _zero_length_end(name, order, solver_type, algorithm, lower, n))
+        return Plan(times, _zero_length_end(name, order, solver_type, algorithm, lower, n,
+                                            thr))
 
 
-def _zero_length_end(name, order, solver_type, algorithm, lower, n):
+def _zero_length_end(name, order, solver_type, algorithm, lower, n, thr):
     """The sampler of a grid whose last σ is already the final σ_min (a Karras /
     exponential / beta grid, or custom timesteps ending at 0, with
     `final_sigmas_type="sigma_min"`): diffusers' last step σ_min → σ_min is the
@@ -282,7 +289,8 @@ def _zero_length_end(name, order, solver_type, algorithm, lower, n):
     if orders[-1] == 1:
         if n < 2:
             raise ValueError(f"{name} with 1 step on this grid takes only an identity step.")
-        return DPMSolverSinglestep(order, solver_type, algorithm, lower, orders[:-1])
+        return DPMSolverSinglestep(order, solver_type, algorithm, lower, orders[:-1],
+                                   thresholding=thr)
     if algorithm == "sde-dpmsolver++":
         raise ValueError(
             f"`config['algorithm_type'] = 'sde-dpmsolver++'` ({name}) with "
@@ -291,7 +299,7 @@ def _zero_length_end(name, order, solver_type, algorithm, lower, n):
             f"{orders[-1]}) re-evaluates the model at its own target and draws a second "
             "normal, which aj's one noise per step cannot carry."
         )
-    return DPMSolverSinglestep(order, solver_type, algorithm, lower, orders, True)
+    return DPMSolverSinglestep(order, solver_type, algorithm, lower, orders, True, thr)
 
 
 FAMILY = DPMSinglestepFamily()

@@ -12,7 +12,8 @@ from .._misc import lincomb
 from .._schedule import AbstractSchedule
 from ._base import AbstractSampler, EpsFn, predict
 from ._coeffs import step_coeffs
-from ._dpm_singlestep import phi3
+from ._dpm_singlestep import THRESHOLD_ERROR, check_thresholding, phi3
+from ._x0_clip import dynamic_threshold
 
 
 def deis_orders(order: int, n: int, lower_order_final: bool) -> np.ndarray:
@@ -67,6 +68,7 @@ class DEIS(AbstractSampler[tuple]):
     order: int = eqx.field(default=2, static=True)
     lower_order_final: bool = eqx.field(default=True, static=True)
     orders: tuple[int, ...] | None = eqx.field(default=None, static=True)
+    thresholding: tuple[float, float] | None = eqx.field(default=None, static=True)
 
     is_sde: ClassVar[bool] = False
     evals_per_step: ClassVar[int] = 1
@@ -89,6 +91,23 @@ class DEIS(AbstractSampler[tuple]):
                 "`DEIS(orders=...)` must be None or a tuple of ints, the i-th in "
                 f"[1, min(order, i + 1)]; got {self.orders!r}."
             )
+        check_thresholding(self.thresholding, "DEIS")
+
+    @property
+    def continuous_adjoint_error(self) -> str | None:
+        """Why the continuous adjoints cannot differentiate this sampler (None: they
+        can)."""
+        return None if self.thresholding is None else THRESHOLD_ERROR
+
+    def _eps(self, eps, schedule, x, t):
+        """ε at (x, t); with thresholding, re-derived from the thresholded x̂_0 as
+        diffusers does: ε = (x − α_t x̂_0)/σ_t."""
+        if self.thresholding is None:
+            return predict(eps, schedule, x, t, derive=False)[0]
+        _, x0 = predict(eps, schedule, x, t)
+        x0 = dynamic_threshold(x0, *self.thresholding)
+        a, s = schedule.alpha(t), schedule.sigma(t)
+        return lincomb((1.0 / s, x), (-a / s, x0))
 
     def _orders(self, n: int) -> np.ndarray:
         if self.orders is None:
@@ -111,7 +130,7 @@ class DEIS(AbstractSampler[tuple]):
         del noise
         x, e1, e2, lam1, lam2, orders = state
         c = step_coeffs(schedule, t, s)
-        e0, _ = predict(eps, schedule, x, t, derive=False)
+        e0 = self._eps(eps, schedule, x, t)
         order = jnp.where(c.sigma_zero_end, 1, orders[i])
         zero = jnp.zeros_like(c.h)
         d1 = c.lam_t - lam1
@@ -137,6 +156,9 @@ DEIS.__init__.__doc__ = """**Arguments:**
 - `order`: 1, 2 (default) or 3.
 - `lower_order_final`: lower the order of the last two steps when there are fewer
     than 15 (default True, as diffusers).
+- `thresholding`: None (default), or `(ratio, sample_max_value)`: diffusers' dynamic
+    thresholding of x̂_0 at every evaluation, ε then re-derived from it (the
+    continuous adjoints then refuse the sampler).
 - `orders`: optionally, the order of each step (a tuple as long as the grid has
     steps), instead of the rule above: diffusers' grids whose last step is the
     identity (σ_min to σ_min) keep the order schedule of all their steps.

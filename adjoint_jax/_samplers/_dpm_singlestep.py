@@ -16,6 +16,7 @@ from .._misc import lincomb
 from .._schedule import AbstractSchedule
 from ._base import AbstractSampler, EpsFn, predict
 from ._coeffs import step_coeffs
+from ._x0_clip import dynamic_threshold
 
 
 _ALGORITHMS = ("dpmsolver++", "dpmsolver", "sde-dpmsolver++")
@@ -62,6 +63,26 @@ def singlestep_orders(order: int, n: int, lower_order_final: bool) -> np.ndarray
     else:
         orders = pattern * full
     return np.asarray(orders, np.int32)
+
+
+THRESHOLD_ERROR = (
+    "it applies dynamic thresholding to x̂_0 (thresholding) at every step, which is "
+    "not the smooth probability-flow ODE/SDE their adjoint equations assume; its "
+    "gradient is aj.DTO()'s (exact, almost everywhere) or aj.Truncated's"
+)
+
+
+def check_thresholding(value, name: str) -> None:
+    """`thresholding` is None or (ratio in [0, 1], sample_max_value > 0)."""
+    if value is None:
+        return
+    ok = (isinstance(value, tuple) and len(value) == 2
+          and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value))
+    if not ok or not (0.0 <= value[0] <= 1.0 and value[1] > 0.0):
+        raise ValueError(
+            f"`{name}(thresholding=...)` must be None or (ratio in [0, 1], "
+            f"sample_max_value > 0), as diffusers' config; got {value!r}."
+        )
 
 
 def _where(pred, a: PyTree, b: PyTree) -> PyTree:
@@ -125,6 +146,7 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
     lower_order_final: bool = eqx.field(default=True, static=True)
     orders: tuple[int, ...] | None = eqx.field(default=None, static=True)
     reevaluate_last: bool = eqx.field(default=False, static=True)
+    thresholding: tuple[float, float] | None = eqx.field(default=None, static=True)
 
     evals_per_step: ClassVar[int] = 1
     steps_to_sigma_zero: ClassVar[bool] = True
@@ -160,6 +182,13 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
                 f"steps [1, 2, …, k ≤ order] (each entry 1 or the previous + 1); got "
                 f"{self.orders!r}."
             )
+        check_thresholding(self.thresholding, "DPMSolverSinglestep")
+        if self.thresholding is not None and self.algorithm_type == "dpmsolver":
+            raise ValueError(
+                "`DPMSolverSinglestep(thresholding=...)` with algorithm_type='dpmsolver' "
+                "is not supported: diffusers' noise-prediction branch indexes its ᾱ "
+                "table with timestep=None there and fails."
+            )
         if self.reevaluate_last and self.is_sde:
             raise ValueError(
                 "`DPMSolverSinglestep(reevaluate_last=True)` is deterministic only: the "
@@ -190,9 +219,19 @@ class DPMSolverSinglestep(AbstractSampler[tuple]):
         zero = jnp.zeros((), ts.dtype)
         return (x_T, x_T, ts[0], zeros, zeros, zero, orders)
 
+    @property
+    def continuous_adjoint_error(self) -> str | None:
+        """Why the continuous adjoints cannot differentiate this sampler (None: they
+        can)."""
+        if self.thresholding is None:
+            return None
+        return THRESHOLD_ERROR
+
     def _output(self, eps, schedule, x, t):
         e, x0 = predict(eps, schedule, x, t, derive=self.algorithm_type != "dpmsolver")
-        return e if self.algorithm_type == "dpmsolver" else x0
+        if self.algorithm_type == "dpmsolver":
+            return e
+        return x0 if self.thresholding is None else dynamic_threshold(x0, *self.thresholding)
 
     def _coeffs(self, cb):
         """(A, B₀, order-2 coefficient of D₁, order-3 coefficient of D₁,₁ or D₁,
@@ -280,6 +319,9 @@ DPMSolverSinglestep.__init__.__doc__ = """**Arguments:**
     whenever its grid ends at σ = 0).
 - `orders`: optionally, the order of each step, as a tuple (and of the
     re-evaluation, last), instead of the rule above.
+- `thresholding`: None (default), or `(ratio, sample_max_value)`: diffusers' dynamic
+    thresholding of x̂_0 at every evaluation (`dpmsolver++` and `sde-dpmsolver++`);
+    the continuous adjoints then refuse the sampler.
 - `reevaluate_last`: after the last step, evaluate the model once more at its
     target and redo the last macro step's update one order higher with that
     evaluation (default False). This is diffusers' zero-length last step σ_min →
