@@ -21,13 +21,15 @@ Prints a markdown table (pipeline · scheduler + options · aj sampler · N ·
 max |ours − diffusers| · status: reproduced (≤ 1e-10) / refused: the error /
 differs / error) and, with --json, writes the rows.
 
-    python benchmarks/pipelines.py [--only KEY,KEY] [--json out.json] [--list]
+    python benchmarks/pipelines.py [--only KEY,KEY] [--steps N] [--json out.json]
+    python benchmarks/pipelines.py --list
 
 Needs the `test` extra (diffusers, torch). A few minutes on CPU.
 """
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -176,6 +178,13 @@ def fed_normals(sched, normals):
             del glb["randn_tensor"]
 
 
+class _NoDraws:
+    calls = 0
+
+    def __call__(self, sigma, sigma_next):
+        raise AssertionError("DPMSolverSDEScheduler drew noise on a one-step grid")
+
+
 def brownian_normals(sched):
     """DPMSolverSDEScheduler draws from a Brownian tree (torchsde) at its steps' σ and
     their log-midpoints; it is given the Brownian motion on that grid whose
@@ -186,6 +195,8 @@ def brownian_normals(sched):
     sig = sched.sigmas.numpy()
     steps = np.concatenate([sig[:1], sig[2:-1:2]])
     t = -np.log(steps)
+    if len(steps) < 2:  # one step, to σ = 0: no noise is drawn
+        return _NoDraws()
     grid = np.empty(2 * len(steps) - 1)
     grid[0::2], grid[1::2] = steps, np.exp(-(t[:-1] + (t[1:] - t[:-1]) * 0.5))
     return BrownianNormals(grid, NOISE[: len(grid) - 1])
@@ -271,7 +282,9 @@ def call_text(kwargs) -> str:
             parts.append(str(v))
         elif k == "sigmas":
             v = np.asarray(v)
-            parts.append(f"sigmas=[{v[0]:.4g}, {v[1]:.4g}, …, {v[-1]:.4g}] ({len(v)})")
+            shown = ", ".join(f"{x:.4g}" for x in v) if len(v) <= 3 else (
+                f"{v[0]:.4g}, {v[1]:.4g}, …, {v[-1]:.4g}")
+            parts.append(f"sigmas=[{shown}] ({len(v)})")
         else:
             parts.append(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}")
     return f"set_timesteps({', '.join(parts)})"
@@ -405,6 +418,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default=None, metavar="PATH",
                         help="also write the rows as JSON")
     parser.add_argument("--list", action="store_true", help="list the set-ups and exit")
+    parser.add_argument(
+        "--steps", type=int, default=None, metavar="N",
+        help="run every set-up at N steps instead of its pipeline's default (the "
+        "pipeline-passed σ and μ recomputed for N as the pipeline computes them)",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for s in SETUPS:
@@ -415,6 +433,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown set-up keys {unknown}; see --list")
     chosen = [s for s in SETUPS if not keys or s.key in keys]
+    if args.steps is not None:
+        chosen = [dataclasses.replace(s, steps=args.steps) for s in chosen]
     rows = []
     for s in chosen:
         rows.append(run_setup(s))
