@@ -127,9 +127,11 @@ SDXL = {
     "trained_betas": None, "use_karras_sigmas": False,
 }
 
-# stabilityai/sdxl-turbo: quoted in a public project that loads it as
-# EulerAncestralDiscreteScheduler with "trailing" (and the model card: 1–4 steps,
-# guidance_scale=0).
+# stabilityai/sdxl-turbo: EulerAncestralDiscreteScheduler with "trailing", as a public
+# project quotes it and as diffusers' SDXL Turbo docs prescribe ("should use
+# timestep_spacing='trailing'", 1–4 steps, guidance_scale=0). The mirror
+# DeveloperRadleighPompei/sdxl (with sd_xl_turbo_1.0.safetensors) holds an older copy
+# of the file (diffusers 0.24.0.dev0) with "linspace": SDXL_TURBO_LINSPACE.
 SDXL_TURBO = {
     "_class_name": "EulerAncestralDiscreteScheduler", "beta_end": 0.012,
     "beta_schedule": "scaled_linear", "beta_start": 0.00085, "clip_sample": False,
@@ -138,6 +140,7 @@ SDXL_TURBO = {
     "skip_prk_steps": True, "steps_offset": 1, "timestep_spacing": "trailing",
     "trained_betas": None,
 }
+SDXL_TURBO_LINSPACE = {**SDXL_TURBO, "timestep_spacing": "linspace"}
 
 # stabilityai/stable-diffusion-3-medium-diffusers (and 3.5-large): shift 3.
 # UNCONFIRMED (from memory of the file; diffusers' SD3 docs and the shift-3 default of
@@ -306,6 +309,8 @@ SETUPS: tuple[PipelineSetup, ...] = (
                   SDXL_TURBO, 1),
     PipelineSetup("sdxl-turbo-4", _XL, "sdxl-turbo", "Euler a trailing (shipped)",
                   SDXL_TURBO, 4),
+    PipelineSetup("sdxl-turbo-4-linspace", _XL, "sdxl-turbo (older config)",
+                  "Euler a linspace (first upload)", SDXL_TURBO_LINSPACE, 4),
     PipelineSetup("sdxl-lcm-lora", _XL, "stable-diffusion-xl-base-1.0 + lcm-lora-sdxl",
                   "LCM", SDXL, 4, switch=("LCMScheduler", {})),
     PipelineSetup("sdxl-tcd-lora", _XL, "stable-diffusion-xl-base-1.0 + TCD-SDXL-LoRA",
