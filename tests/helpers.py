@@ -33,6 +33,7 @@ sde_samplers = [aj.SDEDPMSolver1(), aj.DDIM(eta=1.0)]
 # strategy. One line per sampler:
 diffusers_samplers = [
     aj.UniPC(),  # UniPCMultistepScheduler (tests/test_diffusers_unipc.py)
+    aj.PNDM(),  # PNDMScheduler, skip_prk_steps=True (tests/test_diffusers_pndm.py)
     aj.DDIM(0.5, clip_sample=1.0),  # DDIMScheduler clip_sample (test_diffusers_ddim.py)
     aj.DDIM(1.0, thresholding=(0.9, 1.3), clipped_eps=True, variance="fixed_large"),
     aj.DPMSolverSDE(),  # DPMSolverSDEScheduler (tests/test_diffusers_singlestep.py)
@@ -45,6 +46,8 @@ diffusers_samplers = [
     aj.KDPM2(),  # KDPM2DiscreteScheduler (tests/test_diffusers_euler_kdpm2.py)
     aj.KDPM2Ancestral(),  # KDPM2AncestralDiscreteScheduler (test_diffusers_euler_kdpm2.py)
     aj.LMS(),  # LMSDiscreteScheduler (tests/test_diffusers_euler_lms.py)
+    aj.SDEDPMSolverPP(order=3),  # DPMSolverMultistep sde-dpmsolver++ (test_diffusers_dpm*.py)
+    aj.DPMSolver(order=3),  # DPMSolverMultistep dpmsolver (tests/test_diffusers_dpm*.py)
     aj.EulerChurn(s_churn=2.0),  # EulerDiscreteScheduler.step(s_churn) (DTO only)
 ]
 all_samplers = (
