@@ -60,6 +60,7 @@ from ._samplers import DPMSolver as DPMSolver
 from ._samplers import DPMSolverSinglestep as DPMSolverSinglestep
 from ._samplers import DPMSolverSDE as DPMSolverSDE
 from ._samplers import McCallumFoster as McCallumFoster
+from ._samplers import PNDM as PNDM
 from ._samplers import ReversibleHeun as ReversibleHeun
 from ._samplers import SDEDPMSolver1 as SDEDPMSolver1
 from ._samplers import SDEDPMSolverPP as SDEDPMSolverPP

@@ -22,6 +22,7 @@ from . import _dpm_singlestep
 from . import _deis
 from . import _dpm_sde
 from . import _unipc
+from . import _pndm
 from . import _edm
 from ._config import betas_from_config, check_keys, num_steps_arg, scheduler_name
 from ._family import Family
@@ -41,6 +42,7 @@ FAMILIES: tuple[Family, ...] = (
     _deis.FAMILY,
     _dpm_sde.FAMILY,
     _unipc.FAMILY,
+    _pndm.FAMILY,
     _edm.FAMILY,
 )
 _BY_NAME = {name: fam for fam in FAMILIES for name in fam.keys}

@@ -21,6 +21,7 @@ from ._leapfrog import AsyncLeapfrog as AsyncLeapfrog
 from ._lcm import LCM as LCM
 from ._lms import LMS as LMS
 from ._mccallum_foster import McCallumFoster as McCallumFoster
+from ._pndm import PNDM as PNDM
 from ._reversible_heun import ReversibleHeun as ReversibleHeun
 from ._sde import SDEDPMSolver1 as SDEDPMSolver1
 from ._sde_dpm_solver_pp import SDEDPMSolverPP as SDEDPMSolverPP
