@@ -84,7 +84,7 @@ def _jax_net(kind, flow=False):
 
 # One function per kind (so that equal solves share their compilation).
 NETS = {(k, f): _jax_net(k, f) for k in ("epsilon", "sample", "v_prediction", "learned")
-        for f in (False, True)} | {("flow", True): _jax_net("flow", True)}
+        for f in (False, True)} | {("flow", f): _jax_net("flow", f) for f in (False, True)}
 
 
 def _config(sched):
@@ -145,6 +145,14 @@ SINGLE = [
     ), (6, 15), "learned", False, False, {}),
     ("flow-o3", dict(use_flow_sigmas=True, prediction_type="flow_prediction",
                      flow_shift=3.0, solver_order=3), (10, 16), "flow", True, False, {}),
+    # diffusers' own conversions where no parameterisation of the grid's schedule
+    # matches: ε = α v + σ x on flow sigmas (noise prediction), x̂_0 = x − σ̃ u on VP.
+    ("flow-v-dpmsolver-sigmamin", dict(use_flow_sigmas=True, prediction_type="v_prediction",
+                                       algorithm_type="dpmsolver",
+                                       final_sigmas_type="sigma_min"),
+     (6, 12), "v_prediction", True, False, {}),  # T σ = 333 − 6e-14: truncated to 332
+    ("vp-flow-prediction", dict(SD, prediction_type="flow_prediction"), (8, 15), "flow",
+     False, False, {}),
     ("flow-mu-eps-sigmamin", dict(use_flow_sigmas=True, use_dynamic_shifting=True,
                                   final_sigmas_type="sigma_min", lower_order_final=False),
      (8, 12), "epsilon", True, False, {"mu": 0.8}),
@@ -240,6 +248,10 @@ DEIS_CASES = [
      "epsilon", False, {}),
     ("o3-beta", dict(SD, solver_order=3, use_beta_sigmas=True), (6, 15), "epsilon",
      False, {}),
+    ("flow-v", dict(use_flow_sigmas=True, prediction_type="v_prediction",
+                                flow_shift=2.0), (6, 12), "v_prediction", True, {}),
+    ("vp-flow-prediction-karras", dict(SD, prediction_type="flow_prediction",
+                                       use_karras_sigmas=True), (7, 13), "flow", False, {}),
     ("flow-o3-mu", dict(use_flow_sigmas=True, use_dynamic_shifting=True, solver_order=3,
                         prediction_type="flow_prediction"), (10, 18), "flow", True,
      {"mu": 1.1}),
@@ -465,10 +477,10 @@ def test_bfloat16_network(case):
          "thresholding"),
         ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver"}, {},
          "final_sigmas_type"),
-        ("DPMSolverSinglestepScheduler", {"prediction_type": "flow_prediction"}, {},
+        ("DPMSolverSinglestepScheduler", {"prediction_type": "flow_prediction",
+                                          "algorithm_type": "dpmsolver",
+                                          "final_sigmas_type": "sigma_min"}, {},
          "prediction_type"),
-        ("DPMSolverSinglestepScheduler",
-         {"use_flow_sigmas": True, "prediction_type": "v_prediction"}, {}, "prediction_type"),
         ("DPMSolverSinglestepScheduler", {"use_karras_sigmas": True, "use_beta_sigmas": True},
          {}, "use_karras_sigmas"),
         ("DPMSolverSinglestepScheduler", {"use_flow_sigmas": True}, {"mu": 0.5},

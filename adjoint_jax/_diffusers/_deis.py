@@ -16,7 +16,9 @@ from .._samplers._deis import DEIS, deis_orders
 from ._config import Keys
 from ._ddim import vp_timesteps
 from ._dpm_singlestep import (
+    bind,
     flow_shift_of,
+    grid_timesteps,
     grid_times,
     prediction_kind,
     schedule_of,
@@ -56,28 +58,38 @@ def _check_solver(config, name: str) -> None:
 class DEISFamily(Family):
     keys = {_NAME: Keys({}, {}, _KNOWN)}
 
+    def __init__(self, table=None):
+        self.table = table  # a plan's (times increasing, the network's timesteps)
+
     def schedule(self, config, name):
         return schedule_of(config)
 
     def network(self, model, config, name):
         _check_solver(config, name)
-        return sigma_network(model, config, name)
+        return sigma_network(model, config, name, algorithm="deis", table=self.table)
 
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
         refuse_args(name, sigmas=sigmas, timesteps=timesteps)
         _check_solver(config, name)
-        prediction_kind(config, name)
+        prediction_kind(config, name, "deis")
         kind = sigma_kind(config, name)
         if mu is not None:
             flow_shift_of(config, name, mu)
         T = int(config.get("num_train_timesteps", 1000))
         n = num_steps
         if kind is not None:
-            times = grid_times(config, sigma_grid(config, name, n, kind, mu), kind)
+            sig = sigma_grid(config, name, n, kind, mu)
+            times = grid_times(config, sig, kind)
             end = times[-1]  # the σ-grids end by repeating their last σ
         else:
             times = (vp_timesteps(config, name, n, extra=True) + 1) / T
             end = 1.0 / T  # sigma_last: the table's σ_min
+        plan = self._plan(name, config, times, end, n)
+        if kind is None:
+            return plan
+        return bind(plan, DEISFamily, times, grid_timesteps(config, kind, sig))
+
+    def _plan(self, name, config, times, end, n):
         order = int(config.get("solver_order", 2))
         lower = bool(config.get("lower_order_final", True))
         thr = thresholding_of(config)

@@ -12,14 +12,16 @@ import math
 from collections.abc import Callable
 
 import equinox as eqx
+import jax.tree_util as jtu
 import numpy as np
 
+from .._model import as_eps
 from .._samplers._dpm_singlestep import DPMSolverSinglestep, singlestep_orders
 from .._schedule import FlowMatching, VPDiscrete
 from ._config import Keys, betas_from_config, train_sigmas
 from ._family import Family, Plan, refuse_args
 from ._grids import beta, exponential, flow_shift, karras, sigma_to_index, vp_times
-from ._net import TimestepMap, network
+from ._net import Network, TimestepMap, network
 
 
 _NAME = "DPMSolverSinglestepScheduler"
@@ -64,9 +66,14 @@ def sigma_kind(config, name: str) -> str | None:
 
 
 def prediction_kind(config, name: str, algorithm: str = "dpmsolver++") -> str:
-    """`network`'s prediction for `prediction_type`, checked against the grid: a
-    flow prediction (x̂₀ = x − σ u) needs flow sigmas, and a v-prediction (x̂₀ =
-    α x − σ v, a velocity only where α² + σ² = 1) needs VP sigmas."""
+    """How the network's output becomes ε: `network`'s prediction for
+    `prediction_type`, or one of diffusers' own conversions that no `aj.as_eps`
+    parameterisation gives on this grid: "v-x0" (a v-prediction on flow sigmas, where
+    diffusers takes x̂_0 = α x − σ v though α² + σ² ≠ 1), "v-eps" (the same, for the
+    noise-prediction algorithm: ε = α v + σ x), "flow-x0" (a flow prediction on VP
+    sigmas: x̂_0 = x − σ̃ u with the variance-exploding σ̃ = σ/α), "flow-deis" (the
+    same in DEIS, whose ε = (x − α x̂_0)/σ̃ then divides by σ̃ too: ε = α u +
+    (1 − α) x/σ̃)."""
     kind = config.get("prediction_type", "epsilon")
     flow = bool(config.get("use_flow_sigmas", False))
     kinds = {"epsilon": "epsilon", "sample": "sample", "v_prediction": "v_prediction",
@@ -76,21 +83,42 @@ def prediction_kind(config, name: str, algorithm: str = "dpmsolver++") -> str:
             f"`config['prediction_type'] = {kind!r}` ({name}) is not supported; "
             f"supported: {tuple(kinds)}."
         )
-    if kind == "flow_prediction" and (not flow or algorithm == "dpmsolver"):
+    if kind == "flow_prediction" and algorithm == "dpmsolver":
         raise ValueError(
-            f"`config['prediction_type'] = 'flow_prediction'` ({name}) needs "
-            "`use_flow_sigmas=True` (diffusers then reads x̂_0 = x − σ u with the flow σ)"
-            + (" and is refused by diffusers for algorithm_type='dpmsolver'"
-               if algorithm == "dpmsolver" else "")
-            + "."
+            f"`config['prediction_type'] = 'flow_prediction'` ({name}) is refused by "
+            "diffusers itself for algorithm_type='dpmsolver'."
         )
     if kind == "v_prediction" and flow:
-        raise ValueError(
-            f"`config['prediction_type'] = 'v_prediction'` with `use_flow_sigmas=True` "
-            f"({name}) is not supported: diffusers then takes x̂_0 = α x − σ v with the "
-            "flow's α = 1 − σ, which is no velocity parameterisation (α² + σ² ≠ 1)."
-        )
+        return "v-eps" if algorithm == "dpmsolver" else "v-x0"
+    if kind == "flow_prediction" and not flow:
+        # DEIS then also divides by σ̃ in ε = (x − α x̂_0)/σ̃ (its `sigma_t`, overwritten).
+        return "flow-deis" if algorithm == "deis" else "flow-x0"
     return kinds[kind]
+
+
+class _Converted(eqx.Module):
+    """`net`'s output (at the pipeline's timestep) turned into x̂_0 or ε by diffusers'
+    own formula (`prediction_kind`), with α, σ of `schedule` at t."""
+
+    net: Callable
+    schedule: object
+    mode: str = eqx.field(static=True)
+
+    def __call__(self, params, x, t, cond):
+        out = self.net(params, x, t, cond)
+
+        def leaf(xx, o):
+            a = self.schedule.alpha(t).astype(xx.dtype)
+            s = self.schedule.sigma(t).astype(xx.dtype)
+            if self.mode == "v-x0":
+                return (a * xx - s * o.astype(xx.dtype)).astype(o.dtype)
+            if self.mode == "v-eps":
+                return (a * o.astype(xx.dtype) + s * xx).astype(o.dtype)
+            if self.mode == "flow-deis":
+                return (a * o.astype(xx.dtype) + (1 - a) * (a / s) * xx).astype(o.dtype)
+            return (xx - (s / a) * o.astype(xx.dtype)).astype(o.dtype)  # flow-x0
+
+        return jtu.tree_map(leaf, x, out)
 
 
 def vp_schedule(config):
@@ -101,15 +129,20 @@ def schedule_of(config):
     return FlowMatching() if config.get("use_flow_sigmas", False) else vp_schedule(config)
 
 
-def sigma_network(model, config, name, algorithm="dpmsolver++"):
+def sigma_network(model, config, name, algorithm="dpmsolver++", table=None):
     """The network as these schedulers call it: the timestep is the integer training
     timestep (default grids), round(`_sigma_to_t`) (Karras), `_sigma_to_t` truncated
-    to int64 (exponential, beta), or T σ truncated (flow sigmas)."""
+    to int64 (exponential, beta), or T σ truncated (flow sigmas). With `table` (a
+    plan's: increasing times, diffusers' timesteps there) the network gets exactly
+    those; without, the map from the noise level (whose truncation may differ from
+    diffusers' where T σ or `_sigma_to_t` falls within round-off of an integer)."""
     kind = sigma_kind(config, name)
     prediction = prediction_kind(config, name, algorithm)
     schedule = schedule_of(config)
     T = int(config.get("num_train_timesteps", 1000))
-    if kind == "use_flow_sigmas":
+    if table is not None:
+        tmap = TimestepMap("table", "round", xs=table[0], ys=table[1])
+    elif kind == "use_flow_sigmas":
         tmap = TimestepMap("flow", "floor", scale=float(T))
     elif kind is None:
         tmap = TimestepMap("knots", "round", scale=float(T))
@@ -117,7 +150,45 @@ def sigma_network(model, config, name, algorithm="dpmsolver++"):
         log_sig = np.log(train_sigmas(vp_config(config)))
         tmap = TimestepMap("log-index", "round" if kind == "use_karras_sigmas" else "floor",
                            xs=log_sig)
+    if prediction in ("v-x0", "v-eps", "flow-x0", "flow-deis"):
+        converted = _Converted(Network(model, schedule, tmap), schedule, prediction)
+        as_eps_kind = "eps" if prediction in ("v-eps", "flow-deis") else "x0"
+        return as_eps(converted, schedule, as_eps_kind)
     return network(model, schedule, tmap, prediction)
+
+
+def diffusers_sigma_to_t(sigmas: np.ndarray, train: np.ndarray) -> np.ndarray:
+    """`_sigma_to_t` in diffusers' own arithmetic (the bracketing training indices,
+    then the weight of the upper one, clipped), so that its truncation to int64
+    agrees bit for bit."""
+    log_sigma = np.log(np.maximum(np.asarray(sigmas, np.float64), 1e-10))
+    log_train = np.log(train)
+    above = (log_sigma[None, :] - log_train[:, None]) >= 0
+    low = np.minimum(np.cumsum(above, axis=0).argmax(axis=0), len(train) - 2)
+    w = np.clip((log_train[low] - log_sigma) / (log_train[low] - log_train[low + 1]), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def grid_timesteps(config, kind: str, sig: np.ndarray) -> np.ndarray:
+    """The network's timesteps on a σ-grid, as `set_timesteps` casts them: Karras'
+    `_sigma_to_t` rounded, exponential / beta ones truncated, flow sigmas' T σ
+    truncated."""
+    if kind == "use_flow_sigmas":
+        return (sig * int(config.get("num_train_timesteps", 1000))).astype(np.int64)
+    taus = diffusers_sigma_to_t(sig, train_sigmas(vp_config(config)))
+    return (taus.round() if kind == "use_karras_sigmas" else taus).astype(np.int64)
+
+
+class BoundPlan(Plan):
+    """A `Plan` carrying `family`: the family bound to this grid's timesteps (a
+    `TimestepMap("table")`), which `from_diffusers` asks for the network."""
+
+
+def bind(plan: Plan, family_cls, times: np.ndarray, taus: np.ndarray) -> Plan:
+    """`plan` with `family_cls(table)`: the network gets `taus[k]` at `times[k]`."""
+    bound = BoundPlan(*plan)
+    bound.family = family_cls((times[::-1].copy(), taus[::-1].astype(np.float64)))
+    return bound
 
 
 def flow_shift_of(config, name: str, mu):
@@ -213,6 +284,9 @@ class _FirstChannels(eqx.Module):
 class DPMSinglestepFamily(Family):
     keys = {_NAME: Keys({}, {}, _KNOWN)}
 
+    def __init__(self, table=None):
+        self.table = table  # a plan's (times increasing, the network's timesteps)
+
     def schedule(self, config, name):
         return schedule_of(config)
 
@@ -233,7 +307,7 @@ class DPMSinglestepFamily(Family):
                 f"`config['variance_type']` ({name}) must be None, 'learned' or "
                 f"'learned_range'; got {variance!r}."
             )
-        return sigma_network(model, config, name, algorithm)
+        return sigma_network(model, config, name, algorithm, self.table)
 
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
         refuse_args(name, sigmas=sigmas)
@@ -274,9 +348,13 @@ class DPMSinglestepFamily(Family):
         if end < times[-1]:
             sampler = DPMSolverSinglestep(order, solver_type, algorithm, lower,
                                           thresholding=thr)
-            return Plan(np.concatenate([times, [end]]), sampler)
-        return Plan(times, _zero_length_end(name, order, solver_type, algorithm, lower, n,
-                                            thr))
+            plan = Plan(np.concatenate([times, [end]]), sampler)
+        else:
+            plan = Plan(times, _zero_length_end(name, order, solver_type, algorithm, lower,
+                                                n, thr))
+        if kind is None:
+            return plan
+        return bind(plan, DPMSinglestepFamily, times, grid_timesteps(config, kind, sig))
 
 
 def _zero_length_end(name, order, solver_type, algorithm, lower, n, thr):
