@@ -8,6 +8,8 @@ noise level its timestep names (log σ interpolated in the training table, or
 The harness (`compare`, the models) is in `tests/diffusers64_euler.py`.
 """
 
+import warnings
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -143,6 +145,7 @@ def test_bfloat16_network_on_sigma_grids(kw):
         ("EulerAncestralDiscreteScheduler", {}, dict(sigmas=[1.0, 0.0]), "sigmas"),
         ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), dict(timesteps=[900, 500]),
          "timesteps"),
+        ("LMSDiscreteScheduler", dict(beta_schedule="exp"), {}, "beta_schedule"),
     ],
 )
 def test_refusals_name_the_key(name, config, kw, key):
@@ -157,3 +160,20 @@ def test_zero_snr_accepted_where_the_table_stays_monotone():
     assert ab[-2] > ab[-1] == 2.0**-24
     aj.from_diffusers({"_class_name": "EulerDiscreteScheduler", **SD,
                        "rescale_betas_zero_snr": True}, 10)
+
+
+def test_keys_other_schedulers_carry_are_ignored_like_diffusers_ignores_them():
+    """`from_config` keeps a pipeline's other keys (DDIM's clip_sample, …): no warning,
+    and a key that is not the class's own parameter (Euler a has no Karras σ) changes
+    nothing, as in diffusers."""
+    ddim = dict(SD, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
+                steps_offset=1, sample_max_value=1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                     "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler"):
+            aj.from_diffusers({"_class_name": name, **ddim}, 10)
+    a = aj.from_diffusers({"_class_name": "EulerAncestralDiscreteScheduler",
+                           "use_karras_sigmas": True, "timestep_type": "continuous"}, 10)
+    b = aj.from_diffusers({"_class_name": "EulerAncestralDiscreteScheduler"}, 10)
+    np.testing.assert_array_equal(np.asarray(a.ts), np.asarray(b.ts))

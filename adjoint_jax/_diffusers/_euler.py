@@ -34,7 +34,7 @@ from .._samplers._dpm_solver import DPMSolver1
 from .._schedule import VPDiscrete
 from ._config import Keys, betas_from_config
 from ._family import Family, Plan, refuse_args
-from ._grids import beta, exponential, karras, sigma_to_index, vp_times
+from ._grids import beta, exponential, karras, sigma_to_index
 from ._net import TimestepMap, network, prediction_of
 
 
@@ -47,6 +47,11 @@ def k_alpha_bars(config, name: str) -> np.ndarray:
     and under `rescale_betas_zero_snr` the last ᾱ set to 2⁻²⁴ (not 0: "so the first σ
     is not inf"), which must keep ᾱ decreasing."""
     if config.get("beta_schedule") == "exp" and config.get("trained_betas") is None:
+        if name != "HeunDiscreteScheduler":
+            raise ValueError(
+                f"`config['beta_schedule'] = 'exp'` is HeunDiscreteScheduler's only; "
+                f"{name} raises NotImplementedError for it."
+            )
         # betas_for_alpha_bar with ᾱ(t) = e^{−12 t}, as diffusers evaluates it.
         n = int(config.get("num_train_timesteps", 1000))
         bar = lambda t: math.exp(t * -12.0)
@@ -134,11 +139,12 @@ def init_noise_sigma(config, sigmas: np.ndarray) -> float:
     return math.sqrt(top**2 + 1)
 
 
-def k_grid(config, name: str, n: int | None, *, timesteps=None, config_range=False):
+def k_grid(config, name: str, n: int | None, *, timesteps=None, config_range=False,
+           conversions=True):
     """`set_timesteps` of Heun, KDPM2, LMS and Euler (without its extra options): the
     spacing's (or the given) timesteps, σ interpolated linearly in the table, then a
-    Karras / exponential / beta ramp with `_sigma_to_t` timesteps; the last step ends
-    at σ = 0."""
+    Karras / exponential / beta ramp with `_sigma_to_t` timesteps (where the class
+    has them: not Euler a, which ignores those keys); the last step ends at σ = 0."""
     train = k_train_sigmas(config, name)
     if timesteps is not None:
         steps = np.asarray(timesteps, np.float64)
@@ -148,7 +154,7 @@ def k_grid(config, name: str, n: int | None, *, timesteps=None, config_range=Fal
     else:
         steps, kind = spacing_timesteps(config, name, n), "linear-index"
     sig = np.interp(steps, np.arange(len(train)), train)
-    conv = conversion(config, name)
+    conv = conversion(config, name) if conversions else None
     if conv is not None:
         sig = convert(config, conv, sig, n, config_range)
         steps, kind = sigma_to_index(sig, train), "log-index"
@@ -231,10 +237,25 @@ class WideVPDiscrete(VPDiscrete):
         self.t_min, self.t_max = t_range
 
 
+def knot_times(log_alphas: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """`aj.VPDiscrete(betas).t_of_lam(−log σ)` in NumPy float64 (whatever
+    `jax_enable_x64` says): log α = −½ log(1 + σ²) located between the knots
+    t = k/T, where log α is linear in t (continued linearly beyond the table's
+    ends, as `WideVPDiscrete` continues it); σ = 0 is t = 0."""
+    sigmas = np.asarray(sigmas, np.float64)
+    T = len(log_alphas)
+    knots = np.arange(T + 1) / T
+    neg = -np.concatenate([[0.0], log_alphas])  # −log α at the knots, increasing
+    target = 0.5 * np.log1p(sigmas**2)
+    idx = np.clip(np.searchsorted(neg, target, side="right") - 1, 0, T - 1)
+    l0, l1 = neg[idx], neg[idx + 1]
+    return knots[idx] + (target - l0) * (knots[idx + 1] - knots[idx]) / (l1 - l0)
+
+
 def grid_times(grid: KGrid, train: np.ndarray, schedule) -> np.ndarray:
     """`aj` times of the grid's σ: a training σ (to round-off: a ramp's end is
     `(σ^(1/ρ))^ρ`) on its knot (n + 1)/T, others by λ = −log σ, σ = 0 at t = 0."""
-    times = vp_times(schedule, grid.sigmas)
+    times = knot_times(np.asarray(schedule.log_alphas, np.float64), grid.sigmas)
     idx = np.clip(np.searchsorted(train, grid.sigmas), 1, len(train) - 1)
     for k in (idx - 1, idx):
         on_knot = np.abs(train[k] - grid.sigmas) <= 1e-12 * train[k]
@@ -293,10 +314,6 @@ class KFamily(Family):
         return WideVPDiscrete(k_betas(config, name), tuple(map(float, self.t_range)))
 
     def default_kind(self, config, name) -> str:
-        if config.get("timestep_type", "discrete") == "continuous" and (
-            prediction_of(config, name) == "v_prediction"
-        ):
-            return "log-sigma"
         return "log-index" if conversion(config, name) else "linear-index"
 
     def network(self, model, config, name):
@@ -341,7 +358,8 @@ class KFamily(Family):
         kind = self.default_kind(config, name)
         if np.allclose(kind_timesteps(kind, sig, train), taus, rtol=0, atol=1e-9):
             return None
-        xs = np.concatenate([times[: len(grid.timesteps)], vp_times(self.schedule(config, name), mids[0])])
+        log_alphas = np.asarray(self.schedule(config, name).log_alphas, np.float64)
+        xs = np.concatenate([times[: len(grid.timesteps)], knot_times(log_alphas, mids[0])])
         order = np.argsort(xs)
         xs, ys = xs[order], taus[order]
         clash = (np.diff(xs) <= 1e-12 * xs[1:]) & (np.abs(np.diff(ys)) > 1e-9)
@@ -368,6 +386,22 @@ def kind_timesteps(kind: str, sig: np.ndarray, train: np.ndarray) -> np.ndarray:
     return 0.25 * np.log(sig)
 
 
+# Keys of other schedulers that pipeline configs carry along (`from_config` keeps
+# them): each class ignores those that are not its own parameters.
+FOREIGN = frozenset({
+    "clip_sample", "clip_sample_range", "set_alpha_to_one", "skip_prk_steps",
+    "sample_max_value", "thresholding", "dynamic_thresholding_ratio", "variance_type",
+    "solver_order", "solver_type", "lower_order_final", "algorithm_type", "euler_at_final",
+    "lambda_min_clipped", "use_lu_lambdas", "use_flow_sigmas", "flow_shift",
+    "final_sigmas_type", "interpolation_type", "timestep_type", "sigma_min", "sigma_max",
+    "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "disable_corrector",
+    "predict_x0", "original_inference_steps", "timestep_scaling", "shift",
+    "use_dynamic_shifting", "base_shift", "max_shift", "base_image_seq_len",
+    "max_image_seq_len", "time_shift_type", "invert_sigmas", "shift_terminal",
+    "stochastic_sampling", "noise_sampler_seed", "s_noise", "rho",
+})
+
+
 # ---- Euler and Euler a ----------------------------------------------------------------
 _EULER = "EulerDiscreteScheduler"
 _ANCESTRAL = "EulerAncestralDiscreteScheduler"
@@ -385,26 +419,32 @@ def refuse_eta(name: str, eta) -> None:
 
 class EulerFamily(KFamily):
     keys = {
-        _EULER: Keys({}, {}, _EULER_KNOWN),
+        _EULER: Keys({}, {}, _EULER_KNOWN | FOREIGN),
         _ANCESTRAL: Keys(
             {"prediction_type": (
                 ("epsilon", "v_prediction"),
                 "raises NotImplementedError in diffusers' EulerAncestralDiscreteScheduler.step",
             )},
             {},
-            frozenset({"timestep_spacing", "steps_offset"}),
+            frozenset({"timestep_spacing", "steps_offset"}) | FOREIGN,
         ),
     }
 
     def default_kind(self, config, name):
-        return "linear-index" if name == _ANCESTRAL else super().default_kind(config, name)
+        if name == _ANCESTRAL:
+            return "linear-index"
+        if config.get("timestep_type", "discrete") == "continuous" and (
+            prediction_of(config, name) == "v_prediction"
+        ):
+            return "log-sigma"
+        return super().default_kind(config, name)
 
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
         refuse_args(name, mu=mu)
         refuse_eta(name, eta)
         if name == _ANCESTRAL:
             refuse_args(name, sigmas=sigmas, timesteps=timesteps)
-            grid = k_grid(config, name, num_steps)
+            grid = k_grid(config, name, num_steps, conversions=False)
             return self.k_plan(config, name, grid, DDIM(eta=1.0), ode=False)
         if sigmas is not None and timesteps is not None:
             raise ValueError(f"{name}: pass only one of `sigmas` and `timesteps`.")

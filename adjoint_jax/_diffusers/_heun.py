@@ -25,7 +25,7 @@ import numpy as np
 from .._samplers._heun import Heun
 from .._schedule import FlowMatching
 from ._config import Keys
-from ._euler import KFamily, k_grid, refuse_eta
+from ._euler import FOREIGN, KFamily, k_grid, refuse_eta
 from ._family import Plan, refuse_args
 from ._grids import flow_shift
 from ._net import TimestepMap, network
@@ -51,8 +51,8 @@ class HeunFamily(KFamily):
             "prediction_type", "use_karras_sigmas", "use_exponential_sigmas",
             "use_beta_sigmas", "clip_sample", "clip_sample_range", "timestep_spacing",
             "steps_offset",
-        })),
-        _FLOW: Keys({}, {}, frozenset({"shift"})),
+        }) | FOREIGN),
+        _FLOW: Keys({}, {}, frozenset({"shift"}) | FOREIGN),
     }
 
     def schedule(self, config, name):

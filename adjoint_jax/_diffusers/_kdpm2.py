@@ -19,7 +19,7 @@ import numpy as np
 
 from .._samplers._kdpm2 import KDPM2, KDPM2Ancestral
 from ._config import Keys
-from ._euler import KFamily, k_grid, k_train_sigmas, refuse_eta
+from ._euler import FOREIGN, KFamily, k_grid, k_train_sigmas, refuse_eta
 from ._family import refuse_args
 from ._grids import sigma_to_index
 
@@ -31,7 +31,7 @@ _KEYS = Keys(
                          "raises NotImplementedError in diffusers' KDPM2 step")},
     {},
     frozenset({"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-               "timestep_spacing", "steps_offset"}),
+               "timestep_spacing", "steps_offset"}) | FOREIGN,
 )
 
 

@@ -8,7 +8,7 @@ setup); k > 4 is not reproduced.
 
 from .._samplers._lms import LMS
 from ._config import Keys
-from ._euler import KFamily, k_grid, refuse_eta
+from ._euler import FOREIGN, KFamily, k_grid, refuse_eta
 from ._family import refuse_args
 
 
@@ -20,7 +20,7 @@ class LMSFamily(KFamily):
         _NAME: Keys({}, {}, frozenset({
             "prediction_type", "use_karras_sigmas", "use_exponential_sigmas",
             "use_beta_sigmas", "timestep_spacing", "steps_offset",
-        })),
+        }) | FOREIGN),
     }
 
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
