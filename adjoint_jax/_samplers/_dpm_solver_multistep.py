@@ -62,7 +62,10 @@ class DPMSolver(AbstractSDESampler[tuple]):
     `DPMSolver(1)` is `aj.DPMSolver1()`, `DPMSolver(2, "heun")` is `aj.DPMSolver2()`,
     `DPMSolver(1, sde=True)` is `aj.SDEDPMSolver1()`. Order 3 is second-order
     convergent, like diffusers' (see `aj.DPMSolverPP`: D₂ is half the Taylor second
-    difference); diffusers has no third-order SDE variant.
+    difference); diffusers has no third-order SDE variant. Measured on Gaussian
+    data (VP-linear to t = 1e-3, N = 20–80, `tests/test_diffusers_dpm_samplers.py`):
+    ODE order 2: 1.97, order 3: 2.13 (strong); SDE order 2: 1.88 (weak, in the
+    variance; the mean is exact there).
 
     The order schedule, `euler_at_final`, `orders` and `thresholding` (x̂_0 = (x − σ ε)/α
     thresholded and ε re-derived from it) are those of `aj.DPMSolverPP`. A last step
