@@ -208,3 +208,20 @@ def test_refusals_name_the_key(kw, n, key, extra):
     config = {"_class_name": "PNDMScheduler"} | kw
     with pytest.raises(ValueError, match=key):
         aj.from_diffusers(config, n, **extra)
+
+
+def test_keys_of_other_schedulers_are_ignored_as_diffusers_does():
+    """A shipped config switched to PNDM keeps other schedulers' keys, which
+    PNDMScheduler does not take: no warning, and no effect (`rescale_betas_zero_snr`
+    included: PNDM has none)."""
+    import warnings
+
+    base = _config(PNDM64(**CASES["plms-sd15"][0]))
+    foreign = base | {"rescale_betas_zero_snr": True, "clip_sample": False,
+                      "use_karras_sigmas": True, "solver_order": 3}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plain, other = (aj.from_diffusers(c, 10) for c in (base, foreign))
+    np.testing.assert_array_equal(np.asarray(plain.ts), np.asarray(other.ts))
+    np.testing.assert_array_equal(plain.schedule.log_alphas, other.schedule.log_alphas)
+    assert plain.sampler == other.sampler

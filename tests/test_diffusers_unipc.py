@@ -116,9 +116,9 @@ CASES = {
              disable_corrector=[0, 2], final_sigmas_type="sigma_min"),
         (7, 16), {}, aj.UniPC(solver_type="bh1", disable_corrector=(0, 2)),
     ),
-    "eps-form-karras-sigma_min": (  # the repeated last σ: correct_last
-        dict(SD, predict_x0=False, use_karras_sigmas=True,
-             final_sigmas_type="sigma_min"),
+    "eps-form-karras-range-sigma_min": (  # the repeated last σ: correct_last
+        dict(SD, predict_x0=False, use_karras_sigmas=True, sigma_min=0.1,
+             sigma_max=10.0, final_sigmas_type="sigma_min"),
         (6, 20), {}, aj.UniPC(predict_x0=False, correct_last=True),
     ),
     "exponential-order3-thresholding": (
@@ -137,10 +137,11 @@ CASES = {
         (8, 20), {}, aj.UniPC(),
     ),
     "flow-wan": (dict(FLOW, flow_shift=3.0), (10, 30), {}, aj.UniPC()),
-    "flow-sigma_min-order3-bh1": (
-        dict(FLOW, flow_shift=5.0, final_sigmas_type="sigma_min", solver_order=3,
-             solver_type="bh1"),
-        (7, 20), {}, aj.UniPC(solver_order=3, solver_type="bh1", correct_last=True),
+    "flow-mu-sigma_min-order3-bh1": (
+        dict(FLOW, use_dynamic_shifting=True, final_sigmas_type="sigma_min",
+             solver_order=3, solver_type="bh1"),
+        (7, 20), {"mu": 0.9},
+        aj.UniPC(solver_order=3, solver_type="bh1", correct_last=True),
     ),
     "flow-karras-eps": (
         dict(use_flow_sigmas=True, use_karras_sigmas=True), (7, 20), {}, aj.UniPC(),
@@ -319,3 +320,19 @@ def test_refusals_name_the_key(kw, key, extra):
     n = 100 if kw.get("flow_shift") == 12.0 else 10
     with pytest.raises(ValueError, match=key):
         aj.from_diffusers(config, None if "sigmas" in extra else n, **extra)
+
+
+def test_config_spellings_diffusers_maps_or_ignores():
+    """diffusers maps the DPM-Solver solver types to bh2 and ignores other
+    schedulers' keys (a switched config keeps them): no warning, no effect."""
+    import warnings
+
+    base = {"_class_name": "UniPCMultistepScheduler"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for solver_type in ("midpoint", "heun", "logrho"):
+            setup = aj.from_diffusers(base | {"solver_type": solver_type}, 10)
+            assert setup.sampler == aj.UniPC()
+        foreign = base | {"clip_sample": False, "set_alpha_to_one": False,
+                          "skip_prk_steps": True, "algorithm_type": "dpmsolver++"}
+        assert aj.from_diffusers(foreign, 10).sampler == aj.UniPC()

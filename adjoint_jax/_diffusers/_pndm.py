@@ -30,13 +30,31 @@ _REFUSED = {
 _KNOWN = frozenset({
     "skip_prk_steps", "set_alpha_to_one", "timestep_spacing", "steps_offset",
 })
+# Keys of other schedulers' configs (a shipped config switched to PNDM keeps them)
+# that PNDMScheduler.__init__ does not take: diffusers ignores them, and so do we.
+_FOREIGN = frozenset({
+    "algorithm_type", "clip_sample", "clip_sample_range", "disable_corrector",
+    "dynamic_thresholding_ratio", "euler_at_final", "final_sigmas_type", "flow_shift",
+    "interpolation_type", "lambda_min_clipped", "lower_order_final", "predict_x0",
+    "rescale_betas_zero_snr", "sample_max_value", "sigma_max", "sigma_min",
+    "solver_order", "solver_p", "solver_type", "thresholding", "time_shift_type",
+    "timestep_type", "use_beta_sigmas", "use_dynamic_shifting",
+    "use_exponential_sigmas", "use_flow_sigmas", "use_karras_sigmas", "use_lu_lambdas",
+    "variance_type",
+})
+
+
+def _betas(config):
+    """The DDPM betas; PNDMScheduler has no `rescale_betas_zero_snr`."""
+    return betas_from_config({k: v for k, v in config.items()
+                              if k != "rescale_betas_zero_snr"})
 
 
 class PNDMFamily(Family):
-    keys = {_NAME: Keys(_REFUSED, {}, _KNOWN)}
+    keys = {_NAME: Keys(_REFUSED, {}, _KNOWN | _FOREIGN)}
 
     def schedule(self, config, name):
-        return VPDiscrete(betas_from_config(config))
+        return VPDiscrete(_betas(config))
 
     def network(self, model, config, name):
         return knots_network(model, config, self.schedule(config, name), name=name)

@@ -54,6 +54,13 @@ _KNOWN = frozenset({
     "steps_offset", "final_sigmas_type", "use_dynamic_shifting", "time_shift_type",
     "sigma_min", "sigma_max", "shift_terminal",
 })
+# Keys of other schedulers' configs (a shipped config switched to UniPC keeps them)
+# that UniPCMultistepScheduler.__init__ does not take: diffusers ignores them.
+_FOREIGN = frozenset({
+    "algorithm_type", "clip_sample", "clip_sample_range", "euler_at_final",
+    "interpolation_type", "lambda_min_clipped", "set_alpha_to_one", "skip_prk_steps",
+    "timestep_type", "use_lu_lambdas", "variance_type",
+})
 _CONVERSIONS = {"use_karras_sigmas": karras, "use_exponential_sigmas": exponential,
                 "use_beta_sigmas": beta}
 # diffusers' first flow σ is at most 1 − 1e-6; its last may be any small σ.
@@ -212,7 +219,7 @@ def _flow_sigmas(config, n, given, mu):
 
 
 class UniPCFamily(Family):
-    keys = {_NAME: Keys(_REFUSED, {}, _KNOWN)}
+    keys = {_NAME: Keys(_REFUSED, {}, _KNOWN | _FOREIGN)}
 
     def schedule(self, config, name):
         _check(config)
