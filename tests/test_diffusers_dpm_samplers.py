@@ -205,3 +205,33 @@ def test_bfloat16_network_on_edm_grids(schedule):
     # c_noise = ¼ log σ from the float32 grid: distinct at every step.
     c_noise = 0.25 * np.log(np.asarray(setup.ts[:-1], np.float32))
     assert len(np.unique(c_noise)) == n
+
+
+def test_continuous_adjoints_refuse_thresholding_by_name():
+    sampler = aj.DPMSolverPP(thresholding=(0.9, 1.5))
+    for adjoint in (aj.AdjointDEIS(), aj.RecordedAdjoint(), aj.InterpolatedAdjoint(),
+                    aj.AdjointDPM(), aj.ReversibleAdjoint()):
+        with pytest.raises(ValueError, match=r"dynamic thresholding to x̂_0 at every step \(thresholding\)"):
+            adjoint.check_sampler(sampler)
+    for sampler in (aj.SDEDPMSolverPP(thresholding=(0.9, 1.5)),
+                    aj.DPMSolver(thresholding=(0.9, 1.5))):
+        with pytest.raises(ValueError, match="thresholding"):
+            aj.AdjointDEIS().check_sampler(sampler)
+    aj.DTO().check_sampler(sampler)
+
+
+@pytest.mark.parametrize("grid", [
+    dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True),
+    dict(use_beta_sigmas=True), dict(use_flow_sigmas=True, flow_shift=3.0),
+], ids=lambda g: next(iter(g)))
+def test_unbound_network_maps_the_noise_level_to_diffusers_timesteps(grid):
+    """`aj.diffusers_model(model, config)` (no grid) maps the noise level to the
+    timestep diffusers' rule gives it (`_sigma_to_t` rounded or truncated, int(T σ)):
+    on the grid it agrees with the grid-bound table."""
+    sched = DPM64(**(SD if "use_flow_sigmas" not in grid else {}), **grid)
+    config = config_of(sched)
+    sched.set_timesteps(25)
+    setup = aj.from_diffusers(config, 25)
+    net = aj.diffusers_model(Net(jnp.zeros(1), "epsilon", False), config).model
+    seen = np.asarray(jax.vmap(lambda t: net.timestep(setup.schedule, t))(setup.ts[:-1]))
+    np.testing.assert_array_equal(seen, sched.timesteps.numpy())

@@ -164,3 +164,13 @@ def test_edm_dpm_takes_no_sigmas():
     with pytest.raises(ValueError, match="sigmas"):
         aj.from_diffusers({"_class_name": "EDMDPMSolverMultistepScheduler"}, None,
                           sigmas=[0.0, 0.5, 1.0])
+
+
+def test_full_edm_configs_are_known():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for cls in (EDMDPM64, EDMEULER64):
+            config = dict(cls().config) | {"_class_name": cls.__mro__[1].__name__}
+            aj.from_diffusers(config, 8)
