@@ -39,7 +39,9 @@ def _float64(cls, methods, extra=()):
     glb = dict(module.__dict__)
     if hasattr(module, "betas_for_alpha_bar"):
         glb["betas_for_alpha_bar"] = _patched(
-            module.betas_for_alpha_bar, [("dtype=torch.float32", "dtype=torch.float64", 1)], glb
+            module.betas_for_alpha_bar,
+            [("dtype=torch.float32", "dtype=torch.float64", 1)],
+            glb,
         )
     body = {"_glb": glb}
     for name, count in methods.items():
@@ -53,12 +55,24 @@ EULER64 = _float64(
     EulerDiscreteScheduler,
     {"__init__": 4, "set_timesteps": 8, "step": 1},
     [
-        ("set_timesteps", "torch.Tensor([0.25 * sigma.log() for sigma in sigmas[:-1]])",
-         "torch.stack([0.25 * sigma.log() for sigma in sigmas[:-1]])", 1),
-        ("set_timesteps", "num_inference_steps + 1).exp()",
-         "num_inference_steps + 1, dtype=torch.float64).exp()", 1),
-        ("__init__", "torch.Tensor([0.25 * sigma.log() for sigma in sigmas])",
-         "torch.stack([0.25 * sigma.log() for sigma in sigmas])", 1),
+        (
+            "set_timesteps",
+            "torch.Tensor([0.25 * sigma.log() for sigma in sigmas[:-1]])",
+            "torch.stack([0.25 * sigma.log() for sigma in sigmas[:-1]])",
+            1,
+        ),
+        (
+            "set_timesteps",
+            "num_inference_steps + 1).exp()",
+            "num_inference_steps + 1, dtype=torch.float64).exp()",
+            1,
+        ),
+        (
+            "__init__",
+            "torch.Tensor([0.25 * sigma.log() for sigma in sigmas])",
+            "torch.stack([0.25 * sigma.log() for sigma in sigmas])",
+            1,
+        ),
     ],
 )
 EULER_A64 = _float64(
@@ -100,7 +114,9 @@ def run_pipeline(scheduler, model_fn, z, noises=None, **step_kw):
     each timestep t: out = model_fn(scale_model_input(latents, t), t), latents =
     step(out, t, latents). `model_fn(x, timestep)` gets the timestep as a float64
     tensor. Returns (final latents, the timesteps the network saw, noises drawn)."""
-    latents = torch.as_tensor(np.asarray(z), dtype=F64) * getattr(scheduler, "init_noise_sigma", 1.0)
+    latents = torch.as_tensor(np.asarray(z), dtype=F64) * getattr(
+        scheduler, "init_noise_sigma", 1.0
+    )
     seen = []
     bank = noise_bank(scheduler, noises if noises is not None else np.zeros((0,)))
     with bank as drawn:
@@ -109,12 +125,14 @@ def run_pipeline(scheduler, model_fn, z, noises=None, **step_kw):
             inp = latents if scale is None else scale(latents, t)
             tt = torch.as_tensor(t, dtype=F64)
             seen.append(float(tt))
-            latents = scheduler.step(model_fn(inp, tt), t, latents, **step_kw).prev_sample
+            latents = scheduler.step(
+                model_fn(inp, tt), t, latents, **step_kw
+            ).prev_sample
             assert latents.dtype == F64, latents.dtype
     return latents.numpy(), np.asarray(seen), len(drawn)
 
 
-# ---- the parity harness ---------------------------------------------------------------
+# ---- the parity harness --------------------------------------------------------------
 MU, S = 0.7, 0.5
 TOL = 1e-10
 Z = np.random.default_rng(0).standard_normal((2, 3))
@@ -131,8 +149,12 @@ def gaussian(ab, x, kind, mu=MU):
     d = a * a * S * S + sig * sig
     eps = sig * (x - a * mu) / d
     x0 = mu + a * S * S * (x - a * mu) / d
-    return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - sig * x0,
-            "flow": eps - x0}[kind]
+    return {
+        "epsilon": eps,
+        "sample": x0,
+        "v_prediction": a * eps - sig * x0,
+        "flow": eps - x0,
+    }[kind]
 
 
 def log_table(sched):
@@ -145,7 +167,11 @@ def torch_model(sched, kind, continuous=False):
 
     def f(x, tau):
         tau = float(tau)
-        s = np.exp(4 * tau) if continuous else np.exp(np.interp(tau, np.arange(len(logs)), logs))
+        s = (
+            np.exp(4 * tau)
+            if continuous
+            else np.exp(np.interp(tau, np.arange(len(logs)), logs))
+        )
         return gaussian(1 / (1 + s * s), x, kind)
 
     return f
@@ -159,7 +185,9 @@ def jax_model(kind, continuous=False):
         if continuous:
             s = jnp.exp(4 * tau)
         else:
-            s = jnp.exp(jnp.interp(tau, jnp.arange(logs.shape[0], dtype=tau.dtype), logs))
+            s = jnp.exp(
+                jnp.interp(tau, jnp.arange(logs.shape[0], dtype=tau.dtype), logs)
+            )
         return gaussian(1 / (1 + s * s), x, kind)
 
     return f
@@ -172,7 +200,9 @@ def config_of(sched):
 def net_timesteps(setup, times):
     """The timesteps `setup.model` gives its network at `times`."""
     net = setup.model.model
-    return np.asarray(jax.vmap(lambda t: net.timestep(net.schedule, t))(jnp.asarray(times)))
+    return np.asarray(
+        jax.vmap(lambda t: net.timestep(net.schedule, t))(jnp.asarray(times))
+    )
 
 
 def agree(check, ours, ref, atol=TOL):
@@ -181,8 +211,20 @@ def agree(check, ours, ref, atol=TOL):
     np.testing.assert_allclose(ours, ref, rtol=0, atol=atol)
 
 
-def compare(check, sched, n, *, kind=None, continuous=False, noise=False, sigmas=None,
-            timesteps=None, step_kw=None, sampler=None, eval_times=None):
+def compare(
+    check,
+    sched,
+    n,
+    *,
+    kind=None,
+    continuous=False,
+    noise=False,
+    sigmas=None,
+    timesteps=None,
+    step_kw=None,
+    sampler=None,
+    eval_times=None,
+):
     """Runs the pipeline and `aj.sample` on `from_diffusers`' setup (its sampler
     replaced by `sampler`, if given); asserts they agree and that the network saw the
     same timesteps. With `noise`, step i's normal is NOISE[i] on both sides (for
@@ -196,7 +238,10 @@ def compare(check, sched, n, *, kind=None, continuous=False, noise=False, sigmas
     else:
         sched.set_timesteps(n)
     setup = aj.from_diffusers(
-        config_of(sched), n, model=jax_model(kind, continuous), sigmas=sigmas,
+        config_of(sched),
+        n,
+        model=jax_model(kind, continuous),
+        sigmas=sigmas,
         timesteps=timesteps,
     )
     if sampler is not None:
@@ -210,15 +255,21 @@ def compare(check, sched, n, *, kind=None, continuous=False, noise=False, sigmas
         sched, torch_model(sched, kind, continuous), Z, bank, **(step_kw or {})
     )
     x = aj.sample(
-        setup.model, jnp.asarray(log_table(sched)), setup.initial(jnp.asarray(Z)),
-        schedule=setup.schedule, ts=setup.ts, sampler=setup.sampler,
+        setup.model,
+        jnp.asarray(log_table(sched)),
+        setup.initial(jnp.asarray(Z)),
+        schedule=setup.schedule,
+        ts=setup.ts,
+        sampler=setup.sampler,
         noise=jnp.asarray(NOISE[:steps]) if noise else None,
     )
     agree(check, setup.final(x), ref)
     # The network's timesteps: at the grid's points (one evaluation per step), or
     # where `eval_times(setup, seen)` says (→ (times, the timesteps seen there)).
-    times, expected = (setup.ts[: len(seen)], seen) if eval_times is None else (
-        eval_times(setup, seen)
+    times, expected = (
+        (setup.ts[: len(seen)], seen)
+        if eval_times is None
+        else (eval_times(setup, seen))
     )
     np.testing.assert_allclose(net_timesteps(setup, times), expected, rtol=0, atol=1e-9)
     return setup, seen, drawn

@@ -17,7 +17,16 @@ import pytest
 import adjoint_jax as aj
 
 from .diffusers64_euler import (
-    EULER64, NS, SD, Z, compare, config_of, jax_model, gaussian, log_table, net_timesteps,
+    EULER64,
+    NS,
+    SD,
+    Z,
+    compare,
+    config_of,
+    gaussian,
+    jax_model,
+    log_table,
+    net_timesteps,
 )
 
 
@@ -26,35 +35,77 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:__array_wrap__ must accept:DeprecationWarning"),
 ]
 
-# ---- EulerDiscreteScheduler: aj.DPMSolver1() on its σ-grid -----------------------------
+# ---- EulerDiscreteScheduler: aj.DPMSolver1() on its σ-grid ---------------------------
 # Every case runs at two step counts, mostly NS = (7, 20): the compiled loops are
 # shared between cases whose network adapter has the same structure.
 EULER_CASES = [  # (name, config, step counts)
     ("linspace", {}, NS),
-    ("leading, steps_offset, scaled_linear (SD)",
-     dict(SD, timestep_spacing="leading", steps_offset=1), NS),
+    (
+        "leading, steps_offset, scaled_linear (SD)",
+        dict(SD, timestep_spacing="leading", steps_offset=1),
+        NS,
+    ),
     ("trailing", dict(timestep_spacing="trailing"), NS),
-    ("Karras, leading (SDXL)", dict(SD, use_karras_sigmas=True, timestep_spacing="leading"),
-     NS),
-    ("log_linear + Karras, trailing", dict(SD, interpolation_type="log_linear",
-                                           use_karras_sigmas=True,
-                                           timestep_spacing="trailing"), NS),
+    (
+        "Karras, leading (SDXL)",
+        dict(SD, use_karras_sigmas=True, timestep_spacing="leading"),
+        NS,
+    ),
+    (
+        "log_linear + Karras, trailing",
+        dict(
+            SD,
+            interpolation_type="log_linear",
+            use_karras_sigmas=True,
+            timestep_spacing="trailing",
+        ),
+        NS,
+    ),
     # diffusers' last step goes σ_min → σ_min: dropped, so N − 1 steps.
-    ("exponential, final sigma_min (identity last step), sample",
-     dict(use_exponential_sigmas=True, final_sigmas_type="sigma_min",
-          prediction_type="sample"), (8, 21)),
-    ("beta, sigma_min below the table, sigma_max",
-     dict(use_beta_sigmas=True, sigma_min=0.004, sigma_max=10.0), NS),
-    ("log_linear (timesteps paired by position)", dict(interpolation_type="log_linear"), NS),
-    ("zero-SNR v-prediction trailing", dict(SD, rescale_betas_zero_snr=True,
-                                            prediction_type="v_prediction",
-                                            timestep_spacing="trailing"), NS),
-    ("continuous timesteps, v-prediction",
-     dict(timestep_type="continuous", prediction_type="v_prediction"), NS),
+    (
+        "exponential, final sigma_min (identity last step), sample",
+        dict(
+            use_exponential_sigmas=True,
+            final_sigmas_type="sigma_min",
+            prediction_type="sample",
+        ),
+        (8, 21),
+    ),
+    (
+        "beta, sigma_min below the table, sigma_max",
+        dict(use_beta_sigmas=True, sigma_min=0.004, sigma_max=10.0),
+        NS,
+    ),
+    (
+        "log_linear (timesteps paired by position)",
+        dict(interpolation_type="log_linear"),
+        NS,
+    ),
+    (
+        "zero-SNR v-prediction trailing",
+        dict(
+            SD,
+            rescale_betas_zero_snr=True,
+            prediction_type="v_prediction",
+            timestep_spacing="trailing",
+        ),
+        NS,
+    ),
+    (
+        "continuous timesteps, v-prediction",
+        dict(timestep_type="continuous", prediction_type="v_prediction"),
+        NS,
+    ),
     # With log_linear the loop takes one step more (to the final σ).
-    ("continuous timesteps, v-prediction, log_linear",
-     dict(timestep_type="continuous", prediction_type="v_prediction",
-          interpolation_type="log_linear"), (6, 19)),
+    (
+        "continuous timesteps, v-prediction, log_linear",
+        dict(
+            timestep_type="continuous",
+            prediction_type="v_prediction",
+            interpolation_type="log_linear",
+        ),
+        (6, 19),
+    ),
 ]
 
 
@@ -62,7 +113,9 @@ EULER_CASES = [  # (name, config, step counts)
 def test_euler(name, kw, ns):
     continuous = kw.get("timestep_type") == "continuous"
     for n in ns:
-        setup, seen, _ = compare(f"Euler: {name}", EULER64(**kw), n, continuous=continuous)
+        setup, seen, _ = compare(
+            f"Euler: {name}", EULER64(**kw), n, continuous=continuous
+        )
         assert setup.sampler == aj.DPMSolver1()
         if "final_sigmas_type" in kw:
             assert float(setup.ts[-1]) == 1 / 1000 and len(setup.ts) == n
@@ -72,6 +125,7 @@ def test_euler(name, kw, ns):
 
 AYS_SDXL = [14.615, 6.315, 3.771, 2.181, 1.342, 0.555, 0.113, 0.0]
 AYS_SD15_TIMESTEPS = [999, 850, 645, 455, 233, 124, 24]
+
 
 def test_euler_pipeline_sigmas_and_timesteps():
     """set_timesteps(sigmas=) (7 steps of Align Your Steps' SDXL sigmas; 20 log-uniform
@@ -87,17 +141,22 @@ def test_euler_scales():
     sched = EULER64(final_sigmas_type="sigma_min")
     sched.set_timesteps(10)
     setup = aj.from_diffusers(config_of(sched), 10)
-    assert setup.final_scale == pytest.approx(float((sched.sigmas[-1] ** 2 + 1) ** 0.5), abs=1e-15)
+    assert setup.final_scale == pytest.approx(
+        float((sched.sigmas[-1] ** 2 + 1) ** 0.5), abs=1e-15
+    )
     assert setup.init_scale == pytest.approx(
         float(sched.init_noise_sigma / (sched.sigmas[0] ** 2 + 1) ** 0.5), abs=1e-15
     )
 
 
-# ---- bfloat16 network on the σ-grids --------------------------------------------------
+# ---- bfloat16 network on the σ-grids -------------------------------------------------
 @pytest.mark.parametrize(
     "kw",
-    [dict(SD, use_karras_sigmas=True), dict(interpolation_type="log_linear"),
-     dict(use_beta_sigmas=True, sigma_min=0.004)],
+    [
+        dict(SD, use_karras_sigmas=True),
+        dict(interpolation_type="log_linear"),
+        dict(use_beta_sigmas=True, sigma_min=0.004),
+    ],
     ids=["karras", "log_linear", "beta-widened"],
 )
 def test_bfloat16_network_on_sigma_grids(kw):
@@ -109,8 +168,17 @@ def test_bfloat16_network_on_sigma_grids(kw):
     sched.set_timesteps(n)
     setup = aj.from_diffusers(config_of(sched), n, model=jax_model("epsilon"))
     logs = log_table(sched)
-    f64 = setup.final(aj.sample(setup.model, jnp.asarray(logs), setup.initial(jnp.asarray(Z)),
-                                schedule=setup.schedule, ts=setup.ts, sampler=setup.sampler))
+    f64 = setup.final(
+        aj.sample(
+            setup.model,
+            jnp.asarray(logs),
+            setup.initial(jnp.asarray(Z)),
+            schedule=setup.schedule,
+            ts=setup.ts,
+            sampler=setup.sampler,
+        )
+    )
+
     def bf16(params, x, tau, cond):
         assert tau.dtype == jnp.float32
         out = inner(params.astype(jnp.float32), x.astype(jnp.bfloat16), tau, cond)
@@ -121,9 +189,14 @@ def test_bfloat16_network_on_sigma_grids(kw):
         return gaussian((1 / (1 + s * s)).astype(x.dtype), x, "epsilon")
 
     setup16 = aj.from_diffusers(config_of(sched), n, model=bf16)
-    x = aj.sample(setup16.model, jnp.asarray(logs, jnp.float32),
-                  setup16.initial(jnp.asarray(Z, jnp.float32)), schedule=setup16.schedule,
-                  ts=setup16.ts, sampler=setup16.sampler)
+    x = aj.sample(
+        setup16.model,
+        jnp.asarray(logs, jnp.float32),
+        setup16.initial(jnp.asarray(Z, jnp.float32)),
+        schedule=setup16.schedule,
+        ts=setup16.ts,
+        sampler=setup16.sampler,
+    )
     assert x.dtype == jnp.float32 and np.all(np.isfinite(np.asarray(x)))
     assert np.max(np.abs(np.asarray(setup16.final(x)) - np.asarray(f64))) < 3e-2
     taus = net_timesteps(setup16, np.asarray(setup16.ts[:-1], np.float32))
@@ -131,20 +204,49 @@ def test_bfloat16_network_on_sigma_grids(kw):
     np.testing.assert_allclose(taus, sched.timesteps.numpy(), rtol=2e-5, atol=2e-3)
 
 
-# ---- refusals -------------------------------------------------------------------------
+# ---- refusals ------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "name,config,kw,key",
     [
-        ("EulerDiscreteScheduler", dict(rescale_betas_zero_snr=True), {}, "rescale_betas_zero_snr"),
-        ("EulerAncestralDiscreteScheduler", dict(prediction_type="sample"), {}, "prediction_type"),
-        ("EulerDiscreteScheduler", dict(SD, use_karras_sigmas=True, sigma_max=80.0), {}, "sigma_max"),
-        ("EulerDiscreteScheduler", dict(interpolation_type="cubic"), {}, "interpolation_type"),
-        ("EulerDiscreteScheduler", dict(final_sigmas_type="one"), {}, "final_sigmas_type"),
+        (
+            "EulerDiscreteScheduler",
+            dict(rescale_betas_zero_snr=True),
+            {},
+            "rescale_betas_zero_snr",
+        ),
+        (
+            "EulerAncestralDiscreteScheduler",
+            dict(prediction_type="sample"),
+            {},
+            "prediction_type",
+        ),
+        (
+            "EulerDiscreteScheduler",
+            dict(SD, use_karras_sigmas=True, sigma_max=80.0),
+            {},
+            "sigma_max",
+        ),
+        (
+            "EulerDiscreteScheduler",
+            dict(interpolation_type="cubic"),
+            {},
+            "interpolation_type",
+        ),
+        (
+            "EulerDiscreteScheduler",
+            dict(final_sigmas_type="one"),
+            {},
+            "final_sigmas_type",
+        ),
         ("EulerDiscreteScheduler", {}, dict(eta=0.5), "eta"),
         ("EulerDiscreteScheduler", {}, dict(mu=0.5), "mu"),
         ("EulerAncestralDiscreteScheduler", {}, dict(sigmas=[1.0, 0.0]), "sigmas"),
-        ("EulerDiscreteScheduler", dict(use_karras_sigmas=True), dict(timesteps=[900, 500]),
-         "timesteps"),
+        (
+            "EulerDiscreteScheduler",
+            dict(use_karras_sigmas=True),
+            dict(timesteps=[900, 500]),
+            "timesteps",
+        ),
         ("LMSDiscreteScheduler", dict(beta_schedule="exp"), {}, "beta_schedule"),
     ],
 )
@@ -158,22 +260,41 @@ def test_zero_snr_accepted_where_the_table_stays_monotone():
     # Linear betas: ᾱ_998 ≈ 4e-9 < 2⁻²⁴ (refused above); scaled_linear: ᾱ_998 ≈ 1e-7.
     ab = EULER64(**SD, rescale_betas_zero_snr=True).alphas_cumprod.numpy()
     assert ab[-2] > ab[-1] == 2.0**-24
-    aj.from_diffusers({"_class_name": "EulerDiscreteScheduler", **SD,
-                       "rescale_betas_zero_snr": True}, 10)
+    aj.from_diffusers(
+        {"_class_name": "EulerDiscreteScheduler", **SD, "rescale_betas_zero_snr": True},
+        10,
+    )
 
 
 def test_keys_other_schedulers_carry_are_ignored_like_diffusers_ignores_them():
     """`from_config` keeps a pipeline's other keys (DDIM's clip_sample, …): no warning,
     and a key that is not the class's own parameter (Euler a has no Karras σ) changes
     nothing, as in diffusers."""
-    ddim = dict(SD, clip_sample=False, set_alpha_to_one=False, skip_prk_steps=True,
-                steps_offset=1, sample_max_value=1.0)
+    ddim = dict(
+        SD,
+        clip_sample=False,
+        set_alpha_to_one=False,
+        skip_prk_steps=True,
+        steps_offset=1,
+        sample_max_value=1.0,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for name in ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                     "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "LMSDiscreteScheduler"):
+        for name in (
+            "EulerDiscreteScheduler",
+            "EulerAncestralDiscreteScheduler",
+            "HeunDiscreteScheduler",
+            "KDPM2DiscreteScheduler",
+            "LMSDiscreteScheduler",
+        ):
             aj.from_diffusers({"_class_name": name, **ddim}, 10)
-    a = aj.from_diffusers({"_class_name": "EulerAncestralDiscreteScheduler",
-                           "use_karras_sigmas": True, "timestep_type": "continuous"}, 10)
+    a = aj.from_diffusers(
+        {
+            "_class_name": "EulerAncestralDiscreteScheduler",
+            "use_karras_sigmas": True,
+            "timestep_type": "continuous",
+        },
+        10,
+    )
     b = aj.from_diffusers({"_class_name": "EulerAncestralDiscreteScheduler"}, 10)
     np.testing.assert_array_equal(np.asarray(a.ts), np.asarray(b.ts))

@@ -18,8 +18,15 @@ pytestmark = [
 
 LMS_CASES = [
     ("linspace", {}),
-    ("leading, steps_offset, v-prediction",
-     dict(SD, timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction")),
+    (
+        "leading, steps_offset, v-prediction",
+        dict(
+            SD,
+            timestep_spacing="leading",
+            steps_offset=1,
+            prediction_type="v_prediction",
+        ),
+    ),
     ("trailing", dict(timestep_spacing="trailing")),
     ("Karras, sample", dict(SD, use_karras_sigmas=True, prediction_type="sample")),
     ("exponential", dict(use_exponential_sigmas=True)),
@@ -37,30 +44,55 @@ def test_lms(name, kw):
 def test_lms_step_order_argument():
     """`step(order=k)` is `aj.LMS(order=k)`."""
     for k, n in ((2, 7), (3, 20)):
-        compare(f"LMS: step(order={k})", LMS64(), n, sampler=aj.LMS(order=k),
-                step_kw=dict(order=k))
+        compare(
+            f"LMS: step(order={k})",
+            LMS64(),
+            n,
+            sampler=aj.LMS(order=k),
+            step_kw=dict(order=k),
+        )
 
 
 CHURN_CASES = [  # (name, config, step kwargs, num_sigmas beyond the grid's step count)
     ("s_churn 2, linspace", {}, dict(s_churn=2.0), 0),
-    ("window [0.5, 5] of a Karras grid, s_noise, v-prediction",
-     dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"),
-     dict(s_churn=3.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003), 0),
-    ("γ capped at √2 − 1, s_tmin, sample",
-     dict(prediction_type="sample"), dict(s_churn=10.0, s_tmin=0.1), 0),
-    ("log_linear (N + 1 sigmas)", dict(interpolation_type="log_linear"),
-     dict(s_churn=1.5), 1),
+    (
+        "window [0.5, 5] of a Karras grid, s_noise, v-prediction",
+        dict(SD, use_karras_sigmas=True, prediction_type="v_prediction"),
+        dict(s_churn=3.0, s_tmin=0.5, s_tmax=5.0, s_noise=1.003),
+        0,
+    ),
+    (
+        "γ capped at √2 − 1, s_tmin, sample",
+        dict(prediction_type="sample"),
+        dict(s_churn=10.0, s_tmin=0.1),
+        0,
+    ),
+    (
+        "log_linear (N + 1 sigmas)",
+        dict(interpolation_type="log_linear"),
+        dict(s_churn=1.5),
+        1,
+    ),
 ]
 
 
-@pytest.mark.parametrize("name,kw,step_kw,extra", CHURN_CASES, ids=[c[0] for c in CHURN_CASES])
+@pytest.mark.parametrize(
+    "name,kw,step_kw,extra", CHURN_CASES, ids=[c[0] for c in CHURN_CASES]
+)
 def test_euler_churn(name, kw, step_kw, extra):
     for n in NS:
         sampler = aj.EulerChurn(
-            **step_kw, prediction=kw.get("prediction_type", "epsilon"),
+            **step_kw,
+            prediction=kw.get("prediction_type", "epsilon"),
             num_sigmas=n + extra if extra else None,
         )
-        setup, _, drawn = compare(f"Euler churn: {name}", EULER64(**kw), n, noise=True,
-                                  step_kw=step_kw, sampler=sampler)
+        setup, _, drawn = compare(
+            f"Euler churn: {name}",
+            EULER64(**kw),
+            n,
+            noise=True,
+            step_kw=step_kw,
+            sampler=sampler,
+        )
         churned = sampler.churn_steps(setup.schedule, setup.ts)
         assert drawn == len(churned) > 0

@@ -25,8 +25,16 @@ def _x0_errors(sampler, ns, exact, noise=False):
     for n in ns:
         ts = aj.time_grid(PB.schedule, n, t_end=T_END)
         zeros = jnp.zeros((n, 4)) if noise else None
-        x0 = aj.sample(PB.model, PB.params, XT, COND, schedule=PB.schedule, ts=ts,
-                       sampler=sampler, noise=zeros)
+        x0 = aj.sample(
+            PB.model,
+            PB.params,
+            XT,
+            COND,
+            schedule=PB.schedule,
+            ts=ts,
+            sampler=sampler,
+            noise=zeros,
+        )
         errs.append(rel_err(x0, exact))
     return errs
 

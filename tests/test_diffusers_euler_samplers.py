@@ -12,8 +12,21 @@ import pytest
 import adjoint_jax as aj
 
 from .diffusers64_euler import (
-    EULER64, FLOW_HEUN64, HEUN64, KDPM2_64, KDPM2A64, LMS64, MU, NOISE, SD, Z, config_of,
-    gaussian, log_table, net_timesteps, run_pipeline,
+    EULER64,
+    FLOW_HEUN64,
+    HEUN64,
+    KDPM2_64,
+    KDPM2A64,
+    LMS64,
+    MU,
+    NOISE,
+    SD,
+    Z,
+    config_of,
+    gaussian,
+    log_table,
+    net_timesteps,
+    run_pipeline,
 )
 
 
@@ -36,8 +49,11 @@ def _noise_level(tau, logs, flow, lib):
         sig = tau / 1000
         norm = (1 - sig) ** 2 + sig**2
         return (1 - sig) ** 2 / norm, norm**0.5
-    s = lib.exp(lib.interp(tau, lib.arange(logs.shape[0], dtype=getattr(tau, "dtype", None)),
-                           logs))
+    s = lib.exp(
+        lib.interp(
+            tau, lib.arange(logs.shape[0], dtype=getattr(tau, "dtype", None)), logs
+        )
+    )
     return 1 / (1 + s * s), 1.0
 
 
@@ -67,8 +83,12 @@ CASES = [  # (sampler name, scheduler, n, sampler replacing the setup's, step kw
 ]
 
 
-@pytest.mark.parametrize("name,make,n,sampler,step_kw", CASES, ids=[c[0] for c in CASES])
-def test_dto_gradient_matches_diffusers_finite_differences(name, make, n, sampler, step_kw):
+@pytest.mark.parametrize(
+    "name,make,n,sampler,step_kw", CASES, ids=[c[0] for c in CASES]
+)
+def test_dto_gradient_matches_diffusers_finite_differences(
+    name, make, n, sampler, step_kw
+):
     """∂L/∂μ (μ the data mean, a parameter of the network) and ∂L/∂z of
     L(final latents): `jax.grad` through `aj.sample` against central differences of
     diffusers' loop in float64."""
@@ -86,16 +106,25 @@ def test_dto_gradient_matches_diffusers_finite_differences(name, make, n, sample
     bank = NOISE if draws is None else NOISE[draws(setup.schedule, setup.ts)]
 
     def ours(mu, z):
-        x = aj.sample(setup.model, {"logs": jnp.asarray(logs), "mu": mu}, setup.initial(z),
-                      schedule=setup.schedule, ts=setup.ts, sampler=setup.sampler,
-                      noise=noise, adjoint=aj.DTO())
+        x = aj.sample(
+            setup.model,
+            {"logs": jnp.asarray(logs), "mu": mu},
+            setup.initial(z),
+            schedule=setup.schedule,
+            ts=setup.ts,
+            sampler=setup.sampler,
+            noise=noise,
+            adjoint=aj.DTO(),
+        )
         return _loss(setup.final(x), jnp)
 
     g_mu, g_z = jax.grad(ours, argnums=(0, 1))(jnp.asarray(MU), jnp.asarray(Z))
 
     def theirs(mu, z):
         sched.set_timesteps(n)
-        out, _, _ = run_pipeline(sched, _torch_model(logs, kind, mu, flow), z, bank, **step_kw)
+        out, _, _ = run_pipeline(
+            sched, _torch_model(logs, kind, mu, flow), z, bank, **step_kw
+        )
         return _loss(out)
 
     d = 1e-6
@@ -104,14 +133,18 @@ def test_dto_gradient_matches_diffusers_finite_differences(name, make, n, sample
     np.testing.assert_allclose(float(g_mu), fd_mu, rtol=1e-7, atol=1e-9)
     direction = np.random.default_rng(3).standard_normal(Z.shape)
     fd_z = (theirs(MU, Z + d * direction) - theirs(MU, Z - d * direction)) / (2 * d)
-    np.testing.assert_allclose(float(np.vdot(np.asarray(g_z), direction)), fd_z, rtol=1e-7,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        float(np.vdot(np.asarray(g_z), direction)), fd_z, rtol=1e-7, atol=1e-9
+    )
 
 
 @pytest.mark.parametrize(
     "make,n",
-    [(lambda: KDPM2_64(), 7), (lambda: FLOW_HEUN64(shift=3.0), 7),
-     (lambda: HEUN64(beta_schedule="exp", timestep_spacing="leading"), 7)],
+    [
+        (lambda: KDPM2_64(), 7),
+        (lambda: FLOW_HEUN64(shift=3.0), 7),
+        (lambda: HEUN64(beta_schedule="exp", timestep_spacing="leading"), 7),
+    ],
     ids=["KDPM2 midpoint table", "FlowMatchHeun", "Heun beta_schedule exp"],
 )
 def test_bfloat16_network(make, n):
@@ -129,14 +162,22 @@ def test_bfloat16_network(make, n):
         assert tau.dtype == jnp.float32
         ab, scale = _noise_level(tau, params["logs"], flow, jnp)
         xb = (x / scale).astype(jnp.bfloat16)
-        return gaussian(ab.astype(jnp.bfloat16), xb, kind, params["mu"].astype(jnp.bfloat16))
+        return gaussian(
+            ab.astype(jnp.bfloat16), xb, kind, params["mu"].astype(jnp.bfloat16)
+        )
 
     outs = []
     for model, dtype in ((f64, jnp.float64), (bf16, jnp.float32)):
         setup = aj.from_diffusers(config_of(sched), n, model=model)
         params = {"logs": jnp.asarray(logs, dtype), "mu": jnp.asarray(MU, dtype)}
-        x = aj.sample(setup.model, params, setup.initial(jnp.asarray(Z, dtype)),
-                      schedule=setup.schedule, ts=setup.ts, sampler=setup.sampler)
+        x = aj.sample(
+            setup.model,
+            params,
+            setup.initial(jnp.asarray(Z, dtype)),
+            schedule=setup.schedule,
+            ts=setup.ts,
+            sampler=setup.sampler,
+        )
         assert x.dtype == dtype and np.all(np.isfinite(np.asarray(x)))
         outs.append(np.asarray(setup.final(x), np.float64))
     assert np.max(np.abs(outs[1] - outs[0])) < 3e-2

@@ -9,7 +9,7 @@ change:
 
 - `HeunDiscreteScheduler` steps the variance-exploding latents y = x/α in σ (= e^{−λ}):
   `aj.Heun()` (space "ve"), on the `EulerDiscreteScheduler`-style σ-grid of
-  `_euler.py` (spacings, Karras / exponential / beta, pipeline `timesteps`, and its
+  `_kdiffusion.py` (spacings, Karras / exponential / beta, pipeline `timesteps`, and its
   `beta_schedule="exp"`).
 - `FlowMatchHeunDiscreteScheduler` steps the flow latents x themselves in σ = t:
   `aj.Heun(space="t")` on `aj.FlowMatching()`, σ from 1 with `shift` applied twice as
@@ -25,9 +25,9 @@ import numpy as np
 from .._samplers._heun import Heun
 from .._schedule import FlowMatching
 from ._config import Keys
-from ._euler import FOREIGN, KFamily, k_grid, refuse_eta
 from ._family import Plan, refuse_args
 from ._grids import flow_shift
+from ._kdiffusion import FOREIGN, KFamily, k_grid, refuse_eta
 from ._net import TimestepMap, network
 
 
@@ -47,11 +47,23 @@ def flow_heun_sigmas(config, n: int) -> np.ndarray:
 
 class HeunFamily(KFamily):
     keys = {
-        _HEUN: Keys({}, {}, frozenset({
-            "prediction_type", "use_karras_sigmas", "use_exponential_sigmas",
-            "use_beta_sigmas", "clip_sample", "clip_sample_range", "timestep_spacing",
-            "steps_offset",
-        }) | FOREIGN),
+        _HEUN: Keys(
+            {},
+            {},
+            frozenset(
+                {
+                    "prediction_type",
+                    "use_karras_sigmas",
+                    "use_exponential_sigmas",
+                    "use_beta_sigmas",
+                    "clip_sample",
+                    "clip_sample_range",
+                    "timestep_spacing",
+                    "steps_offset",
+                }
+            )
+            | FOREIGN,
+        ),
         _FLOW: Keys({}, {}, frozenset({"shift"}) | FOREIGN),
     }
 
@@ -70,16 +82,21 @@ class HeunFamily(KFamily):
         if name == _FLOW:
             refuse_args(name, timesteps=timesteps)
             return Plan(flow_heun_sigmas(config, num_steps), Heun(space="t"))
-        if timesteps is not None and any(config.get(k, False) for k in (
-            "use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"
-        )):
+        if timesteps is not None and any(
+            config.get(k, False)
+            for k in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+        ):
             raise ValueError(
                 f"{name}: `timesteps` with a Karras / exponential / beta σ-grid config "
                 "(use_karras_sigmas, use_exponential_sigmas, use_beta_sigmas) are "
                 "refused by diffusers itself."
             )
         grid = k_grid(config, name, num_steps, timesteps=timesteps)
-        clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample") else None
+        clip = (
+            float(config.get("clip_sample_range", 1.0))
+            if config.get("clip_sample")
+            else None
+        )
         return self.k_plan(config, name, grid, Heun(clip_sample=clip), ode=True)
 
 

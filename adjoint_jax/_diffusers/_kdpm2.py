@@ -1,5 +1,5 @@
 """`KDPM2DiscreteScheduler` and `KDPM2AncestralDiscreteScheduler`: `aj.KDPM2()` and
-`aj.KDPM2Ancestral()` on the scheduler's σ-grid (`_euler.py`'s, with KDPM2's quirk:
+`aj.KDPM2Ancestral()` on the scheduler's σ-grid (`_kdiffusion.py`'s, with KDPM2's quirk:
 under `use_karras_sigmas` its step timesteps are `_sigma_to_t` *rounded*).
 
 Each σ-step evaluates the network twice (the pipeline's timesteps interleave the
@@ -19,19 +19,31 @@ import numpy as np
 
 from .._samplers._kdpm2 import KDPM2, KDPM2Ancestral
 from ._config import Keys
-from ._euler import FOREIGN, KFamily, k_grid, k_train_sigmas, refuse_eta
 from ._family import refuse_args
 from ._grids import sigma_to_index
+from ._kdiffusion import FOREIGN, KFamily, k_grid, k_train_sigmas, refuse_eta
 
 
 _PLAIN = "KDPM2DiscreteScheduler"
 _ANCESTRAL = "KDPM2AncestralDiscreteScheduler"
 _KEYS = Keys(
-    {"prediction_type": (("epsilon", "v_prediction"),
-                         "raises NotImplementedError in diffusers' KDPM2 step")},
+    {
+        "prediction_type": (
+            ("epsilon", "v_prediction"),
+            "raises NotImplementedError in diffusers' KDPM2 step",
+        )
+    },
     {},
-    frozenset({"use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-               "timestep_spacing", "steps_offset"}) | FOREIGN,
+    frozenset(
+        {
+            "use_karras_sigmas",
+            "use_exponential_sigmas",
+            "use_beta_sigmas",
+            "timestep_spacing",
+            "steps_offset",
+        }
+    )
+    | FOREIGN,
 )
 
 

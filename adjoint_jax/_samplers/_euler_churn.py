@@ -79,14 +79,18 @@ class EulerChurn(AbstractSampler[tuple]):
             v = getattr(self, field)
             if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
                 raise ValueError(
-                    f"`EulerChurn({field}=...)` must be a Python number >= 0; got {v!r}."
+                    f"`EulerChurn({field}=...)` must be a Python number >= 0; got "
+                    f"{v!r}."
                 )
         n = self.num_sigmas
         if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ValueError(f"`EulerChurn(num_sigmas=...)` must be None or an int >= 1; got {n!r}.")
+            raise ValueError(
+                f"`EulerChurn(num_sigmas=...)` must be None or an int >= 1; got {n!r}."
+            )
         if self.prediction not in _PREDICTIONS:
             raise ValueError(
-                f"`EulerChurn(prediction=...)` must be one of {_PREDICTIONS} (diffusers' "
+                f"`EulerChurn(prediction=...)` must be one of {_PREDICTIONS} "
+                "(diffusers' "
                 f"prediction_type); got {self.prediction!r}."
             )
 
@@ -141,18 +145,25 @@ class EulerChurn(AbstractSampler[tuple]):
             w, k = jnp.ones_like(sig), jnp.zeros_like(sig)
         else:
             w = sig / hat
-            k = jnp.ones_like(sig) if self.prediction == "sample" else sig**2 / (sig**2 + 1)
+            k = (
+                jnp.ones_like(sig)
+                if self.prediction == "sample"
+                else sig**2 / (sig**2 + 1)
+            )
         a_s = c.alpha_s
         b = a_s * (sig_s - hat) * w
         churn = a_s * (1 + (sig_s - hat) * k / hat) * delta
-        x_s = lincomb((c.alpha_ratio, x), (b, e), (churn, noise if self.is_sde else None))
+        x_s = lincomb(
+            (c.alpha_ratio, x), (b, e), (churn, noise if self.is_sde else None)
+        )
         return (x_s, gamma)
 
     def output(self, state) -> PyTree:
         return state[0]
 
 
-EulerChurn.__init__.__doc__ = """**Arguments:** as diffusers' `EulerDiscreteScheduler.step`:
+EulerChurn.__init__.__doc__ = """**Arguments:** as diffusers'
+`EulerDiscreteScheduler.step`:
 
 - `s_churn`: the stochasticity (γ = min(s_churn/N, √2 − 1); 0: plain Euler).
 - `s_tmin`, `s_tmax`: the window of ς = σ/α (diffusers' σ) where steps churn.

@@ -46,7 +46,8 @@ class Heun(AbstractSampler[PyTree]):
         This is diffusers' `HeunDiscreteScheduler` (any schedule, any σ-grid).
     - `"t"`: in the schedule's own state x and time t, dx/dt = α' x̂_0 + σ' ε̂:
 
-            x̃_s = x_t + (s − t) f(x_t, t),   x_s = x_t + (s − t)(f(x_t, t) + f(x̃_s, s))/2.
+            x̃_s = x_t + (s − t) f(x_t, t),
+            x_s = x_t + (s − t)(f(x_t, t) + f(x̃_s, s))/2.
 
         On `aj.FlowMatching()` (f is the velocity) this is diffusers'
         `FlowMatchHeunDiscreteScheduler`, and it may start at t = 1 (α = 0) from the
@@ -79,12 +80,20 @@ class Heun(AbstractSampler[PyTree]):
 
     def __check_init__(self):
         if self.space not in _SPACES:
-            raise ValueError(f"`Heun(space=...)` must be 've' or 't'; got {self.space!r}.")
+            raise ValueError(
+                f"`Heun(space=...)` must be 've' or 't'; got {self.space!r}."
+            )
         r = self.clip_sample
-        if r is not None and (isinstance(r, bool) or not isinstance(r, int | float) or r <= 0):
-            raise ValueError(f"`Heun(clip_sample=...)` must be None or a number > 0; got {r!r}.")
+        if r is not None and (
+            isinstance(r, bool) or not isinstance(r, int | float) or r <= 0
+        ):
+            raise ValueError(
+                f"`Heun(clip_sample=...)` must be None or a number > 0; got {r!r}."
+            )
         if r is not None and self.space != "ve":
-            raise ValueError("`Heun(clip_sample=...)` needs space='ve' (diffusers' Heun).")
+            raise ValueError(
+                "`Heun(clip_sample=...)` needs space='ve' (diffusers' Heun)."
+            )
 
     @property
     def continuous_adjoint_error(self) -> str | None:
@@ -133,8 +142,11 @@ class Heun(AbstractSampler[PyTree]):
         def corrected():
             e_s, _ = self._eps(eps, schedule, x_pred, s)
             c = step_coeffs(schedule, t, s)
-            return lincomb((c.alpha_ratio, x), (-0.5 * c.sigma_phi1, e_t),
-                           (-0.5 * c.sigma_phi1, e_s))
+            return lincomb(
+                (c.alpha_ratio, x),
+                (-0.5 * c.sigma_phi1, e_t),
+                (-0.5 * c.sigma_phi1, e_s),
+            )
 
         return jax.lax.cond(to_data, lambda: x_pred, corrected)
 

@@ -4,7 +4,6 @@ intermediate point at the log-SNR midpoint, and its ancestral variant."""
 from typing import ClassVar
 
 import jax
-import jax.numpy as jnp
 from jaxtyping import Array, PyTree
 
 from .._misc import lincomb
@@ -108,7 +107,9 @@ class KDPM2Ancestral(AbstractSDESampler[PyTree]):
 
         def ancestral():
             e_s = eps(x_pred, s)
-            return DDIM(eta=1.0).step(lambda x, tt: e_s, schedule, state, t, s, 0, noise)
+            return DDIM(eta=1.0).step(
+                lambda x, tt: e_s, schedule, state, t, s, 0, noise
+            )
 
         return jax.lax.cond(c.sigma_zero_end, lambda: x_pred, ancestral)
 

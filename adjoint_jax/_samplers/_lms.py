@@ -74,7 +74,9 @@ class LMS(AbstractSampler[tuple]):
 
     def __check_init__(self):
         if isinstance(self.order, bool) or self.order not in (1, 2, 3, 4):
-            raise ValueError(f"`LMS(order=...)` must be 1, 2, 3 or 4; got {self.order!r}.")
+            raise ValueError(
+                f"`LMS(order=...)` must be 1, 2, 3 or 4; got {self.order!r}."
+            )
 
     def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array):
         # Earlier ε̂ and ς start as zeros, never read with weight (the warm-up).
