@@ -61,9 +61,13 @@ def scheduler_name(config: Mapping[str, Any], scheduler: str | None, names) -> s
     return name
 
 
-def check_keys(config: Mapping[str, Any], name: str, keys: Keys) -> None:
+def check_keys(
+    config: Mapping[str, Any], name: str, keys: Keys, elsewhere: frozenset = frozenset()
+) -> None:
     """Raises for a key whose value changes the numbers in a way that is not
-    reproduced; warns (once) about keys no table knows."""
+    reproduced; warns (once) about keys no table knows. Keys only other scheduler
+    classes take (`elsewhere`) are ignored, as diffusers ignores them: a config carried
+    over by `Cls.from_config(pipe.scheduler.config)` keeps the previous class's."""
     for key, (ok, why) in keys.refused.items():
         if key in config and config[key] not in ok:
             raise ValueError(
@@ -76,7 +80,7 @@ def check_keys(config: Mapping[str, Any], name: str, keys: Keys) -> None:
                 f"{key}={keys.defaults[key]!r} {why}, which is not reproduced; set "
                 f"`config[{key!r}] = {ok[0]!r}` if the model was sampled without it."
             )
-    known = set(keys.refused) | keys.known | SCHEDULE_KEYS
+    known = set(keys.refused) | keys.known | SCHEDULE_KEYS | elsewhere
     unknown = tuple(sorted(k for k in config if not k.startswith("_") and k not in known))
     if unknown and (name, unknown) not in _WARNED:
         _WARNED.add((name, unknown))

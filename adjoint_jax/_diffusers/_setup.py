@@ -46,12 +46,15 @@ FAMILIES: tuple[Family, ...] = (
     _edm.FAMILY,
 )
 _BY_NAME = {name: fam for fam in FAMILIES for name in fam.keys}
+_ALL_KEYS = frozenset(
+    k for fam in FAMILIES for ks in fam.keys.values() for k in (*ks.refused, *ks.known)
+)
 
 
 def _family(config: Mapping[str, Any], scheduler: str | None) -> tuple[Family, str]:
     name = scheduler_name(config, scheduler, _BY_NAME)
     family = _BY_NAME[name]
-    check_keys(config, name, family.keys[name])
+    check_keys(config, name, family.keys[name], _ALL_KEYS)
     return family, name
 
 
