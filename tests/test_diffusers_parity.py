@@ -306,6 +306,12 @@ def test_unknown_config_key_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         aj.diffusers_timesteps(_config(DPM64()), 10)
+        # Keys another scheduler class takes, carried over by
+        # `Cls.from_config(pipe.scheduler.config)`, are ignored as diffusers ignores
+        # them (SDXL's Euler config read as DPM-Solver++).
+        carried = dict(clip_sample=False, interpolation_type="linear",
+                       skip_prk_steps=True, set_alpha_to_one=False)
+        aj.diffusers_timesteps(_config(DPM64()) | carried, 10)
 
 
 def test_discrete_timestep_rounds_in_float32():
