@@ -104,11 +104,12 @@ def _check(config) -> None:
                       "it must be 'zero' or 'sigma_min'")
 
 
-def _alphas_cumprod(config) -> np.ndarray:
-    """ᾱ in float64 with diffusers' zero-SNR override ᾱ_{T−1} = 2⁻²⁴."""
+def _alphas_cumprod(config, schedule: bool = True) -> np.ndarray:
+    """ᾱ in float64 with diffusers' zero-SNR override ᾱ_{T−1} = 2⁻²⁴ (refused where
+    it makes the VP `schedule` non-monotone; a flow grid only reads its σ)."""
     ab = np.cumprod(1.0 - betas_from_config(config))
     if config.get("rescale_betas_zero_snr", False):
-        if not ab[-2] > _ZERO_SNR_ALPHA_BAR:
+        if schedule and not ab[-2] > _ZERO_SNR_ALPHA_BAR:
             raise _refuse("rescale_betas_zero_snr", True, (
                 f"diffusers then overwrites ᾱ_{{T−1}} = 0 with 2⁻²⁴, above ᾱ_{{T−2}} = "
                 f"{ab[-2]:.3g} for these betas: a noise level that decreases at the "
@@ -118,8 +119,8 @@ def _alphas_cumprod(config) -> np.ndarray:
     return ab
 
 
-def _train_sigmas(config) -> np.ndarray:
-    ab = _alphas_cumprod(config)
+def _train_sigmas(config, schedule: bool = True) -> np.ndarray:
+    ab = _alphas_cumprod(config, schedule)
     return np.sqrt((1.0 - ab) / ab)
 
 
@@ -199,7 +200,8 @@ def _flow_sigmas(config, n, given, mu):
     if _conversion(config) == "use_karras_sigmas":
         # diffusers flips its input (the increasing training σ, or the given ones)
         # and ramps from its first to its last value.
-        flipped = (given if given is not None else _train_sigmas(config))[::-1]
+        table = given if given is not None else _train_sigmas(config, schedule=False)
+        flipped = table[::-1]
         lo, hi = config.get("sigma_min"), config.get("sigma_max")
         hi = flipped[0] if hi is None else hi
         sig = karras(hi, flipped[-1] if lo is None else lo, n)
