@@ -212,25 +212,36 @@ class DPMMultistepFamily(Family):
         if eta:
             raise ValueError(f"`eta` is DDIM's; {name}.step takes none (got eta={eta!r}).")
         _check_mu(config, mu)
-        T = int(config.get("num_train_timesteps", 1000))
         sig, steps, kind = _grid(config, num_steps, timesteps, mu)
-        flow, n, table = kind == "flow", len(sig), train_table(config, name)
         if np.sum(steps == steps[0]) > 1:
             raise ValueError(
                 f"{name}: the first timestep {steps[0]} occurs twice in {steps.tolist()}; "
                 "diffusers' index_for_timestep then starts at its second occurrence and "
                 "its loop runs past the last σ."
             )
-        schedule = self.schedule(config, name)
-        times = _times(sig, steps, kind, table, schedule)
+        table = train_table(config, name)
+        times = _times(sig, steps, kind, table, self.schedule(config, name))
+        ts, orders = self._close(config, name, sig, times, kind, table)
+        steps = steps[: len(ts) - 1]
+        plan = _BoundPlan(ts, self._sampler(config, orders, ts[-1] == 0, len(sig)))
+        bound_table = (ts[:-1][::-1].copy(), steps[::-1].astype(np.float64))
+        flow_range = self._flow_range(ts) if kind == "flow" else None
+        plan.family = DPMMultistepFamily(bound_table, flow_range)
+        return plan
+
+    def _close(self, config, name, sig, times, kind, table):
+        """The grid's end (σ = 0, or σ_min: the training table's, also for flow
+        sigmas) and, where the last step σ_min → σ_min (the σ-grids' last σ is σ_min
+        up to round-off) is the identity and dropped, diffusers' orders of the others
+        (None otherwise)."""
         zero = config.get("final_sigmas_type", "zero") == "zero"
         last = 0.0 if zero else float(table.sigmas[0])
-        end = 0.0 if zero else (last if flow else 1.0 / T)
-        orders = self._orders(config, n)
-        drop = not zero and abs(sig[-1] - last) <= 1e-12 * last
-        if drop:  # σ_min → σ_min: the identity (h = 0), dropped
-            self._check_identity(config, orders, sig[-1] == last)
-            ts, orders, sig, steps = times, orders[:-1], sig[:-1], steps[:-1]
+        end = 0.0 if zero else (last if kind == "flow" else 1.0 / len(table.sigmas))
+        orders = None
+        if not zero and abs(sig[-1] - last) <= 1e-12 * last:
+            full = self._orders(config, len(sig))
+            self._check_identity(config, full, sig[-1] == last)
+            ts, orders = times, full[:-1]
         else:
             ts = np.concatenate([times, [end]])
         if len(ts) < 2 or not np.all(np.diff(ts) < 0):
@@ -238,10 +249,7 @@ class DPMMultistepFamily(Family):
                 f"{name}: the σ of the steps must decrease strictly down to the final "
                 f"σ = {last} (final_sigmas_type); got {np.append(sig, last).tolist()}."
             )
-        plan = _BoundPlan(ts, self._sampler(config, orders if drop else None, zero, n))
-        bound_table = (ts[:len(steps)][::-1].copy(), steps[::-1].astype(np.float64))
-        plan.family = DPMMultistepFamily(bound_table, self._flow_range(ts) if flow else None)
-        return plan
+        return ts, orders
 
     @staticmethod
     def _flow_range(ts):
