@@ -11,6 +11,9 @@ Brownian tree; the sampler takes the normalised increment over each interval of 
 interleaved grid as that step's standard normal (`aj.DPMSolverSDE`), which is how
 diffusers' two draws per step (over the first half and over the whole step) combine.
 
+`step(..., s_noise=)` (default 1) is a loop argument, not config: for another value
+use `setup._replace(sampler=aj.DPMSolverSDE(s_noise=...))`.
+
 To reproduce a run of diffusers' own Brownian tree (`noise_sampler_seed`), query a
 fresh `BrownianTreeNoiseSampler(x, σ_min, σ_max, seed)` (σ_min, σ_max: the extremes of
 the scheduler's positive `sigmas`) over each interval of the grid, in diffusers' σ
