@@ -12,10 +12,11 @@ mirrors.
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._schedule import AbstractSchedule
+from .._schedule import AbstractSchedule, VPDiscrete
 
 
 def karras(sigma_max: float, sigma_min: float, n: int, rho: float = 7.0) -> np.ndarray:
@@ -58,18 +59,39 @@ def sigma_to_index(sigma, train_sigmas: np.ndarray) -> np.ndarray:
 def vp_times(schedule: AbstractSchedule, sigmas: np.ndarray) -> np.ndarray:
     """The times of `aj` schedule `schedule` (a VP schedule) at variance-exploding
     noise levels `sigmas` (λ = −log σ; σ = 0 is t = 0; σ = ∞ is the schedule's
-    `alpha_zero_time`), in float64."""
+    `alpha_zero_time`), in float64 whatever `jax_enable_x64` says: NumPy for
+    `aj.VPDiscrete` (its `t_of_lam`, log α linear in t between the knots k/T, ᾱ
+    linear on a last segment ending at ᾱ = 0), JAX in 64-bit mode otherwise."""
     sigmas = np.asarray(sigmas, np.float64)
     out = np.zeros_like(sigmas)
     pos = (sigmas > 0) & np.isfinite(sigmas)
     if np.any(pos):
-        lam = -np.log(sigmas[pos])
-        out[pos] = np.asarray(schedule.t_of_lam(jnp.asarray(lam, jnp.float64)), np.float64)
+        out[pos] = _t_of_sigma(schedule, sigmas[pos])
     if np.any(np.isinf(sigmas)):
         if schedule.alpha_zero_time is None:
             raise ValueError("an infinite σ needs a schedule with α = 0 at its end.")
         out[np.isinf(sigmas)] = schedule.alpha_zero_time
     return out
+
+
+def _t_of_sigma(schedule: AbstractSchedule, sigmas: np.ndarray) -> np.ndarray:
+    if isinstance(schedule, VPDiscrete):
+        la = np.asarray(schedule.log_alphas, np.float64)
+        T = len(la)
+        knots = np.arange(T + 1) / T
+        neg = -np.concatenate([[0.0], la])  # −log α at the knots, increasing
+        target = 0.5 * np.log1p(sigmas**2)  # −log α at σ
+        idx = np.clip(np.searchsorted(neg, target, side="right") - 1, 0, T - 1)
+        l0, l1 = neg[idx], neg[idx + 1]
+        t0, t1 = knots[idx], knots[idx + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            linear = t0 + (target - l0) * (t1 - t0) / (l1 - l0)
+        # On a segment ending at ᾱ = 0: ᾱ = (1 − w) ᾱ0, so w = 1 − exp(2 (l0 − target)).
+        zero = t0 - np.expm1(2.0 * (l0 - target)) * (t1 - t0)
+        return np.where(np.isposinf(l1), zero, linear)
+    with jax.enable_x64(True):
+        lam = jnp.asarray(-np.log(sigmas), jnp.float64)
+        return np.asarray(schedule.t_of_lam(lam), np.float64)
 
 
 def flow_shift(sigmas: np.ndarray, shift: float) -> np.ndarray:
