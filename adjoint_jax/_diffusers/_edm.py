@@ -146,18 +146,8 @@ class EDMFamily(Family):
         full = self._orders(config, len(sig))
         drop = not zero and abs(sig[-1] - last) <= 1e-12 * last
         if drop:  # σ_min → σ_min: the identity, dropped
-            if name == _DPM and sig[-1] != last and config.get(
-                    "algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
-                raise _refuse(name, "final_sigmas_type", "sigma_min", "ends this grid "
-                              "with a step from σ_min up to round-off to σ_min, over "
-                              "which sde-dpmsolver++ adds noise σ √(2h) ξ (~1e-10 for "
-                              "h ~ 1e-16 of round-off) that cannot be reproduced")
-            heun = config.get("solver_type", "midpoint") == "heun"
-            if name == _DPM and sig[-1] == last and (
-                    full[-1] == 3 or (full[-1] == 2 and heun)):
-                raise _refuse(name, "final_sigmas_type", "sigma_min", "ends this grid "
-                              f"with a step σ_min → σ_min of order {full[-1]}, where "
-                              "diffusers' update divides 0 by h = 0 (NaN)")
+            if name == _DPM:
+                self._check_identity(config, full, sig[-1] == last)
             ts = sig
         else:
             ts = np.concatenate([sig, [last]])
@@ -172,6 +162,21 @@ class EDMFamily(Family):
         if inner.min() < lo or inner.max() > hi:
             plan.family = EDMFamily((float(min(lo, inner.min())), float(max(hi, inner.max()))))
         return plan
+
+    @staticmethod
+    def _check_identity(config, orders, exact) -> None:
+        """The dropped step σ_min → σ_min: exactly h = 0 divides 0 by h at order 3
+        or heun's 2 (NaN in diffusers); a round-off h adds SDE noise σ √(2h) ξ."""
+        if not exact and config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
+            raise _refuse(_DPM, "final_sigmas_type", "sigma_min", "ends this grid with a "
+                          "step from σ_min up to round-off to σ_min, over which "
+                          "sde-dpmsolver++ adds noise σ √(2h) ξ (~1e-10 for h ~ 1e-16 "
+                          "of round-off) that cannot be reproduced")
+        heun = config.get("solver_type", "midpoint") == "heun"
+        if exact and (orders[-1] == 3 or (orders[-1] == 2 and heun)):
+            raise _refuse(_DPM, "final_sigmas_type", "sigma_min", "ends this grid with a "
+                          f"step σ_min → σ_min of order {orders[-1]}, where diffusers' "
+                          "update divides 0 by h = 0 (NaN)")
 
     @staticmethod
     def _snap(ts, lo, hi):
