@@ -98,8 +98,8 @@ def thresholding_error(sampler) -> str | None:
     return (
         "it applies dynamic thresholding to x̂_0 at every step (thresholding), which "
         "is not the smooth probability-flow ODE/SDE their adjoint equations (or "
-        "inverse steps) assume; its gradient is aj.DTO()'s (exact, almost everywhere) "
-        "or aj.Truncated's"
+        "inverse steps) assume; use `adjoint=aj.DTO()` (exact, almost everywhere) or "
+        "aj.Truncated"
     )
 
 
