@@ -38,6 +38,7 @@ from ._grids import (
     shift_terminal,
     sigma_to_index,
     time_shift,
+    vp_times,
 )
 from ._net import Network, TimestepMap
 
@@ -312,21 +313,10 @@ class UniPCFamily(Family):
                 return knots
             return np.append(knots, 0.0 if sig[-1] == 0 else 1.0 / T)
         schedule = self.schedule(config, _NAME)
-        ts = _vp_times(schedule, sig)
+        ts = vp_times(schedule, sig)
         # The ramps end on the table's σ_max and σ_min (t = 1 and 1/T), which the λ
         # round trip may miss by an ulp.
         return np.where(ts > 0, np.clip(ts, schedule.t_min, schedule.t_max), ts)
-
-
-def _vp_times(schedule: VPDiscrete, sig: np.ndarray) -> np.ndarray:
-    """`aj.VPDiscrete`'s t at variance-exploding σ (`_grids.vp_times`, here in NumPy:
-    eager JAX would compile each operation anew for every grid length): log α =
-    −½ log(1 + σ²) inverted on the piecewise-linear knots (no zero-SNR segment: UniPC
-    overrides ᾱ_{T−1} = 0)."""
-    la = np.concatenate([[0.0], np.asarray(schedule.log_alphas, np.float64)])
-    knots = np.arange(la.shape[0]) / (la.shape[0] - 1)
-    target = -0.5 * np.log1p(np.square(sig))
-    return np.where(sig > 0, np.interp(-target, -la, knots), 0.0)
 
 
 def _refuse_singular(config, steps, sig) -> None:
