@@ -46,7 +46,8 @@ def _edm_euler():
         ("sigmas.to(dtype=torch.float32, device=device)",
          "sigmas.to(dtype=torch.float64, device=device)", 1),
         ("torch.full((1,), fill_value=sigma_last, device=sigmas.device)",
-         "torch.full((1,), fill_value=sigma_last, device=sigmas.device, dtype=torch.float64)",
+         "torch.full((1,), fill_value=sigma_last, device=sigmas.device, "
+         "dtype=torch.float64)",
          1),
     ], glb)
     step = _patched(cls.step, [

@@ -34,7 +34,7 @@ X_T = np.random.default_rng(0).standard_normal((2, 3, 4)) * 1.5
 NOISE = np.random.default_rng(1).standard_normal((24, 2, 3, 4))
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 NS = (8, 20)
-MAX_DIFF: dict[str, float] = {}  # case → largest |ours − diffusers| (the report's table)
+MAX_DIFF: dict[str, float] = {}  # case → largest |ours − diffusers| (for the report)
 
 
 def gaussian_output(ab, sigma, x, mu, kind):
@@ -141,29 +141,35 @@ CASES = {
     "order 3, lower_order_final=False, sigma_min":
         (SD | dict(solver_order=3, lower_order_final=False,
                    final_sigmas_type="sigma_min"), False),
-    "sde-dpmsolver++ order 2 midpoint": (SD | dict(algorithm_type="sde-dpmsolver++"), True),
+    "sde-dpmsolver++ order 2 midpoint":
+        (SD | dict(algorithm_type="sde-dpmsolver++"), True),
     "sde-dpmsolver++ order 3, karras":
         (SD | dict(algorithm_type="sde-dpmsolver++", solver_order=3,
                    use_karras_sigmas=True), True),
     "sde-dpmsolver++ heun, thresholding":
-        (SD | dict(algorithm_type="sde-dpmsolver++", solver_type="heun", thresholding=True,
-                   dynamic_thresholding_ratio=0.9, sample_max_value=1.5), True),
+        (SD | dict(algorithm_type="sde-dpmsolver++", solver_type="heun",
+                   thresholding=True, dynamic_thresholding_ratio=0.9,
+                   sample_max_value=1.5), True),
     "dpmsolver order 3, v_prediction, sigma_min":
-        (SD | dict(algorithm_type="dpmsolver", solver_order=3, prediction_type="v_prediction",
-                   final_sigmas_type="sigma_min"), False),
+        (SD | dict(algorithm_type="dpmsolver", solver_order=3,
+                   prediction_type="v_prediction", final_sigmas_type="sigma_min"),
+         False),
     "dpmsolver heun, thresholding, sigma_min":
         (SD | dict(algorithm_type="dpmsolver", solver_type="heun", thresholding=True,
                    dynamic_thresholding_ratio=0.9, sample_max_value=1.5,
                    final_sigmas_type="sigma_min"), False),
     "sde-dpmsolver order 2 midpoint, sigma_min":
-        (SD | dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"), True),
+        (SD | dict(algorithm_type="sde-dpmsolver", final_sigmas_type="sigma_min"),
+         True),
     "sde-dpmsolver heun, beta sigmas, euler_at_final, sigma_min":
-        (SD | dict(algorithm_type="sde-dpmsolver", solver_type="heun", use_beta_sigmas=True,
-                   euler_at_final=True, final_sigmas_type="sigma_min"), True),
-    "dpmsolver++ thresholding": (SD | dict(thresholding=True, dynamic_thresholding_ratio=0.9,
-                                           sample_max_value=1.5), False),
-    "deis (= dpmsolver++), sigma_min": (SD | dict(algorithm_type="deis",
-                                                  final_sigmas_type="sigma_min"), False),
+        (SD | dict(algorithm_type="sde-dpmsolver", solver_type="heun",
+                   use_beta_sigmas=True, euler_at_final=True,
+                   final_sigmas_type="sigma_min"), True),
+    "dpmsolver++ thresholding":
+        (SD | dict(thresholding=True, dynamic_thresholding_ratio=0.9,
+                   sample_max_value=1.5), False),
+    "deis (= dpmsolver++), sigma_min":
+        (SD | dict(algorithm_type="deis", final_sigmas_type="sigma_min"), False),
     "flow sigmas, flow_prediction (Sana)":
         (dict(use_flow_sigmas=True, prediction_type="flow_prediction"), False),
     "flow sigmas, flow_shift 3, order 3, sigma_min (VP sigma_min)":
@@ -172,7 +178,8 @@ CASES = {
     "flow sigmas, flow_shift 12 (beyond FlowMatching's t_max), sde-dpmsolver++":
         (dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=12.0,
               algorithm_type="sde-dpmsolver++"), True),
-    "flow sigmas, epsilon prediction": (dict(use_flow_sigmas=True, flow_shift=3.0), False),
+    "flow sigmas, epsilon prediction":
+        (dict(use_flow_sigmas=True, flow_shift=3.0), False),
     "flow sigmas, v_prediction (diffusers' VP formula), dpmsolver":
         (dict(use_flow_sigmas=True, flow_shift=3.0, prediction_type="v_prediction",
               algorithm_type="dpmsolver", final_sigmas_type="sigma_min"), False),
@@ -198,7 +205,8 @@ def test_options_change_the_result():
     base, _ = ours(config_of(sched), 8, net)
     for key in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
                 "use_lu_lambdas", "thresholding"):
-        kw = SD | {key: True, "dynamic_thresholding_ratio": 0.9, "sample_max_value": 1.5}
+        kw = SD | {key: True, "dynamic_thresholding_ratio": 0.9,
+                   "sample_max_value": 1.5}
         other, _ = ours(config_of(DPM64(**kw)), 8, net)
         assert np.max(np.abs(other - base)) > 1e-3, key
 
@@ -212,8 +220,8 @@ def test_dynamic_shifting_with_mu():
 
 def test_custom_timesteps():
     for steps in ([999, 850, 700, 520, 300, 160, 60, 10],
-                  [999, 900, 800, 650, 500, 420, 300, 250, 200, 150, 120, 90, 70, 50, 40,
-                   30, 20, 10, 5, 0]):
+                  [999, 900, 800, 650, 500, 420, 300, 250, 200, 150, 120, 90, 70, 50,
+                   40, 30, 20, 10, 5, 0]):
         agree("custom timesteps", SD, None, timesteps=steps)
     # Ending at timestep 0 with sigma_min: the identity step 0 → σ_min is dropped.
     _, setup = agree("custom timesteps", SD | dict(final_sigmas_type="sigma_min"), None,
@@ -244,7 +252,8 @@ def test_karras_grid_and_timesteps():
 
 def _refused(kw, key, n=10, **args):
     with pytest.raises(ValueError, match=key):
-        aj.from_diffusers({"_class_name": "DPMSolverMultistepScheduler"} | kw, n, **args)
+        aj.from_diffusers({"_class_name": "DPMSolverMultistepScheduler"} | kw, n,
+                          **args)
 
 
 @pytest.mark.parametrize(
@@ -267,7 +276,8 @@ def _refused(kw, key, n=10, **args):
         (dict(algorithm_type="sde-dpmsolver", solver_order=3,
               final_sigmas_type="sigma_min"), "solver_order", {}),
         (dict(use_flow_sigmas=True), "use_dynamic_shifting", dict(mu=0.5)),
-        (dict(use_flow_sigmas=True, use_dynamic_shifting=True, time_shift_type="linear"),
+        (dict(use_flow_sigmas=True, use_dynamic_shifting=True,
+              time_shift_type="linear"),
          "time_shift_type", dict(mu=0.5)),
         (dict(algorithm_type="dpmsolver", prediction_type="flow_prediction",
               final_sigmas_type="sigma_min"), "prediction_type", {}),
@@ -310,7 +320,8 @@ def test_sigma_zero_accepted_where_diffusers_raises(algorithm):
         for t in ref_sched.timesteps[:-1]:
             x = ref_sched.step(eps(x, int(t)), t, x).prev_sample
         ab = ref_sched.alphas_cumprod[int(ref_sched.timesteps[-1])].double()
-        ref = ((x - (1 - ab) ** 0.5 * eps(x, int(ref_sched.timesteps[-1]))) / ab**0.5).numpy()
+        e = eps(x, int(ref_sched.timesteps[-1]))
+        ref = ((x - (1 - ab) ** 0.5 * e) / ab**0.5).numpy()
         config = config_of(ref_sched) | {"final_sigmas_type": "zero"}
         out, setup = ours(config, n, Net(jnp.asarray(ref_sched.alphas_cumprod.numpy()),
                                          "epsilon", False))

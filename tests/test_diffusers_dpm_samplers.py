@@ -33,17 +33,20 @@ MU = 0.7
 # ---- DTO gradients against diffusers' own finite differences ----------------------
 GRAD_CASES = {
     "SDEDPMSolverPP(order=3), Karras": (
-        SD | dict(algorithm_type="sde-dpmsolver++", solver_order=3, use_karras_sigmas=True),
+        SD | dict(algorithm_type="sde-dpmsolver++", solver_order=3,
+                  use_karras_sigmas=True),
         aj.SDEDPMSolverPP(order=3)),
     "DPMSolver(sde=True, heun)": (
         SD | dict(algorithm_type="sde-dpmsolver", solver_type="heun",
                   final_sigmas_type="sigma_min"),
         aj.DPMSolver(solver_type="heun", sde=True)),
     "DPMSolver(order=3)": (
-        SD | dict(algorithm_type="dpmsolver", solver_order=3, final_sigmas_type="sigma_min"),
+        SD | dict(algorithm_type="dpmsolver", solver_order=3,
+                  final_sigmas_type="sigma_min"),
         aj.DPMSolver(order=3)),
     "DPMSolverPP(thresholding=(0.9, 1.5))": (
-        SD | dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
+        SD | dict(thresholding=True, dynamic_thresholding_ratio=0.9,
+                  sample_max_value=1.5),
         aj.DPMSolverPP(thresholding=(0.9, 1.5))),
 }
 
@@ -64,8 +67,8 @@ def test_dto_gradient_matches_diffusers_finite_differences(case):
     def diffusers_loss(mu):
         sched = DPM64(**kw)
         sched.set_timesteps(n)
-        return _loss(torch.as_tensor(run_vp(sched, torch_net(sched, "epsilon", False, mu),
-                                            X_T, noise=noise)), torch)
+        out = run_vp(sched, torch_net(sched, "epsilon", False, mu), X_T, noise=noise)
+        return _loss(torch.as_tensor(out), torch)
 
     fd = (diffusers_loss(MU + delta) - diffusers_loss(MU - delta)) / (2 * delta)
     sched = DPM64(**kw)
@@ -93,7 +96,8 @@ T0, T_END = PB.schedule.t_max, 1e-3
 def _strong_error(sampler, n):
     ts = aj.time_grid(PB.schedule, n, t_end=T_END)
     x_T = jnp.array([0.3, -1.2, 2.0, 0.7])
-    out = aj.sample(PB.model, PB.params, x_T, schedule=PB.schedule, ts=ts, sampler=sampler)
+    out = aj.sample(PB.model, PB.params, x_T, schedule=PB.schedule, ts=ts,
+                    sampler=sampler)
     return float(jnp.max(jnp.abs(out - PB.flow_map(PB.params, x_T, None, T0, T_END))))
 
 
@@ -176,8 +180,8 @@ def test_bfloat16_network_on_new_grids(grid):
     sched = DPM64(**kw)
     config = config_of(sched)
     sched.set_timesteps(n)
-    net = Net(jnp.asarray(sched.alphas_cumprod.numpy()), kw.get("prediction_type", "epsilon"),
-              "use_flow_sigmas" in grid)
+    net = Net(jnp.asarray(sched.alphas_cumprod.numpy()),
+              kw.get("prediction_type", "epsilon"), "use_flow_sigmas" in grid)
     setup = aj.from_diffusers(config, n, model=Bf16Net(net))
     seen = _timesteps_seen(setup)
     np.testing.assert_array_equal(seen, sched.timesteps.numpy())  # none collided
@@ -211,7 +215,8 @@ def test_continuous_adjoints_refuse_thresholding_by_name():
     sampler = aj.DPMSolverPP(thresholding=(0.9, 1.5))
     for adjoint in (aj.AdjointDEIS(), aj.RecordedAdjoint(), aj.InterpolatedAdjoint(),
                     aj.AdjointDPM(), aj.ReversibleAdjoint()):
-        with pytest.raises(ValueError, match=r"dynamic thresholding to x̂_0 at every step \(thresholding\)"):
+        why = r"dynamic thresholding to x̂_0 at every step \(thresholding\)"
+        with pytest.raises(ValueError, match=why):
             adjoint.check_sampler(sampler)
     for sampler in (aj.SDEDPMSolverPP(thresholding=(0.9, 1.5)),
                     aj.DPMSolver(thresholding=(0.9, 1.5))):
@@ -233,5 +238,6 @@ def test_unbound_network_maps_the_noise_level_to_diffusers_timesteps(grid):
     sched.set_timesteps(25)
     setup = aj.from_diffusers(config, 25)
     net = aj.diffusers_model(Net(jnp.zeros(1), "epsilon", False), config).model
-    seen = np.asarray(jax.vmap(lambda t: net.timestep(setup.schedule, t))(setup.ts[:-1]))
+    tmap = lambda t: net.timestep(setup.schedule, t)
+    seen = np.asarray(jax.vmap(tmap)(setup.ts[:-1]))
     np.testing.assert_array_equal(seen, sched.timesteps.numpy())

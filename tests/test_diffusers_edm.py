@@ -81,9 +81,9 @@ DPM_CASES = {
     "karras (Playground v2.5)": ({}, False),
     "exponential, v_prediction": (dict(sigma_schedule="exponential",
                                        prediction_type="v_prediction"), False),
-    "sigma_min, rho 5, heun, euler_at_final": (dict(final_sigmas_type="sigma_min", rho=5.0,
-                                                    solver_type="heun",
-                                                    euler_at_final=True), False),
+    "sigma_min, rho 5, heun, euler_at_final":
+        (dict(final_sigmas_type="sigma_min", rho=5.0, solver_type="heun",
+              euler_at_final=True), False),
     "order 3, lower_order_final=False, sigma_data 0.7": (dict(solver_order=3,
                                                               lower_order_final=False,
                                                               sigma_data=0.7), False),
@@ -121,8 +121,10 @@ def test_edm_euler_parity(case):
 def test_edm_euler_pipeline_ramp():
     """`set_timesteps(sigmas=)` takes the ramp fed to the Karras formula (beyond
     [0, 1] the σ leave [σ_min, σ_max]: the schedule's range widens)."""
-    for ramp in ([0.0, 0.1, 0.3, 0.6, 0.8, 1.0], [-0.05, 0.1, 0.25, 0.5, 0.7, 0.85, 0.95, 1.02]):
-        setup = agree("EDMEuler pipeline ramp", EDMEULER64, {}, None, ramp=np.asarray(ramp))
+    for ramp in ([0.0, 0.1, 0.3, 0.6, 0.8, 1.0],
+                 [-0.05, 0.1, 0.25, 0.5, 0.7, 0.85, 0.95, 1.02]):
+        setup = agree("EDMEuler pipeline ramp", EDMEULER64, {}, None,
+                      ramp=np.asarray(ramp))
     assert setup.schedule.t_max > 80.0 and setup.schedule.t_min < 0.002
 
 
@@ -132,7 +134,8 @@ def test_init_noise_sigma_and_schedule():
     cfg = {"_class_name": "EDMDPMSolverMultistepScheduler", "sigma_max": 40.0}
     setup = aj.from_diffusers(cfg, 8, model=EDMNet("epsilon"))
     assert setup.schedule == aj.VarianceExploding(0.002, 40.0)
-    assert float(setup.ts[0]) == 40.0 and setup.init_scale == pytest.approx(1.0, abs=1e-15)
+    assert float(setup.ts[0]) == 40.0
+    assert setup.init_scale == pytest.approx(1.0, abs=1e-15)
     assert setup.final_scale == 1.0 and float(setup.ts[-1]) == 0.0
     ramp = aj.from_diffusers({"_class_name": "EDMEulerScheduler"}, None,
                              sigmas=[0.5, 0.75, 1.0])
@@ -143,9 +146,11 @@ def test_init_noise_sigma_and_schedule():
 @pytest.mark.parametrize(
     "name,kw,key,n",
     [
-        ("EDMDPMSolverMultistepScheduler", dict(prediction_type="sample"), "prediction_type", 8),
+        ("EDMDPMSolverMultistepScheduler", dict(prediction_type="sample"),
+         "prediction_type", 8),
         ("EDMEulerScheduler", dict(sigma_schedule="linear"), "sigma_schedule", 8),
-        ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver"), "algorithm_type", 8),
+        ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver"),
+         "algorithm_type", 8),
         ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++",
                                                 solver_order=3), "solver_order", 8),
         ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++",

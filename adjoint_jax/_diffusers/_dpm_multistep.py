@@ -69,8 +69,9 @@ _REFUSED = {
 }
 _KNOWN = frozenset({
     "thresholding", "dynamic_thresholding_ratio", "sample_max_value",
-    "lower_order_final", "euler_at_final", "use_karras_sigmas", "use_exponential_sigmas",
-    "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas", "flow_shift",
+    "lower_order_final", "euler_at_final", "use_karras_sigmas",
+    "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas", "use_flow_sigmas",
+    "flow_shift",
     "lambda_min_clipped", "steps_offset", "use_dynamic_shifting", "time_shift_type",
 })
 # diffusers' precedence among the σ-grid options (the first one set wins).
@@ -79,7 +80,9 @@ _CONVERSIONS = ("use_karras_sigmas", "use_lu_lambdas", "use_exponential_sigmas",
 
 
 def _refuse(key, value, why) -> ValueError:
-    return ValueError(f"`config[{key!r}] = {value!r}` ({_NAME}) is not supported: it {why}.")
+    return ValueError(
+        f"`config[{key!r}] = {value!r}` ({_NAME}) is not supported: it {why}."
+    )
 
 
 def _conversion(config) -> str | None:
@@ -87,8 +90,9 @@ def _conversion(config) -> str | None:
     on = [k for k in _CONVERSIONS if config.get(k, False)]
     exclusive = [k for k in on if k != "use_lu_lambdas"]
     if len(exclusive) > 1:
-        raise _refuse(exclusive[1], True, f"is set with {exclusive[0]!r}, which diffusers "
-                      "refuses (at most one of Karras, exponential, beta sigmas)")
+        raise _refuse(exclusive[1], True, f"is set with {exclusive[0]!r}, which "
+                      "diffusers refuses (at most one of Karras, exponential, beta "
+                      "sigmas)")
     if on and config.get("use_flow_sigmas", False):
         raise _refuse("use_flow_sigmas", True, f"is set with {on[0]!r}: diffusers then "
                       "steps a VP σ-grid but reads it as flow σ (α = 1 − σ)")
@@ -114,7 +118,8 @@ def _check_mu(config, mu) -> None:
         return
     if not config.get("use_dynamic_shifting", False):
         raise _refuse("use_dynamic_shifting", config.get("use_dynamic_shifting", False),
-                      "is off while the pipeline passes `mu` (diffusers asserts it is on)")
+                      "is off while the pipeline passes `mu` (diffusers asserts it is "
+                      "on)")
     if config.get("time_shift_type", "exponential") != "exponential":
         raise _refuse("time_shift_type", config["time_shift_type"],
                       "is not 'exponential' while the pipeline passes `mu` (diffusers "
@@ -148,7 +153,8 @@ def _grid(config, n, timesteps, mu):
         sig = beta(hi, lo, n)
     rounds = kind in ("use_karras_sigmas", "use_lu_lambdas") and (
         config.get("beta_schedule", "linear") != "squaredcos_cap_v2")
-    steps = quantise(diffusers_index(sig, table.log_sigmas), "round" if rounds else "floor")
+    tau = diffusers_index(sig, table.log_sigmas)
+    steps = quantise(tau, "round" if rounds else "floor")
     return sig, steps, kind
 
 
@@ -178,7 +184,9 @@ class DPMMultistepFamily(Family):
 
     def schedule(self, config, name):
         if config.get("use_flow_sigmas", False):
-            return FlowMatching() if self.t_range is None else FlowMatching(*self.t_range)
+            if self.t_range is None:
+                return FlowMatching()
+            return FlowMatching(*self.t_range)
         return VPDiscrete(train_table(config, name).betas)
 
     def network(self, model, config, name):
@@ -202,22 +210,25 @@ class DPMMultistepFamily(Family):
                           f"{algorithm!r} (diffusers raises)")
         schedule = self.schedule(config, name)
         primary = "x0" if algorithm.endswith("++") else "eps"
-        if (kind == "v_prediction" and flow) or (kind == "flow_prediction" and not flow):
+        own = "flow" if kind == "flow_prediction" else kind
+        if (own == "v_prediction" and flow) or (own == "flow" and not flow):
             return Converted(Network(model, schedule, tmap), schedule,
-                             "flow" if kind == "flow_prediction" else "v", primary)
-        return network(model, schedule, tmap, "flow" if kind == "flow_prediction" else kind)
+                             "flow" if own == "flow" else "v", primary)
+        return network(model, schedule, tmap, own)
 
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
         refuse_args(name, sigmas=sigmas)
         if eta:
-            raise ValueError(f"`eta` is DDIM's; {name}.step takes none (got eta={eta!r}).")
+            raise ValueError(
+                f"`eta` is DDIM's; {name}.step takes none (got eta={eta!r})."
+            )
         _check_mu(config, mu)
         sig, steps, kind = _grid(config, num_steps, timesteps, mu)
         if np.sum(steps == steps[0]) > 1:
             raise ValueError(
-                f"{name}: the first timestep {steps[0]} occurs twice in {steps.tolist()}; "
-                "diffusers' index_for_timestep then starts at its second occurrence and "
-                "its loop runs past the last σ."
+                f"{name}: the first timestep {steps[0]} occurs twice in "
+                f"{steps.tolist()}; diffusers' index_for_timestep then starts at its "
+                "second occurrence and its loop runs past the last σ."
             )
         table = train_table(config, name)
         times = _times(sig, steps, kind, table, self.schedule(config, name))
@@ -257,7 +268,8 @@ class DPMMultistepFamily(Family):
         lo, hi = FlowMatching().t_min, FlowMatching().t_max
         if inner.min() >= lo and inner.max() <= hi:
             return None
-        return (float(min(lo, 0.5 * inner.min())), float(max(hi, 0.5 * (1 + inner.max()))))
+        lo, hi = min(lo, 0.5 * inner.min()), max(hi, 0.5 * (1 + inner.max()))
+        return (float(lo), float(hi))
 
     @staticmethod
     def _orders(config, n) -> np.ndarray:
@@ -273,15 +285,16 @@ class DPMMultistepFamily(Family):
         divides 0 by h where its order is 3, or 2 with "heun" (NaN); an SDE step of
         round-off length adds noise of that length's square root."""
         if not exact and config.get("algorithm_type", "").startswith("sde"):
-            raise _refuse("final_sigmas_type", "sigma_min", "ends this σ-grid with a step "
-                          "from σ_min (up to round-off) to σ_min, whose length h ~ 1e-16 "
-                          "is round-off, over which the SDE adds noise σ √(2h) ξ ~ 1e-9 ξ "
-                          "(measured 2.5e-9) that cannot be reproduced")
+            raise _refuse("final_sigmas_type", "sigma_min", "ends this σ-grid with a "
+                          "step from σ_min (up to round-off) to σ_min, whose length "
+                          "h ~ 1e-16 is round-off, over which the SDE adds noise "
+                          "σ √(2h) ξ ~ 1e-9 ξ (measured 2.5e-9) that cannot be "
+                          "reproduced")
         heun = config.get("solver_type", "midpoint") == "heun"
         if exact and (orders[-1] == 3 or (orders[-1] == 2 and heun)):
-            raise _refuse("final_sigmas_type", "sigma_min", "ends this grid with a step "
-                          f"σ_min → σ_min of order {orders[-1]}, where diffusers' update "
-                          "divides 0 by h = 0 and returns NaN (lower its order: "
+            raise _refuse("final_sigmas_type", "sigma_min", "ends this grid with a "
+                          f"step σ_min → σ_min of order {orders[-1]}, where diffusers' "
+                          "update divides 0 by h = 0 and returns NaN (lower its order: "
                           "lower_order_final=True with fewer than 15 steps, or "
                           "euler_at_final=True)")
 
@@ -308,10 +321,10 @@ class DPMMultistepFamily(Family):
         if algorithm == "dpmsolver":
             return DPMSolver(**kw)
         if zero:
-            raise _refuse("final_sigmas_type", "zero", "ends sde-dpmsolver at σ = 0, where "
-                          "its step's noise σ_s √(e^{2h} − 1) tends to α_s σ_t/α_t, not 0 "
-                          "(diffusers refuses this too): use 'sigma_min', or "
-                          "'sde-dpmsolver++'")
+            raise _refuse("final_sigmas_type", "zero", "ends sde-dpmsolver at σ = 0, "
+                          "where its step's noise σ_s √(e^{2h} − 1) tends to "
+                          "α_s σ_t/α_t, not 0 (diffusers refuses this too): use "
+                          "'sigma_min', or 'sde-dpmsolver++'")
         if 3 in DPMMultistepFamily._orders(config, n):
             raise _refuse("solver_order", 3, "has third-order steps for sde-dpmsolver, "
                           "which diffusers does not implement (its step fails)")

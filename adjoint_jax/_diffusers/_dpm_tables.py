@@ -34,10 +34,10 @@ def train_table(config, name: str) -> Table:
     if config.get("rescale_betas_zero_snr", False):
         if not ab[-2] > ZERO_SNR_ALPHA_BAR:
             raise ValueError(
-                f"`config['rescale_betas_zero_snr'] = True` ({name}) is not supported for "
-                f"these betas: diffusers replaces ᾱ_(T−1) = 0 by 2⁻²⁴, above ᾱ_(T−2) = "
-                f"{ab[-2]:.3g}, so its noise level would decrease at the last timestep "
-                "(a negative beta): no VP schedule."
+                f"`config['rescale_betas_zero_snr'] = True` ({name}) is not supported "
+                f"for these betas: diffusers replaces ᾱ_(T−1) = 0 by 2⁻²⁴, above "
+                f"ᾱ_(T−2) = {ab[-2]:.3g}, so its noise level would decrease at the "
+                "last timestep (a negative beta): no VP schedule."
             )
         ab[-1] = ZERO_SNR_ALPHA_BAR
     betas = 1.0 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
@@ -68,7 +68,8 @@ def spacing_timesteps(config, n: int, table: Table) -> np.ndarray:
     steps = steps.astype(np.int64)
     if len(steps) == 0:
         raise ValueError(
-            f"lambda_min_clipped={clip} leaves no timestep (its last timestep is {last})."
+            f"lambda_min_clipped={clip} leaves no timestep (its last timestep is "
+            f"{last})."
         )
     return steps
 
@@ -109,7 +110,8 @@ class Converted(AbstractPredictor):
     primary: str = eqx.field(static=True)
 
     def predict(self, params, x, t, cond):
-        out = jtu.tree_map(lambda o, v: o.astype(v.dtype), self.net(params, x, t, cond), x)
+        out = self.net(params, x, t, cond)
+        out = jtu.tree_map(lambda o, v: o.astype(v.dtype), out, x)
         alpha, sigma = self.schedule.alpha(t), self.schedule.sigma(t)
 
         def both(v, o):

@@ -25,8 +25,8 @@ c_out = ±σ σ_d/√(σ² + σ_d²) (ε / v-prediction).
 import math
 
 import equinox as eqx
-import jax.tree_util as jtu
 import jax.numpy as jnp
+import jax.tree_util as jtu
 import numpy as np
 
 from .._model import AbstractPredictor
@@ -45,7 +45,9 @@ _COMMON = {
                         "has no EDM preconditioning in diffusers (it raises)"),
     "final_sigmas_type": (("zero", "sigma_min"), "is not a final sigma diffusers has"),
 }
-_KNOWN = frozenset({"sigma_min", "sigma_max", "sigma_data", "rho", "num_train_timesteps"})
+_KNOWN = frozenset(
+    {"sigma_min", "sigma_max", "sigma_data", "rho", "num_train_timesteps"}
+)
 _DPM_REFUSED = _COMMON | {
     "algorithm_type": (("dpmsolver++", "sde-dpmsolver++", "deis"),
                        "is not an algorithm diffusers' EDM solver has"),
@@ -60,7 +62,9 @@ _DPM_KNOWN = _KNOWN | {
 
 
 def _refuse(name, key, value, why) -> ValueError:
-    return ValueError(f"`config[{key!r}] = {value!r}` ({name}) is not supported: it {why}.")
+    return ValueError(
+        f"`config[{key!r}] = {value!r}` ({name}) is not supported: it {why}."
+    )
 
 
 def _range(config) -> tuple[float, float]:
@@ -94,7 +98,8 @@ class EDMNetwork(AbstractPredictor):
         alpha = self.schedule.alpha(t)
         y = jtu.tree_map(lambda v: v / alpha.astype(v.dtype), x)
         norm = jnp.sqrt(t * t + sd2)
-        c_in, c_skip, c_out = 1.0 / norm, sd2 / (t * t + sd2), self.sign * t * self.sigma_data / norm
+        c_in, c_skip = 1.0 / norm, sd2 / (t * t + sd2)
+        c_out = self.sign * t * self.sigma_data / norm
         scaled = jtu.tree_map(lambda v: v * c_in.astype(v.dtype), y)
         out = self.model(params, scaled, 0.25 * jnp.log(t), cond)
         out = jtu.tree_map(lambda o, v: o.astype(v.dtype), out, x)
@@ -133,12 +138,16 @@ class EDMFamily(Family):
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
         refuse_args(name, timesteps=timesteps, mu=mu)
         if eta:
-            raise ValueError(f"`eta` is DDIM's; {name}.step takes none (got eta={eta!r}).")
+            raise ValueError(
+                f"`eta` is DDIM's; {name}.step takes none (got eta={eta!r})."
+            )
         if name == _DPM:
             refuse_args(name, sigmas=sigmas)
         ramp = np.linspace(0, 1, num_steps) if sigmas is None else sigmas
         if ramp.ndim != 1 or len(ramp) < 1:
-            raise ValueError(f"`sigmas` (the ramp) must be a non-empty 1-D array; got {ramp}.")
+            raise ValueError(
+                f"`sigmas` (the ramp) must be a non-empty 1-D array; got {ramp}."
+            )
         sig = edm_sigmas(config, ramp)
         lo, hi = _range(config)
         zero = config.get("final_sigmas_type", "zero") == "zero"
@@ -152,31 +161,35 @@ class EDMFamily(Family):
         else:
             ts = np.concatenate([sig, [last]])
         if len(ts) < 2 or not np.all(np.diff(ts) < 0) or ts[-1] < 0:
-            raise ValueError(f"{name}: the σ of the steps must decrease strictly to the "
-                             f"final σ = {last}; got {np.append(sig, last).tolist()}.")
+            raise ValueError(
+                f"{name}: the σ of the steps must decrease strictly to the final "
+                f"σ = {last}; got {np.append(sig, last).tolist()}."
+            )
         sampler = DPMSolver1() if name == _EULER else self._sampler(config, full, drop)
         ts = self._snap(ts, lo, hi)
         init = math.sqrt(hi**2 + 1) / math.sqrt(ts[0] ** 2 + 1)
         plan = _EDMPlan(ts, sampler, init, math.sqrt(ts[-1] ** 2 + 1))
         inner = ts[ts > 0]
         if inner.min() < lo or inner.max() > hi:
-            plan.family = EDMFamily((float(min(lo, inner.min())), float(max(hi, inner.max()))))
+            wide = float(min(lo, inner.min())), float(max(hi, inner.max()))
+            plan.family = EDMFamily(wide)
         return plan
 
     @staticmethod
     def _check_identity(config, orders, exact) -> None:
         """The dropped step σ_min → σ_min: exactly h = 0 divides 0 by h at order 3
         or heun's 2 (NaN in diffusers); a round-off h adds SDE noise σ √(2h) ξ."""
-        if not exact and config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++":
-            raise _refuse(_DPM, "final_sigmas_type", "sigma_min", "ends this grid with a "
-                          "step from σ_min up to round-off to σ_min, over which "
+        sde = config.get("algorithm_type", "dpmsolver++") == "sde-dpmsolver++"
+        if not exact and sde:
+            raise _refuse(_DPM, "final_sigmas_type", "sigma_min", "ends this grid with "
+                          "a step from σ_min up to round-off to σ_min, over which "
                           "sde-dpmsolver++ adds noise σ √(2h) ξ (~1e-10 for h ~ 1e-16 "
                           "of round-off) that cannot be reproduced")
         heun = config.get("solver_type", "midpoint") == "heun"
         if exact and (orders[-1] == 3 or (orders[-1] == 2 and heun)):
-            raise _refuse(_DPM, "final_sigmas_type", "sigma_min", "ends this grid with a "
-                          f"step σ_min → σ_min of order {orders[-1]}, where diffusers' "
-                          "update divides 0 by h = 0 (NaN)")
+            raise _refuse(_DPM, "final_sigmas_type", "sigma_min", "ends this grid with "
+                          f"a step σ_min → σ_min of order {orders[-1]}, where "
+                          "diffusers' update divides 0 by h = 0 (NaN)")
 
     @staticmethod
     def _snap(ts, lo, hi):

@@ -132,7 +132,8 @@ class DPMSolver(AbstractSDESampler[tuple]):
         order = jnp.where(c.sigma_zero_end, 1, orders[i])
         d10, d11, r0, inv = slopes(c, order, lam1, lam2, e0, e1, e2)
         k = 2.0 if self.sde else 1.0
-        a2 = -0.5 * k * c.sigma_phi1 if self.solver_type == "midpoint" else -k * c.sigma_phi2
+        midpoint = self.solver_type == "midpoint"
+        a2 = -0.5 * k * c.sigma_phi1 if midpoint else -k * c.sigma_phi2
         b3 = -c.sigma_s * _phi3(c.h)
         k_d10, k_d11 = slope_weights(order, a2, -c.sigma_phi2, b3, r0, inv)
         scale = c.sigma_s * jnp.sqrt(jnp.expm1(2.0 * c.h)) if self.sde else None

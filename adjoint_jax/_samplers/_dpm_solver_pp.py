@@ -29,8 +29,10 @@ def _phi(h, order):
 
 
 # ---- what the multistep samplers of this family share -------------------------------
-def multistep_orders(order: int, n: int, lower_order_final: bool, euler_at_final: bool,
-                     orders: tuple | None = None, name: str = "DPMSolverPP") -> np.ndarray:
+def multistep_orders(
+    order: int, n: int, lower_order_final: bool, euler_at_final: bool,
+    orders: tuple | None = None, name: str = "DPMSolverPP",
+) -> np.ndarray:
     """The order of each of the n steps (before the σ = 0 rule), diffusers' rule: step
     i uses at most order i + 1 (warm-up); the last step is first order with
     `euler_at_final`, or with `lower_order_final` and n < 15, when the one before is
@@ -67,7 +69,8 @@ def check_multistep(sampler, name: str, max_order: int = 3) -> None:
     for field in ("lower_order_final", "euler_at_final"):
         if not isinstance(getattr(sampler, field), bool):
             raise TypeError(
-                f"`{name}({field}=...)` must be a bool; got {getattr(sampler, field)!r}."
+                f"`{name}({field}=...)` must be a bool; got "
+                f"{getattr(sampler, field)!r}."
             )
     orders = sampler.orders
     if orders is not None and (
@@ -86,8 +89,9 @@ def check_multistep(sampler, name: str, max_order: int = 3) -> None:
         )
         if not ok or not (0.0 < thr[0] <= 1.0 and thr[1] > 0.0):
             raise ValueError(
-                f"`{name}(thresholding=...)` must be None or a tuple (ratio, max_value) "
-                f"with 0 < ratio <= 1 and max_value > 0; got {thr!r}."
+                f"`{name}(thresholding=...)` must be None or a tuple "
+                f"(ratio, max_value) with 0 < ratio <= 1 and max_value > 0; got "
+                f"{thr!r}."
             )
 
 
@@ -160,7 +164,8 @@ class DPMSolverPP(AbstractSampler[tuple]):
         order 1:  x_s = (σ_s/σ_t) x_t + α_s (1 − e^{−h}) m₀
         order 2:  … + c D₁,  D₁ = (m₀ − m₁)/r₀,
                   c = ½ α_s (1 − e^{−h}) ("midpoint") or α_s ψ₁(h) ("heun"),
-        order 3:  … + α_s ψ₁(h) D₁ − α_s ψ₂(h) D₂ with D₁ = D₁⁰ + r₀/(r₀ + r₁)(D₁⁰ − D₁¹),
+        order 3:  … + α_s ψ₁(h) D₁ − α_s ψ₂(h) D₂,
+                  D₁ = D₁⁰ + r₀/(r₀ + r₁)(D₁⁰ − D₁¹),
                   D₂ = (D₁⁰ − D₁¹)/(r₀ + r₁), D₁⁰ = (m₀ − m₁)/r₀, D₁¹ = (m₁ − m₂)/r₁,
 
     with ψ₁ = (e^{−h} − 1)/h + 1 and ψ₂ = (e^{−h} − 1 + h)/h² − ½ (order 3 ignores

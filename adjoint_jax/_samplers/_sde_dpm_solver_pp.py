@@ -43,7 +43,8 @@ class SDEDPMSolverPP(AbstractSDESampler[tuple]):
     Step t → s, h = λ_s − λ_t > 0, m₀ = x̂_0(x_t, t), D₁, D₂ from the earlier data
     predictions as in `aj.DPMSolverPP`:
 
-        order 1:  x_s = (σ_s/σ_t) e^{−h} x_t + α_s (1 − e^{−2h}) m₀ + σ_s √(1 − e^{−2h}) ξ
+        order 1:  x_s = (σ_s/σ_t) e^{−h} x_t + α_s (1 − e^{−2h}) m₀
+                        + σ_s √(1 − e^{−2h}) ξ
         order 2:  … + ½ α_s (1 − e^{−2h}) D₁ ("midpoint") or α_s ψ₁(2h) D₁ ("heun"),
         order 3:  … + α_s ψ₁(2h) D₁ + α_s ((1 − e^{−2h} − 2h)/(4h²) − ½) D₂,
 
@@ -96,7 +97,8 @@ class SDEDPMSolverPP(AbstractSDESampler[tuple]):
         check_multistep(self, "SDEDPMSolverPP")
         if self.third_order not in ("diffusers", "taylor"):
             raise ValueError(
-                "`SDEDPMSolverPP(third_order=...)` must be 'diffusers' or 'taylor'; got "
+                "`SDEDPMSolverPP(third_order=...)` must be 'diffusers' or 'taylor'; "
+                "got "
                 f"{self.third_order!r}."
             )
 
