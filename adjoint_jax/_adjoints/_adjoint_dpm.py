@@ -15,7 +15,7 @@ from .._misc import (
     lincomb,
     tree_acc,
 )
-from .._samplers._base import AbstractSampler
+from .._samplers._base import AbstractSampler, AbstractSDESampler
 from ._base import (
     FORWARD_MODE_HINT,
     AbstractCustomAdjoint,
@@ -173,11 +173,14 @@ class AdjointDPM(AbstractCustomAdjoint):
     def check_sampler(self, sampler: AbstractSampler) -> None:
         refuse_nonsmooth(self, sampler)
         if sampler.is_sde:
+            recorded = (
+                " or `adjoint=aj.RecordedAdjoint()` (its continuous adjoint)"
+                if isinstance(sampler, AbstractSDESampler) else ""
+            )
             raise ValueError(
                 f"`adjoint={self!r}` solves the adjoint of the probability-flow ODE "
                 f"and cannot differentiate the stochastic `sampler={sampler!r}`; use "
-                "an ODE sampler, or for the SDE `adjoint=aj.DTO()` (exact) or "
-                "`adjoint=aj.RecordedAdjoint()` (its continuous adjoint)."
+                f"an ODE sampler, or for the SDE `adjoint=aj.DTO()` (exact){recorded}."
             )
 
     def forward_mode_error(self) -> str:

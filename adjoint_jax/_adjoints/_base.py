@@ -222,8 +222,13 @@ def refuse_nonsmooth(adjoint: AbstractAdjoint, sampler: AbstractSampler) -> None
     and the reversible adjoint assume."""
     why = getattr(sampler, "continuous_adjoint_error", None)
     if why is not None:
+        hint = "" if "`adjoint=aj.DTO()`" in why else (
+            " Use `adjoint=aj.DTO()` (its exact gradient, almost everywhere) or "
+            "`aj.Truncated`."
+        )
         raise ValueError(
-            f"`adjoint={adjoint!r}` cannot differentiate `sampler={sampler!r}`: {why}."
+            f"`adjoint={adjoint!r}` cannot differentiate `sampler={sampler!r}`: "
+            f"{why}.{hint}"
         )
 
 

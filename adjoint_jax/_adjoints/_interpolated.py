@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 
 from .._misc import lincomb
-from .._samplers._base import AbstractSampler
+from .._samplers._base import AbstractSampler, AbstractSDESampler
 from ._base import Solve, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 
@@ -49,11 +49,13 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
     def check_sampler(self, sampler: AbstractSampler) -> None:
         refuse_nonsmooth(self, sampler)
         if sampler.is_sde:
+            recorded = (
+                f"`adjoint=aj.RecordedAdjoint(order={self.order})` (the recorded path) or "
+                if isinstance(sampler, AbstractSDESampler) else ""
+            )
             raise ValueError(
                 f"`adjoint={self!r}` cannot be used with `sampler={sampler!r}`: an SDE "
-                "path cannot be interpolated; use "
-                f"`adjoint=aj.RecordedAdjoint(order={self.order})` (the recorded path) "
-                "or `adjoint=aj.DTO()`."
+                f"path cannot be interpolated; use {recorded}`adjoint=aj.DTO()`."
             )
 
     def _segments(self, solve: Solve):

@@ -239,8 +239,7 @@ class DDIM(AbstractSDESampler[PyTree], AbstractMultistepSampler[PyTree]):
             return None
         return (
             f"it {what} at every step, which is not the smooth probability-flow "
-            "ODE/SDE their adjoint equations (or inverse steps) assume; its gradient "
-            "is aj.DTO()'s (exact, almost everywhere) or aj.Truncated's"
+            "ODE/SDE their adjoint equations (or inverse steps) assume"
         )
 
     def _transform(self, x0: PyTree) -> PyTree:

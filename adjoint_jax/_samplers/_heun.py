@@ -102,8 +102,7 @@ class Heun(AbstractSampler[PyTree]):
         return (
             f"it clamps x̂_0 to [−{self.clip_sample}, {self.clip_sample}] (clip_sample) "
             "at every evaluation, which is not the smooth probability-flow ODE their "
-            "adjoint equations assume; its gradient is aj.DTO()'s (exact, almost "
-            "everywhere)"
+            "adjoint equations assume"
         )
 
     def _eps(self, eps, schedule, x, t):

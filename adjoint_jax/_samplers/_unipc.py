@@ -211,7 +211,7 @@ class UniPC(AbstractSampler[tuple]):
         return (
             "it applies dynamic thresholding to x̂_0 (thresholding) at every step, "
             "which is not the smooth probability-flow ODE their adjoint equations "
-            "assume; its gradient is aj.DTO()'s (exact, almost everywhere)"
+            "assume"
         )
 
     def _schedule_arrays(self, n: int) -> tuple[np.ndarray, np.ndarray]:
