@@ -74,7 +74,7 @@ def _perm_to(spec) -> tuple[int, ...]:
     return (spec[0],) + tuple(spec[2:]) + (spec[1],)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _core(params_key):
     """The canonical NHWC/HWIO convolution with the given (hashable) parameters, as a
     `jax.custom_jvp` function of (x, w)."""

@@ -55,7 +55,6 @@ import jax.tree_util as jtu
 import numpy as np
 
 
-
 _COMPILED: dict = {}  # key -> _Entry
 _MAX_COMPILED = 64
 _OPEN_DEPTH = 4  # how deep nested closures are opened

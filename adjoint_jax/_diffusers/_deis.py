@@ -18,8 +18,8 @@ from ._ddim import vp_timesteps
 from ._dpm_singlestep import (
     bind,
     flow_shift_of,
-    grid_timesteps,
     grid_times,
+    grid_timesteps,
     prediction_kind,
     schedule_of,
     sigma_grid,

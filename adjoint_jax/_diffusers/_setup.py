@@ -12,18 +12,22 @@ from jaxtyping import Array, PyTree
 
 from .._samplers._base import AbstractSampler
 from .._schedule import AbstractSchedule, VPDiscrete
-from . import _ddim, _dpm_multistep, _flow_match
-from . import _lcm
-from . import _euler
-from . import _heun
-from . import _kdpm2
-from . import _lms
-from . import _dpm_singlestep
-from . import _deis
-from . import _dpm_sde
-from . import _unipc
-from . import _pndm
-from . import _edm
+from . import (
+    _ddim,
+    _deis,
+    _dpm_multistep,
+    _dpm_sde,
+    _dpm_singlestep,
+    _edm,
+    _euler,
+    _flow_match,
+    _heun,
+    _kdpm2,
+    _lcm,
+    _lms,
+    _pndm,
+    _unipc,
+)
 from ._config import betas_from_config, check_keys, num_steps_arg, scheduler_name
 from ._family import Family
 
