@@ -39,6 +39,7 @@ from ._regularisers import dno_regulariser as dno_regulariser
 from ._sample import sample as sample
 from ._samplers import BDIA as BDIA
 from ._samplers import BELM as BELM
+from ._samplers import CogVideoXDPM as CogVideoXDPM
 from ._samplers import DDIM as DDIM
 from ._samplers import DEIS as DEIS
 from ._samplers import EDICT as EDICT

@@ -13,6 +13,7 @@ from jaxtyping import Array, PyTree
 from .._samplers._base import AbstractSampler
 from .._schedule import AbstractSchedule, VPDiscrete
 from . import (
+    _cogvideox,
     _ddim,
     _deis,
     _dpm_multistep,
@@ -35,6 +36,7 @@ from ._family import Family
 # The one registry: every family module, each reproducing the classes of its `keys`.
 FAMILIES: tuple[Family, ...] = (
     _ddim.FAMILY,
+    _cogvideox.FAMILY,
     _dpm_multistep.FAMILY,
     _flow_match.FAMILY,
     _lcm.FAMILY,

@@ -4,6 +4,7 @@ from ._base import AbstractSampler as AbstractSampler
 from ._base import AbstractSDESampler as AbstractSDESampler
 from ._bdia import BDIA as BDIA
 from ._belm import BELM as BELM
+from ._cogvideox_dpm import CogVideoXDPM as CogVideoXDPM
 from ._ddim import DDIM as DDIM
 from ._deis import DEIS as DEIS
 from ._dpm_sde import DPMSolverSDE as DPMSolverSDE
