@@ -37,7 +37,7 @@ def run_cogvideox_dpm(sched, model_fn, x_T, draws):
     """The loop of diffusers' `CogVideoXPipeline` with `CogVideoXDPMScheduler`:
     `model_fn(latents, timestep)` (torch), the old x̂_0 that `step` returns passed
     back with `timesteps[i − 1]`. Returns (final latents, number of draws)."""
-    x = torch.as_tensor(np.asarray(x_T), dtype=F64)
+    x = x_T if torch.is_tensor(x_T) else torch.as_tensor(np.asarray(x_T), dtype=F64)
     steps = sched.timesteps
     old_x0 = None
     with fed_normals(draws) as handed:

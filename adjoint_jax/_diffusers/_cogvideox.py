@@ -36,9 +36,10 @@ _KNOWN = frozenset({
     "steps_offset", "prediction_type", "timestep_spacing", "set_alpha_to_one",
     "snr_shift_scale", "clip_sample", "clip_sample_range", "sample_max_value",
 })
+_PREDICTIONS = ("epsilon", "sample", "v_prediction")
 
 
-def _check(config) -> None:
+def _check(config, first_step: int) -> None:
     shift = float(config.get("snr_shift_scale", 3.0))
     if not shift > 0:
         raise ValueError(
@@ -47,21 +48,30 @@ def _check(config) -> None:
             "turns negative, so diffusers' log-SNR and latents are NaN. Use s > 0."
         )
     kind = prediction_of(config, NAME, "epsilon")
-    if kind == "epsilon" and config.get("rescale_betas_zero_snr", False):
+    if kind not in _PREDICTIONS:
+        raise ValueError(
+            f"`config['prediction_type'] = {kind!r}` ({NAME}) is not supported: its "
+            f"step raises for it; supported: {_PREDICTIONS}."
+        )
+    T = int(config.get("num_train_timesteps", 1000))
+    zero_snr = config.get("rescale_betas_zero_snr", False)
+    if kind == "epsilon" and zero_snr and first_step == T - 1:
         raise ValueError(
             f"`config['rescale_betas_zero_snr'] = True` with "
-            f"`config['prediction_type'] = 'epsilon'` ({NAME}) is not supported: "
-            "the first timestep has ᾱ = 0, where diffusers' step divides by √ᾱ = 0 "
-            "(x̂_0 = (x − √(1 − ᾱ) ε)/√ᾱ) and its latents are NaN. Use "
+            f"`config['prediction_type'] = 'epsilon'` ({NAME}) is not supported "
+            f"when the first timestep is {T - 1} (`config['timestep_spacing']` "
+            "'trailing' or 'linspace'): ᾱ = 0 there, where diffusers' step divides "
+            "by √ᾱ = 0 (x̂_0 = (x − √(1 − ᾱ) ε)/√ᾱ) and its latents are NaN. Use "
             "prediction_type='v_prediction' (as CogVideoX) or 'sample'."
         )
 
 
 def _grid(config, n: int):
-    """(the grid's times, the per-step targets, whether each step is first
+    """(the grid's times, the per-step targets, whether the last step is first
     order) of `set_timesteps(n)` followed by `step`."""
     T = int(config.get("num_train_timesteps", 1000))
     steps = vp_timesteps(config, NAME, n)
+    _check(config, int(steps[0]))
     prev = steps - T // n
     final = 0.0 if config.get("set_alpha_to_one", True) else 1.0 / T
     targets = np.where(prev >= 0, (prev + 1) / T, final)
@@ -95,7 +105,6 @@ class CogVideoXFamily(Family):
     def plan(self, config, name, num_steps, *, sigmas, timesteps, mu, eta):
         del eta  # CogVideoXDPMScheduler.step ignores η
         refuse_args(name, sigmas=sigmas, timesteps=timesteps, mu=mu)
-        _check(config)
         ts, targets, first_last = _grid(config, num_steps)
         on_grid = np.array_equal(targets[:-1], ts[1:-1]) and targets[-1] == ts[-1]
         sampler = CogVideoXDPM(
