@@ -48,6 +48,7 @@ diffusers_samplers = [
     aj.LMS(),  # LMSDiscreteScheduler (tests/test_diffusers_euler_lms.py)
     aj.SDEDPMSolverPP(order=3),  # DPMSolverMultistep sde-dpmsolver++ (test_diffusers_dpm*.py)
     aj.DPMSolver(order=3),  # DPMSolverMultistep dpmsolver (tests/test_diffusers_dpm*.py)
+    aj.CogVideoXDPM(),  # CogVideoXDPMScheduler (tests/test_diffusers_cogvideox.py)
     aj.EulerChurn(s_churn=2.0),  # EulerDiscreteScheduler.step(s_churn) (DTO only)
 ]
 all_samplers = (
