@@ -95,7 +95,8 @@ def test_parity_with_diffusers(case):
         )
         smp = setup.sampler
         assert isinstance(smp, aj.CogVideoXDPM)
-        assert (smp.targets is not None, smp.first_order_last) == (has_targets, first_last)
+        got = (smp.targets is not None, smp.first_order_last)
+        assert got == (has_targets, first_last)
         assert len(setup.ts) - 1 == steps
         assert (setup.init_scale, setup.final_scale) == (1.0, 1.0)
         used = smp.used_draws(steps)
@@ -130,7 +131,8 @@ def test_dto_gradient_matches_diffusers():
     n = 7
     sched = COGVIDEOX_DPM64(**_5B)
     sched.set_timesteps(n)
-    setup = aj.from_diffusers(config_of(sched), n, model=jax_model(sched, "v_prediction"))
+    model = jax_model(sched, "v_prediction")
+    setup = aj.from_diffusers(config_of(sched), n, model=model)
     used = setup.sampler.used_draws(n)
     rng = np.random.default_rng(7)
     w, v = rng.standard_normal(SHAPE), rng.standard_normal(SHAPE)
@@ -138,7 +140,8 @@ def test_dto_gradient_matches_diffusers():
 
     def theirs(mu, x_T):
         model = torch_model(sched, "v_prediction", mu)
-        return (torch.as_tensor(w) * run_cogvideox_dpm(sched, model, x_T, draws)[0]).sum()
+        x0, _ = run_cogvideox_dpm(sched, model, x_T, draws)
+        return (torch.as_tensor(w) * x0).sum()
 
     mu_t = torch.tensor(MU, dtype=torch.float64, requires_grad=True)
     x_t = torch.tensor(X_T, requires_grad=True)
@@ -152,7 +155,9 @@ def test_dto_gradient_matches_diffusers():
 
     g_mu, g_x = jax.grad(loss, argnums=(0, 1))(jnp.asarray(MU), jnp.asarray(X_T))
     np.testing.assert_allclose(float(g_mu), float(mu_t.grad), rtol=1e-10)
-    np.testing.assert_allclose(np.asarray(g_x), x_t.grad.numpy(), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(g_x), x_t.grad.numpy(), rtol=1e-10, atol=1e-12
+    )
     h = 1e-6
     with torch.no_grad():
         x_T = torch.tensor(X_T)
@@ -209,13 +214,15 @@ def test_bfloat16_model_on_the_5b_grid():
 
     def net16(params, x, t, cond):
         assert jnp.issubdtype(t.dtype, jnp.integer)
-        out = gaussian_output("v_prediction", ab16[t], x.astype(bf16), params.astype(bf16))
+        x, mu = x.astype(bf16), params.astype(bf16)
+        out = gaussian_output("v_prediction", ab16[t], x, mu)
         assert out.dtype == bf16
         return out
 
     setup = aj.from_diffusers(config_of(sched), n, model=net16)
     assert setup.ts.dtype == jnp.float64
-    ref, _ = _diffusers(sched, n, "v_prediction", NOISE[:n], setup.sampler.used_draws(n))
+    used = setup.sampler.used_draws(n)
+    ref, _ = _diffusers(sched, n, "v_prediction", NOISE[:n], used)
     out = np.asarray(aj.sample(
         setup.model, jnp.asarray(MU, jnp.float32), jnp.asarray(X_T, jnp.float32),
         schedule=setup.schedule, ts=setup.ts, sampler=setup.sampler,
