@@ -23,6 +23,9 @@ if os.environ.get("ADJOINT_JAX_TEST_CACHE", "1") != "0":
     _cache = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
         "adjoint_jax", "jax-compilation",
+        # One directory per xdist worker: JAX's cache writes are not atomic, and a
+        # worker reading an entry the other is writing warns "truncated stream".
+        os.environ.get("PYTEST_XDIST_WORKER", "main"),
     )
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -132,7 +132,7 @@ def _weak_error(sampler, n):
         # diffusers' third-order D₂ coefficient leaves a local O(h²) term: first order.
         (aj.SDEDPMSolverPP(order=3), 1, [80, 160, 320], _weak_error),
     ],
-    ids=repr,
+    ids=lambda v: v.__name__.strip("_") if callable(v) and not isinstance(v, aj.AbstractSampler) else repr(v),
 )
 def test_order_on_gaussian(sampler, order, ns, error):
     errs = [error(sampler, n) for n in ns]
