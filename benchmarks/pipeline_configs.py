@@ -37,6 +37,8 @@ class PipelineSetup:
         same, DPMSolverSDEScheduler given known Brownian increments in place of its
         torchsde tree), or "cogvideox-dpm" (`CogVideoXDPMScheduler.step(out, old_x0,
         t, t_prev, latents)`).
+    - `sampler(setup, steps)`: the `aj` sampler of a `step` argument that
+        `aj.from_diffusers` does not take (it replaces the setup's), or None.
     """
 
     key: str
@@ -51,6 +53,7 @@ class PipelineSetup:
     init_sigma: bool = True
     loop: str = "standard"
     notes: str = ""
+    sampler: Callable | None = None
 
     def timesteps_kwargs(self, config: dict) -> dict:
         if self.set_timesteps is None:

@@ -1,37 +1,45 @@
-"""The pipeline table: does `aj.from_diffusers` reproduce what public diffusers
-pipelines run?
+"""The pipeline and option tables: does `aj.from_diffusers` reproduce what public
+diffusers pipelines run, and every option of every scheduler class it supports?
 
-For each set-up of `benchmarks/pipeline_configs.py` (the model repository's
-`scheduler_config.json`, the scheduler switch users make, the pipeline's default step
-count and what it passes to `set_timesteps`), this runs diffusers' own scheduler loop
-in float64 (the float64-patched classes of `tests/diffusers64*.py`) as the pipeline
-runs it — latents = z · init_noise_sigma, then for each timestep t:
-out = net(scale_model_input(latents, t), t), latents = step(out, t, latents) — and
-`aj.from_diffusers(config, N, model=net, sigmas=, mu=)` + `aj.sample` +
-`setup.initial`/`setup.final` from the same z, with the same normals for the
-schedulers that draw them (step i of `aj.sample` gets the scheduler's i-th draw).
+The pipeline table (`--table pipelines`): for each set-up of
+`benchmarks/pipeline_configs.py` (the model repository's `scheduler_config.json`,
+the scheduler switch users make, the pipeline's default step count and what it
+passes to `set_timesteps`). The option table (`--table options`): for each row of
+`benchmarks/option_configs.py` (a scheduler class × an option value that changes
+the numbers, or one `aj` refuses), at its two step counts.
+
+Each row runs diffusers' own scheduler loop in float64 (the float64-patched classes
+of `tests/diffusers64*.py`) as a pipeline runs it — latents = z · init_noise_sigma,
+then for each timestep t: out = net(scale_model_input(latents, t), t), latents =
+step(out, t, latents, **step_kwargs) — and `aj.from_diffusers(config, N, model=net,
+sigmas=, timesteps=, mu=, eta=)` + `aj.sample` + `setup.initial`/`setup.final` from
+the same z, with the same normals for the schedulers that draw them (step i of
+`aj.sample` gets the scheduler's i-th draw; churn: the draw of its churning step).
 
 The network is analytic (data N(μ, s²) elementwise: the exact ε, v, x̂_0 or velocity)
 and written once for both sides: it reads its noise level from the timestep it is
 given, as a trained network does (VP schedulers: the training table's log σ,
-interpolated at fractional timesteps; flow matching: σ = t/T; EDM: σ = exp(4 t)), and
-its input is `scale_model_input(latents, t)`.
+interpolated at fractional timesteps, or log σ = 4 t for continuous timesteps;
+flow matching and flow σ: σ = t/T; EDM: σ = exp(4 t)), and its input is
+`scale_model_input(latents, t)`. The latents are (batch 2, channels 3, 2 pixels):
+diffusers' thresholding needs an axis beyond the channels.
 
-Prints a markdown table (pipeline · scheduler + options · aj sampler · N ·
-max |ours − diffusers| · status: reproduced (≤ 1e-10) / refused: the error /
-differs / error) and, with --json, writes the rows.
+Prints a markdown table (status: reproduced (≤ 1e-10) / refused: aj's error /
+diffusers raises / diffusers non-finite / differs / error) and, with --json, writes
+the rows; --docs DIR writes both tables as markdown and JSON under DIR, headed by
+the command, the machine, the date and the versions.
 
-    python benchmarks/pipelines.py [--only KEY,KEY] [--steps N] [--json out.json]
-    python benchmarks/pipelines.py --list
+    python benchmarks/pipelines.py [--table pipelines|options|both] [--only KEY,…]
+                                   [--steps N] [--json out.json] [--docs DIR]
+    python benchmarks/pipelines.py --list [--table options]
+    python benchmarks/pipelines.py --docs docs/diffusers      # what docs/ holds
 
-Needs the `test` extra (diffusers, torch). A few minutes on CPU.
+Needs the `test` extra (diffusers, torch). Minutes on CPU (`--docs` prints the time).
 """
 
 import argparse
-import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -50,159 +58,24 @@ jax.config.update("jax_enable_x64", True)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import pipeline_report as report  # noqa: E402
 import torch  # noqa: E402
+from option_configs import TIMESTEP_ROWS, Option, option_keys, options_text  # noqa: E402
+from option_configs_sigma import SIGMA_ROWS  # noqa: E402
 from pipeline_configs import SETUPS, PipelineSetup  # noqa: E402
+from pipeline_net import F64, NOISE, Network, Z, brownian_normals, fed_normals  # noqa: E402,E501
 
 import adjoint_jax as aj  # noqa: E402
 from tests.diffusers64_pipelines import float64_class  # noqa: E402
 
 
-TOL = 1e-10
-MU, S = 0.7, 0.5
-F64 = torch.float64
-Z = np.random.default_rng(0).standard_normal((2, 3))
-NOISE = np.random.default_rng(1).standard_normal((256, 2, 3))
-
-
-# ---- the network, the same function on both sides ------------------------------------
-
-def _posterior(a, s, x):
-    """E[ε | x], E[x_0 | x] for x = a x_0 + s ε, x_0 ~ N(μ, s²) elementwise."""
-    d = a * a * S * S + s * s
-    eps = s * (x - a * MU) / d
-    return eps, MU + a * S * S * (x - a * MU) / d
-
-
-def _output(kind, pred, level, x, xp, sigma_data=0.5):
-    """The network's output at input `x` and noise level `level` (VP: log σ; flow: σ;
-    EDM: σ) for `pred` (the config's prediction_type). `xp` is `math` or jax.numpy
-    (`math` on diffusers' side: the noise level is a Python float there)."""
-    if kind == "vp":
-        ab = 1 / (1 + xp.exp(2 * level))
-        a, s = xp.sqrt(ab), xp.sqrt(1 - ab)
-        eps, x0 = _posterior(a, s, x)
-        return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[pred]
-    if kind == "flow":  # x = (1 − σ) x_0 + σ ε; velocity u = ε − x_0
-        eps, x0 = _posterior(1 - level, level, x)
-        return eps - x0
-    # EDM: the input is c_in · x; the output F with x̂_0 = c_skip x + c_out F.
-    sd2 = sigma_data * sigma_data
-    x = x * xp.sqrt(level * level + sd2)
-    _, x0 = _posterior(1.0, level, x)
-    c_skip = sd2 / (level * level + sd2)
-    c_out = level * sigma_data / xp.sqrt(level * level + sd2)
-    return (x0 - c_skip * x) / (c_out if pred == "epsilon" else -c_out)
-
-
-def _level_np(kind, table, tau, T):
-    if kind == "vp":
-        lo = int(np.clip(np.floor(tau), 0, len(table) - 1))
-        w = tau - lo
-        if w == 0:
-            return table[lo]
-        return (1 - w) * table[lo] + w * table[min(lo + 1, len(table) - 1)]
-    return tau / T if kind == "flow" else np.exp(4 * tau)
-
-
-def _level_jnp(kind, table, tau, T):
-    if kind == "vp":
-        lo = jnp.clip(jnp.floor(tau), 0, table.shape[0] - 1)
-        i = lo.astype(jnp.int32)
-        w = tau - lo
-        j = jnp.minimum(i + 1, table.shape[0] - 1)
-        return jnp.where(w == 0, table[i], (1 - w) * table[i] + w * table[j])
-    return tau / T if kind == "flow" else jnp.exp(4 * tau)
-
-
-class Network:
-    """The analytic network of a scheduler: `torch(x_in, t)` for diffusers' loop,
-    `jax(params, x_in, timestep, cond)` for `aj.from_diffusers` (params: the log σ
-    table of a VP scheduler, else None)."""
-
-    def __init__(self, sched, class_name):
-        cfg = sched.config
-        self.T = float(cfg.get("num_train_timesteps", 1000))
-        self.sigma_data = float(cfg.get("sigma_data", 0.5))
-        self.learned_variance = cfg.get("variance_type") in ("learned", "learned_range")
-        flow = class_name.startswith("FlowMatch") or cfg.get("use_flow_sigmas")
-        if flow:
-            self.kind, self.pred, self.table = "flow", "flow", None
-        elif class_name.startswith("EDM"):
-            self.kind, self.pred, self.table = "edm", cfg.prediction_type, None
-        else:
-            ab = sched.alphas_cumprod.to(F64).numpy()
-            with np.errstate(divide="ignore"):
-                self.table = 0.5 * (np.log1p(-ab) - np.log(ab))
-            self.kind, self.pred = "vp", cfg.prediction_type
-
-    @property
-    def params(self):
-        return None if self.table is None else jnp.asarray(self.table)
-
-    def torch(self, x, t):
-        level = float(_level_np(self.kind, self.table, float(t), self.T))
-        out = _output(self.kind, self.pred, level, x, math, self.sigma_data)
-        if self.learned_variance:  # the UNet's variance channels: v = 0 (frac 1/2)
-            out = torch.cat([out, torch.zeros_like(out)], dim=1)
-        return out
-
-    def jax(self, params, x, timestep, cond):
-        del cond
-        tau = jnp.asarray(timestep).astype(x.dtype)
-        level = _level_jnp(self.kind, params, tau, self.T)
-        return _output(self.kind, self.pred, level, x, jnp, self.sigma_data)
+TOL = report.TOL
+OPTIONS: tuple[Option, ...] = TIMESTEP_ROWS + SIGMA_ROWS
 
 
 # ---- diffusers' side -----------------------------------------------------------------
 
-@contextlib.contextmanager
-def fed_normals(sched, normals):
-    """`randn_tensor` in the namespace of the scheduler's `step` returns
-    `normals[0]`, `normals[1]`, … in turn; yields the list of draws."""
-    glb = type(sched).step.__globals__
-    bank = iter(np.asarray(normals))
-    drawn = []
-
-    def randn(shape, generator=None, device=None, dtype=None, **kw):
-        drawn.append(None)
-        return torch.as_tensor(next(bank), dtype=F64).reshape(shape)
-
-    had, original = "randn_tensor" in glb, glb.get("randn_tensor")
-    glb["randn_tensor"] = randn
-    try:
-        yield drawn
-    finally:
-        if had:
-            glb["randn_tensor"] = original
-        else:
-            del glb["randn_tensor"]
-
-
-class _NoDraws:
-    calls = 0
-
-    def __call__(self, sigma, sigma_next):
-        raise AssertionError("DPMSolverSDEScheduler drew noise on a one-step grid")
-
-
-def brownian_normals(sched):
-    """DPMSolverSDEScheduler draws from a Brownian tree (torchsde) at its steps' σ and
-    their log-midpoints; it is given the Brownian motion on that grid whose
-    normalised increments are NOISE[0], NOISE[1], … (`aj`'s noise[i] for grid
-    interval i; `tests/diffusers64_singlestep.BrownianNormals`)."""
-    from tests.diffusers64_singlestep import BrownianNormals
-
-    sig = sched.sigmas.numpy()
-    steps = np.concatenate([sig[:1], sig[2:-1:2]])
-    t = -np.log(steps)
-    if len(steps) < 2:  # one step, to σ = 0: no noise is drawn
-        return _NoDraws()
-    grid = np.empty(2 * len(steps) - 1)
-    grid[0::2], grid[1::2] = steps, np.exp(-(t[:-1] + (t[1:] - t[:-1]) * 0.5))
-    return BrownianNormals(grid, NOISE[: len(grid) - 1])
-
-
-def run_diffusers(setup: PipelineSetup, sched, net: Network):
+def run_diffusers(setup: PipelineSetup, sched, net: Network, normals=NOISE):
     """The pipeline's loop in float64; returns (final latents, timesteps, draws)."""
     if setup.loop == "brownian":
         sched.noise_sampler = brownian_normals(sched)
@@ -214,7 +87,7 @@ def run_diffusers(setup: PipelineSetup, sched, net: Network):
     # Flow-matching schedulers have no scale_model_input (their pipelines call none);
     # for the others it is what the pipelines call.
     scale = getattr(sched, "scale_model_input", lambda x, t: x)
-    with fed_normals(sched, NOISE) as drawn:
+    with fed_normals(sched, normals) as drawn:
         for i, t in enumerate(steps):
             out = net.torch(scale(latents, t), t)
             if setup.loop == "cogvideox-dpm":
@@ -238,15 +111,43 @@ def scheduler_of(setup: PipelineSetup):
 
 # ---- aj's side -----------------------------------------------------------------------
 
-def run_ours(setup: PipelineSetup, config, net: Network, kwargs):
-    """`aj.from_diffusers` + `aj.sample` + `initial`/`final`: (latents, setup)."""
-    ours = aj.from_diffusers(
-        config, kwargs.get("num_inference_steps"), model=net.jax,
+def make_ours(setup: PipelineSetup, config, kwargs, model=None):
+    """`aj.from_diffusers` as the row calls it (its sampler replaced by the row's
+    `sampler(made, N)` for a `step` argument from_diffusers does not take)."""
+    made = aj.from_diffusers(
+        config, kwargs.get("num_inference_steps"), model=model,
         sigmas=kwargs.get("sigmas"), timesteps=kwargs.get("timesteps"),
         mu=kwargs.get("mu"), eta=float(setup.step_kwargs.get("eta", 0.0)),
     )
-    n = len(ours.ts) - 1
-    noise = jnp.asarray(NOISE[:n]) if ours.sampler.is_sde else None
+    if setup.sampler is not None:
+        made = made._replace(sampler=setup.sampler(made, setup.steps))
+    return made
+
+
+def noises(made):
+    """(aj's noise, diffusers' normals in the order it draws them): step i's normal
+    is NOISE[i] on both sides; diffusers draws it where the sampler says (churn: on
+    the churning steps only; CogVideoXDPM: `used_draws`, the draws it discards
+    being other normals)."""
+    n = len(made.ts) - 1
+    if not made.sampler.is_sde:
+        return None, NOISE
+    ours = jnp.asarray(NOISE[:n])
+    churned = getattr(made.sampler, "churn_steps", None)
+    if churned is not None:
+        return ours, NOISE[np.asarray(churned(made.schedule, made.ts))]
+    if hasattr(made.sampler, "used_draws"):
+        used = made.sampler.used_draws(n)
+        bank = np.random.default_rng(7).standard_normal((2 * n + 2,) + Z.shape)
+        bank[used] = NOISE[:n]
+        return ours, bank
+    return ours, NOISE
+
+
+def run_ours(setup: PipelineSetup, config, net: Network, kwargs):
+    """`aj.from_diffusers` + `aj.sample` + `initial`/`final`: (latents, setup)."""
+    ours = make_ours(setup, config, kwargs, net.jax)
+    noise, _ = noises(ours)
     x = aj.sample(
         ours.model, net.params, ours.initial(jnp.asarray(Z)), None,
         schedule=ours.schedule, ts=ours.ts, sampler=ours.sampler, noise=noise,
@@ -263,31 +164,9 @@ def describe(setup: PipelineSetup, name: str) -> str:
     return f"{setup.scheduler}: {name}({args})"
 
 
-def _short(sampler) -> str:
-    text = repr(sampler).replace("\n", " ")
-    text = " ".join(text.split())
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
 def _grid(made) -> str:
     ts = np.asarray(made.ts)
     return f"{type(made.schedule).__name__}, t {ts[0]:.4g} → {ts[-1]:.4g}"
-
-
-def call_text(kwargs) -> str:
-    """`set_timesteps(...)` as the pipeline calls it."""
-    parts = []
-    for k, v in kwargs.items():
-        if k == "num_inference_steps":
-            parts.append(str(v))
-        elif k == "sigmas":
-            v = np.asarray(v)
-            shown = ", ".join(f"{x:.4g}" for x in v) if len(v) <= 3 else (
-                f"{v[0]:.4g}, {v[1]:.4g}, …, {v[-1]:.4g}")
-            parts.append(f"sigmas=[{shown}] ({len(v)})")
-        else:
-            parts.append(f"{k}={v:.6g}" if isinstance(v, float) else f"{k}={v!r}")
-    return f"set_timesteps({', '.join(parts)})"
 
 
 def latents_text(setup, sched) -> str:
@@ -309,6 +188,23 @@ def _diffusers_alone(row, setup, sched, net, kwargs):
         row["diffusers_error"] = f"{type(e).__name__}: {e}"
 
 
+def _diffusers_raises(row, setup, config, kwargs, error):
+    """diffusers refuses the option (its constructor or set_timesteps raises): the row
+    says so, and whether `aj.from_diffusers` accepts it."""
+    row.update(status="diffusers raises", message=f"{type(error).__name__}: {error}",
+               diff=None)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            made = make_ours(setup, config, kwargs)
+        row["aj_accepts"] = report.one_line(made.sampler)
+        row["sampler"] = report.short(made.sampler)
+        row["message"] += f"; aj accepts it: {row['aj_accepts']}"
+    except (ValueError, TypeError, NotImplementedError) as e:
+        row["message"] += f"; aj refuses it too: {e}"
+    return row
+
+
 def run_setup(setup: PipelineSetup) -> dict:
     """One row of the table."""
     row = {"key": setup.key, "pipeline": setup.pipeline, "model": setup.model,
@@ -316,13 +212,21 @@ def run_setup(setup: PipelineSetup) -> dict:
            "step_kwargs": setup.step_kwargs}
     start = time.perf_counter()
     try:
-        name, sched = scheduler_of(setup)
+        config = kwargs = None
+        name = (setup.switch or (setup.config["_class_name"],))[0]
         row["scheduler"] = describe(setup, name)
+        try:
+            name, sched = scheduler_of(setup)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            config = {**setup.config, "_class_name": name}
+            kwargs = setup.timesteps_kwargs(config)
+            return _diffusers_raises(row, setup, config, kwargs, e)
         config = {**dict(sched.config), "_class_name": name}
         kwargs = setup.timesteps_kwargs(config)
-        row["set_timesteps"] = {k: (np.asarray(v).tolist() if k == "sigmas" else v)
-                                for k, v in kwargs.items()}
-        row["call"] = call_text(kwargs)
+        row["set_timesteps"] = {
+            k: np.asarray(v).tolist() if k in ("sigmas", "timesteps") else v
+            for k, v in kwargs.items()}
+        row["call"] = report.call_text(kwargs)
         net = Network(sched, name)
         row["network"] = f"{net.kind}/{net.pred}"
         with warnings.catch_warnings(record=True) as caught:
@@ -336,17 +240,26 @@ def run_setup(setup: PipelineSetup) -> dict:
         row["warnings"] = [
             str(w.message) for w in caught if issubclass(w.category, UserWarning)
         ]
-        row["sampler"] = _short(made.sampler)
+        row["sampler"] = report.short(made.sampler)
+        row["sampler_full"] = report.one_line(made.sampler)
         row["grid"] = _grid(made)
         row["aj_steps"] = len(made.ts) - 1
-        sched.set_timesteps(**kwargs)
+        try:
+            sched.set_timesteps(**kwargs)
+        except (ValueError, TypeError, NotImplementedError) as e:
+            return _diffusers_raises(row, setup, config, kwargs, e)
         row["latents"] = latents_text(setup, sched)
-        ref, steps, drawn = run_diffusers(setup, sched, net)
+        ref, steps, drawn = run_diffusers(setup, sched, net, noises(made)[1])
         row["diffusers_timesteps"] = len(steps)
         row["draws"] = drawn
         diff = float(np.max(np.abs(ours - ref)))
         row["diff"] = diff
-        row["status"] = "reproduced" if diff <= TOL else "differs"
+        if not np.all(np.isfinite(ref)) and np.all(np.isfinite(ours)):
+            row.update(status="diffusers non-finite", diff=None, message=(
+                f"diffusers' result has {int(np.sum(~np.isfinite(ref)))} of "
+                f"{ref.size} entries NaN/inf; ours is finite"))
+        else:
+            row["status"] = "reproduced" if diff <= TOL else "differs"
     except Exception as e:  # noqa: BLE001 — reported, not hidden
         row.update(status="error", message=f"{type(e).__name__}: {e}",
                    trace=traceback.format_exc(limit=4), diff=row.get("diff"))
@@ -356,94 +269,132 @@ def run_setup(setup: PipelineSetup) -> dict:
     return row
 
 
-# ---- the report ----------------------------------------------------------------------
+# ---- the option table ----------------------------------------------------------------
 
-def _cell(text: str) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
-
-
-def status_text(row: dict) -> str:
-    if row["status"] in ("refused", "error"):
-        return f"{row['status']}: {row['message']}"
-    if row["status"] == "reproduced":
-        return "reproduced (≤ 1e-10)"
-    return "differs"
+def option_setup(key: str, option: Option, n: int) -> PipelineSetup:
+    return PipelineSetup(
+        f"{key}@{n}", "—", "—", options_text(option, n),
+        {"_class_name": option.cls, **option.config}, n,
+        set_timesteps=option.set_timesteps, step_kwargs=option.step_kwargs,
+        init_sigma=not option.cls.startswith("FlowMatch"), loop=option.loop,
+        sampler=option.sampler,
+    )
 
 
-def _sampler_cell(row: dict) -> str:
-    if "grid" not in row:
-        return row.get("sampler", "—")
-    return f"{row['sampler']} on {row['grid']} ({row['aj_steps']} steps)"
+def run_option(key: str, option: Option, n: int) -> dict:
+    """One row of the option table: `run_setup`'s, keyed by option and N, the
+    sampler's full repr as `sampler`."""
+    row = run_setup(option_setup(key, option, n))
+    for k in ("key", "pipeline", "model", "scheduler"):
+        row.pop(k, None)
+    if "sampler_full" in row:
+        row["sampler"] = row.pop("sampler_full")
+    return {"option": key, "class": option.cls, "options": options_text(option, n),
+            **row}
 
 
-def markdown(rows) -> str:
-    lines = ["| pipeline | scheduler + options | aj sampler | N "
-             "| max \\|ours − diffusers\\| "
-             "| status |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        diff = "—" if r.get("diff") is None else f"{r['diff']:.1e}"
-        lines.append(
-            f"| {_cell(r['pipeline'] + ' · ' + r['model'])} "
-            f"| {_cell(r.get('scheduler', '—'))} | {_cell(_sampler_cell(r))} "
-            f"| {r['N']} | {diff} | {_cell(status_text(r))} |"
-        )
-    counts = {}
-    for r in rows:
-        counts[r["status"]] = counts.get(r["status"], 0) + 1
-    summary = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    inputs = ["| set-up | the pipeline calls | latents | step kwargs | diffusers draws "
-              "| from_diffusers warned |", "| --- | --- | --- | --- | --- | --- |"]
-    for r in rows:
-        warns = r.get("warnings") or []
-        warned = "; ".join(w.split(" are not known")[0] for w in warns)
-        inputs.append(
-            f"| {r['key']} | {_cell(r.get('call', '—'))} "
-            f"| {_cell(r.get('latents', '—'))} "
-            f"| {_cell(r['step_kwargs'] or '—')} | {r.get('draws', '—')} "
-            f"| {_cell(warned or '—')} |"
-        )
-    return ("\n".join(lines) + f"\n\n{len(rows)} set-ups — {summary}\n\n"
-            + "\n".join(inputs))
+# ---- the command line ----------------------------------------------------------------
+
+def _run_table(table, keys, steps):
+    rows = []
+    if table == "pipelines":
+        chosen = [s for s in SETUPS if not keys or s.key in keys]
+        if steps is not None:
+            chosen = [dataclasses.replace(s, steps=steps) for s in chosen]
+        for s in chosen:
+            rows.append(run_setup(s))
+            print(f"{s.key}: {rows[-1]['status']} ({rows[-1]['seconds']} s)",
+                  file=sys.stderr)
+        return rows
+    for key, o in zip(option_keys(OPTIONS), OPTIONS):
+        if keys and key not in keys and o.cls not in keys:
+            continue
+        for n in ((steps,) if steps is not None else o.steps):
+            rows.append(run_option(key, o, n))
+            print(f"{key}@{n}: {rows[-1]['status']} ({rows[-1]['seconds']} s)",
+                  file=sys.stderr)
+    return rows
+
+
+def _quiet():
+    """diffusers' deprecation warnings and config-rewrite notices (its
+    `lower_order_final` switch, …) are not the table's business."""
+    from diffusers.utils import logging as diffusers_logging
+
+    diffusers_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message="__array__ implementation")
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = argparse.ArgumentParser(
-        description="Run public diffusers pipeline set-ups with diffusers (float64) "
-        "and "
-        "with aj.from_diffusers + aj.sample on an analytic network, and print a "
-        "markdown table of the largest difference per set-up.",
+        description="Run public diffusers pipeline set-ups (--table pipelines) and "
+        "every scheduler class × option (--table options) with diffusers (float64) "
+        "and with aj.from_diffusers + aj.sample on an analytic network; print a "
+        "markdown table of the largest difference per row.",
+        epilog=report.EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--only", default="",
-                        help="comma-separated set-up keys (see --list)")
+    parser.add_argument(
+        "--table", choices=("pipelines", "options", "both"), default=None,
+        help="which table to run: the pipeline set-ups of pipeline_configs.py "
+        "(default), the option rows of option_configs.py (each at its two step "
+        "counts), or both (the default with --docs)")
+    parser.add_argument(
+        "--only", default="", metavar="KEY,…",
+        help="comma-separated set-up keys, option keys (CLASS:ROW) or, for the option "
+        "table, scheduler class names (see --list)")
     parser.add_argument("--json", default=None, metavar="PATH",
-                        help="also write the rows as JSON")
-    parser.add_argument("--list", action="store_true", help="list the set-ups and exit")
+                        help="also write the rows as a JSON list")
+    parser.add_argument(
+        "--docs", default=None, metavar="DIR",
+        help="write each table run as DIR/pipelines.md / DIR/options.md, headed by "
+        "the command, the machine, the date and the versions, with the rows as "
+        "JSON next to it (DIR/pipelines.json, DIR/options.json)")
+    parser.add_argument("--list", action="store_true",
+                        help="list the set-ups (or, with --table options, the option "
+                        "rows) and exit")
     parser.add_argument(
         "--steps", type=int, default=None, metavar="N",
-        help="run every set-up at N steps instead of its pipeline's default (the "
-        "pipeline-passed σ and μ recomputed for N as the pipeline computes them)",
+        help="run every row at N steps instead of its own (pipelines: the "
+        "pipeline's default, their σ and μ recomputed for N as the pipeline computes "
+        "them; options: one run at N in place of the two step counts)",
     )
     args = parser.parse_args(argv)
+    _quiet()
+    table = args.table or ("both" if args.docs else "pipelines")
+    tables = ("pipelines", "options") if table == "both" else (table,)
     if args.list:
-        for s in SETUPS:
-            print(f"{s.key:28s} {s.pipeline} · {s.model} · {s.scheduler} · N={s.steps}")
+        if "pipelines" in tables:
+            for s in SETUPS:
+                print(f"{s.key:28s} {s.pipeline} · {s.model} · {s.scheduler} · "
+                      f"N={s.steps}")
+        if "options" in tables:
+            for key, o in zip(option_keys(OPTIONS), OPTIONS):
+                print(f"{key:36s} {options_text(o, o.steps[0])} · N={o.steps}")
         return 0
     keys = [k for k in args.only.split(",") if k]
-    unknown = sorted(set(keys) - {s.key for s in SETUPS})
+    known = ({s.key for s in SETUPS} | set(option_keys(OPTIONS))
+             | {o.cls for o in OPTIONS})
+    unknown = sorted(set(keys) - known)
     if unknown:
-        parser.error(f"unknown set-up keys {unknown}; see --list")
-    chosen = [s for s in SETUPS if not keys or s.key in keys]
-    if args.steps is not None:
-        chosen = [dataclasses.replace(s, steps=args.steps) for s in chosen]
-    rows = []
-    for s in chosen:
-        rows.append(run_setup(s))
-        print(f"{s.key}: {rows[-1]['status']} ({rows[-1]['seconds']} s)",
+        parser.error(f"unknown keys {unknown}; see --list")
+    for name in tables:
+        start = time.perf_counter()
+        rows = _run_table(name, keys, args.steps)
+        seconds = time.perf_counter() - start
+        tabulate = report.markdown if name == "pipelines" else report.options_markdown
+        text = tabulate(rows)
+        print(text)
+        print(f"\n{name}: {report.summary_line(rows)}; {seconds:.0f} s",
               file=sys.stderr)
-    print(markdown(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+        if args.json:
+            root, ext = os.path.splitext(args.json)
+            path = args.json if len(tables) == 1 else f"{root}.{name}{ext or '.json'}"
+            with open(path, "w", encoding="utf-8") as f:
+                json.dump(rows, f, indent=1, default=str, ensure_ascii=False)
+        if args.docs:
+            report.write_docs(args.docs, name, text, rows, report.meta(argv, seconds))
     return 0
 
 

@@ -6,7 +6,14 @@ analytic network, noises and z, to 1e-10. `python benchmarks/pipelines.py` runs 
 of them; the set-ups here cover SD 1.5's shipped PNDM, Euler ancestral with trailing
 spacing (stochastic), DPM-Solver++ SDE on Karras σ (stochastic), Playground's EDM
 DPM-Solver++, UniPC on flow σ, TCD (stochastic), and flow matching with
-pipeline-passed σ and μ."""
+pipeline-passed σ and μ.
+
+The option table (`--table options`): every scheduler class of `aj.from_diffusers`'
+registry has rows (checked without running them), and a few rows run here: Euler's
+step churn in a σ window (a `step` argument, its normals on the churning steps
+only), UniPC bh1
+(diffusers NaN, ours finite), DPM-Solver with a σ = 0 end (diffusers raises) and the
+files `--docs` writes."""
 
 import importlib.util
 import json
@@ -18,6 +25,7 @@ import pytest
 pytestmark = pytest.mark.filterwarnings(
     "ignore:__array__ implementation:DeprecationWarning",
     "ignore:The config attributes:FutureWarning",
+    "ignore:`algorithm_types:FutureWarning",
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +75,7 @@ def test_a_refusal_is_reported_with_its_message(pipelines, by_key, tmp_path, cap
     rc = pipelines.main(["--only", "kandinsky-2.2", "--json",
                          str(tmp_path / "rows.json")])
     assert rc == 0
-    (row,) = json.loads((tmp_path / "rows.json").read_text())
+    (row,) = json.loads((tmp_path / "rows.json").read_text(encoding="utf-8"))
     assert row["status"] == "refused" and "variance_type" in row["message"], row
     assert row["diffusers_finite"], row  # diffusers itself still ran it
     table = capsys.readouterr().out
@@ -79,3 +87,62 @@ def test_the_configs_are_complete(pipelines):
     assert len(keys) == len(set(keys)) >= 31
     for s in pipelines.SETUPS:
         assert s.config["_class_name"] and s.steps >= 1, s
+
+
+# ---- the option table ----------------------------------------------------------------
+
+def test_every_registered_scheduler_class_has_option_rows(pipelines):
+    """A class added to `aj.from_diffusers`' registry without a row in the option
+    table (`benchmarks/option_configs*.py`) fails here."""
+    from adjoint_jax._diffusers._setup import _BY_NAME
+
+    classes = {o.cls for o in pipelines.OPTIONS}
+    assert not sorted(set(_BY_NAME) - classes), "no option row for these classes"
+    assert not sorted(classes - set(_BY_NAME)), "rows for classes aj does not have"
+    keys = pipelines.option_keys(pipelines.OPTIONS)
+    assert len(keys) == len(set(keys)) == len(pipelines.OPTIONS)
+    for o in pipelines.OPTIONS:
+        pipelines.float64_class(o.cls)  # diffusers' class in float64 exists
+        assert o.steps and min(o.steps) < 15, o  # each row has a short run
+    for name in _BY_NAME:  # and each class a row at two step counts
+        assert any(len(o.steps) == 2 for o in pipelines.OPTIONS if o.cls == name), name
+
+
+def _option(pipelines, cls, pred):
+    for key, o in zip(pipelines.option_keys(pipelines.OPTIONS), pipelines.OPTIONS):
+        if o.cls == cls and pred(o):
+            return key, o
+    raise LookupError(cls)
+
+
+def test_option_rows_churn_nan_and_diffusers_refusal(pipelines):
+    key, o = _option(pipelines, "EulerDiscreteScheduler",
+                     lambda o: o.step_kwargs.get("s_tmax") == 5.0)
+    row = pipelines.run_option(key, o, 7)
+    assert row["status"] == "reproduced" and row["sampler"].startswith(
+        "EulerChurn(s_churn=3.0"), row
+    assert 0 < row["draws"] < 7, row  # a normal on each churning step (σ in [0.5, 5])
+    key, o = _option(pipelines, "UniPCMultistepScheduler",
+                     lambda o: o.config == {"solver_type": "bh1"})
+    row = pipelines.run_option(key, o, 9)
+    assert row["status"] == "diffusers non-finite" and row["diff"] is None, row
+    key, o = _option(pipelines, "DPMSolverMultistepScheduler",
+                     lambda o: o.config.get("algorithm_type") == "dpmsolver"
+                     and "final_sigmas_type" not in o.config)
+    row = pipelines.run_option(key, o, 8)
+    assert row["status"] == "diffusers raises", row
+    assert row["aj_accepts"] == "DPMSolver()" and "final_sigmas_type" in row["message"]
+
+
+def test_docs_mode_writes_markdown_and_json_with_the_header(pipelines, tmp_path):
+    key, _ = _option(pipelines, "DDIMScheduler", lambda o: o.config == {})
+    rc = pipelines.main(["--table", "options", "--only", key, "--steps", "4",
+                         "--docs", str(tmp_path)])
+    assert rc == 0
+    text = (tmp_path / "options.md").read_text(encoding="utf-8")
+    head = text.splitlines()[2]
+    assert "--only " + key in head and "no GPU" in head and "diffusers 0.42" in head
+    assert "| DDIMScheduler | defaults" in text and "reproduced (≤ 1e-10)" in text
+    data = json.loads((tmp_path / "options.json").read_text(encoding="utf-8"))
+    assert data["meta"]["versions"]["jax"] and len(data["rows"]) == 1
+    assert data["rows"][0]["status"] == "reproduced" and data["rows"][0]["N"] == 4
