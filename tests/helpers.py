@@ -35,7 +35,7 @@ diffusers_samplers = [
     aj.UniPC(),  # UniPCMultistepScheduler (tests/test_diffusers_unipc.py)
     aj.PNDM(),  # PNDMScheduler, skip_prk_steps=True (tests/test_diffusers_pndm.py)
     aj.DDIM(0.5, clip_sample=1.0),  # DDIMScheduler clip_sample (test_diffusers_ddim.py)
-    aj.DDIM(1.0, thresholding=(0.9, 1.3), clipped_eps=True, variance="fixed_large"),
+    aj.DDIM(1.0, clip_sample=0.8, clipped_eps=True, variance="fixed_large"),  # DDPM
     aj.DPMSolverSDE(),  # DPMSolverSDEScheduler (tests/test_diffusers_singlestep.py)
     aj.DEIS(order=3),  # DEISMultistepScheduler (tests/test_diffusers_singlestep.py)
     aj.DPMSolverSinglestep(order=3),  # DPMSolverSinglestepScheduler (tests/test_diffusers_singlestep.py)

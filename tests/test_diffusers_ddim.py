@@ -221,9 +221,8 @@ def test_ddpm_parity(case):
 
 def test_ddpm_fixed_small_final_noise_quirk():
     """With 'trailing' the last timestep is > 0 and diffusers adds noise on the step
-    to ᾱ = 1 with its variance 0 clamped to 1e-20 (std 1e-10). The plan keeps the
-    exact posterior (`DDIM(eta=1.0)`, pinned by test_diffusers_parity.py), 1e-10 ξ
-    away; `variance='fixed_small', final_noise=True` reproduces the quirk."""
+    to ᾱ = 1 with its variance 0 clamped to 1e-20 (std 1e-10); the plan reproduces it
+    (`variance='fixed_small', final_noise=True`), 1e-10 ξ from the exact posterior."""
     n = 10
     sched = DDPM64(timestep_spacing="trailing")
     sched.set_timesteps(n)
@@ -231,8 +230,6 @@ def test_ddpm_fixed_small_final_noise_quirk():
     ref = run_ddpm(sched, torch_model(sched, "epsilon"), X_T, NOISE[:n]).numpy()
     setup = aj.from_diffusers(config_of(sched), n, model=jax_model(sched, "epsilon"))
     noise = jnp.asarray(NOISE[:n])
-    plain = run_ours(setup, noise)
-    np.testing.assert_allclose(plain + 1e-10 * NOISE[n - 1], ref, rtol=0, atol=1e-13)
     quirk = aj.DDIM(
         eta=1.0,
         clip_sample=1.0,
@@ -240,9 +237,11 @@ def test_ddpm_fixed_small_final_noise_quirk():
         variance="fixed_small",
         final_noise=True,
     )
-    np.testing.assert_allclose(
-        run_ours(setup._replace(sampler=quirk), noise), ref, rtol=0, atol=1e-13
-    )
+    assert setup.sampler == quirk
+    np.testing.assert_allclose(run_ours(setup, noise), ref, rtol=0, atol=1e-13)
+    exact = aj.DDIM(eta=1.0, clip_sample=1.0, clipped_eps=True)
+    plain = run_ours(setup._replace(sampler=exact), noise)
+    np.testing.assert_allclose(plain + 1e-10 * NOISE[n - 1], ref, rtol=0, atol=1e-13)
 
 
 COG_CASES = [
