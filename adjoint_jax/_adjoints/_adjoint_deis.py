@@ -3,8 +3,8 @@
 import equinox as eqx
 import jax.numpy as jnp
 
-from .._samplers._base import AbstractSampler, AbstractSDESampler
-from ._base import Solve, refuse_nonsmooth
+from .._samplers._base import AbstractSampler
+from ._base import Solve, refuse_non_sde_stochastic, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 
 
@@ -76,13 +76,7 @@ class AdjointDEIS(AbstractContinuousAdjoint):
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
         refuse_nonsmooth(self, sampler)
-        if sampler.is_sde and not isinstance(sampler, AbstractSDESampler):
-            raise ValueError(
-                f"`adjoint={self!r}` cannot be used with `sampler={sampler!r}`: its "
-                "stochastic step is not an `AbstractSDESampler` (its state is not x "
-                "alone, so its continuous adjoint and noise scale are not defined); use "
-                "`adjoint=aj.DTO()`."
-            )
+        refuse_non_sde_stochastic(self, sampler)
         if sampler.is_sde and self.num_steps is not None:
             raise ValueError(
                 f"`adjoint={self!r}` with `sampler={sampler!r}`: a separate backward "

@@ -28,7 +28,7 @@ from jaxtyping import Array, PyTree
 
 from .._misc import cast_like, index_tree, step_noise
 from .._model import ModelCall, StepModel, closure_convert
-from .._samplers._base import AbstractSampler
+from .._samplers._base import AbstractSampler, AbstractSDESampler
 from .._schedule import AbstractSchedule
 
 
@@ -229,6 +229,18 @@ def refuse_nonsmooth(adjoint: AbstractAdjoint, sampler: AbstractSampler) -> None
         raise ValueError(
             f"`adjoint={adjoint!r}` cannot differentiate `sampler={sampler!r}`: "
             f"{why}.{hint}"
+        )
+
+
+def refuse_non_sde_stochastic(adjoint: AbstractAdjoint, sampler: AbstractSampler) -> None:
+    """Raises for a stochastic sampler that is not an `AbstractSDESampler`: the
+    continuous adjoint of its step and its noise scale are not defined."""
+    if sampler.is_sde and not isinstance(sampler, AbstractSDESampler):
+        raise ValueError(
+            f"`adjoint={adjoint!r}` cannot be used with `sampler={sampler!r}`: its "
+            "stochastic step is not an `AbstractSDESampler` (its state is not x "
+            "alone, so its continuous adjoint and noise scale are not defined); use "
+            "`adjoint=aj.DTO()`."
         )
 
 

@@ -3,8 +3,8 @@
 import equinox as eqx
 import jax.tree_util as jtu
 
-from .._samplers._base import AbstractSampler, AbstractSDESampler
-from ._base import Solve, refuse_nonsmooth
+from .._samplers._base import AbstractSampler
+from ._base import Solve, refuse_non_sde_stochastic, refuse_nonsmooth
 from ._continuous import AbstractContinuousAdjoint
 
 
@@ -33,13 +33,7 @@ class RecordedAdjoint(AbstractContinuousAdjoint):
 
     def check_sampler(self, sampler: AbstractSampler) -> None:
         refuse_nonsmooth(self, sampler)
-        if sampler.is_sde and not isinstance(sampler, AbstractSDESampler):
-            raise ValueError(
-                f"`adjoint={self!r}` cannot be used with `sampler={sampler!r}`: its "
-                "stochastic step is not an `AbstractSDESampler` (its state is not x "
-                "alone, so its continuous adjoint and noise scale are not defined); use "
-                "`adjoint=aj.DTO()`."
-            )
+        refuse_non_sde_stochastic(self, sampler)
         del sampler
 
     def forward_interior(self, solve: Solve, theta, state0, cond, noise):

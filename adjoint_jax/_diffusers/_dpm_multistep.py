@@ -234,11 +234,10 @@ class DPMMultistepFamily(Family):
         times = _times(sig, steps, kind, table, self.schedule(config, name))
         ts, orders = self._close(config, name, sig, times, kind, table)
         steps = steps[: len(ts) - 1]
-        plan = _BoundPlan(ts, self._sampler(config, orders, ts[-1] == 0, len(sig)))
+        plan = Plan(ts, self._sampler(config, orders, ts[-1] == 0, len(sig)))
         bound_table = (ts[:-1][::-1].copy(), steps[::-1].astype(np.float64))
         flow_range = self._flow_range(ts) if kind == "flow" else None
-        plan.family = DPMMultistepFamily(bound_table, flow_range)
-        return plan
+        return plan._replace(family=DPMMultistepFamily(bound_table, flow_range))
 
     def _close(self, config, name, sig, times, kind, table):
         """The grid's end (σ = 0, or σ_min: the training table's, also for flow
@@ -329,12 +328,6 @@ class DPMMultistepFamily(Family):
             raise _refuse("solver_order", 3, "has third-order steps for sde-dpmsolver, "
                           "which diffusers does not implement (its step fails)")
         return DPMSolver(**(kw | {"order": min(order, 2)}), sde=True)
-
-
-class _BoundPlan(Plan):
-    """A `Plan` carrying `family`: the family bound to this grid (the network's
-    timesteps on it, a wider flow range), which `from_diffusers` asks for the
-    schedule and network."""
 
 
 FAMILY = DPMMultistepFamily()

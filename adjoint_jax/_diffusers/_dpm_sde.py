@@ -97,11 +97,6 @@ def sde_grid(config, name: str, n: int):
     return np.concatenate([full, [0.0]]), taus, init
 
 
-class _BoundPlan(Plan):
-    """A `Plan` carrying `family`: the family bound to this grid's timesteps, which
-    `from_diffusers` asks for the network."""
-
-
 class DPMSDEFamily(Family):
     keys = {_NAME: Keys(_REFUSED, {}, _KNOWN)}
 
@@ -131,10 +126,9 @@ class DPMSDEFamily(Family):
                 f"{name}: the first timestep {taus[0]} occurs twice in {taus.tolist()}; "
                 "diffusers' index_for_timestep then starts at its second occurrence."
             )
-        plan = _BoundPlan(times, DPMSolverSDE(), init / math.sqrt(sig[0] ** 2 + 1), 1.0)
+        plan = Plan(times, DPMSolverSDE(), init / math.sqrt(sig[0] ** 2 + 1), 1.0)
         xs, ys = times[:-1][::-1].copy(), taus[::-1].copy()
-        plan.family = DPMSDEFamily(TimestepMap("table", xs=xs, ys=ys))
-        return plan
+        return plan._replace(family=DPMSDEFamily(TimestepMap("table", xs=xs, ys=ys)))
 
 
 FAMILY = DPMSDEFamily()

@@ -179,16 +179,10 @@ def grid_timesteps(config, kind: str, sig: np.ndarray) -> np.ndarray:
     return (taus.round() if kind == "use_karras_sigmas" else taus).astype(np.int64)
 
 
-class BoundPlan(Plan):
-    """A `Plan` carrying `family`: the family bound to this grid's timesteps (a
-    `TimestepMap("table")`), which `from_diffusers` asks for the network."""
-
-
 def bind(plan: Plan, family_cls, times: np.ndarray, taus: np.ndarray) -> Plan:
     """`plan` with `family_cls(table)`: the network gets `taus[k]` at `times[k]`."""
-    bound = BoundPlan(*plan)
-    bound.family = family_cls((times[::-1].copy(), taus[::-1].astype(np.float64)))
-    return bound
+    table = (times[::-1].copy(), taus[::-1].astype(np.float64))
+    return plan._replace(family=family_cls(table))
 
 
 def flow_shift_of(config, name: str, mu):

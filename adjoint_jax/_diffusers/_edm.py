@@ -168,11 +168,11 @@ class EDMFamily(Family):
         sampler = DPMSolver1() if name == _EULER else self._sampler(config, full, drop)
         ts = self._snap(ts, lo, hi)
         init = math.sqrt(hi**2 + 1) / math.sqrt(ts[0] ** 2 + 1)
-        plan = _EDMPlan(ts, sampler, init, math.sqrt(ts[-1] ** 2 + 1))
+        plan = Plan(ts, sampler, init, math.sqrt(ts[-1] ** 2 + 1))
         inner = ts[ts > 0]
         if inner.min() < lo or inner.max() > hi:
             wide = float(min(lo, inner.min())), float(max(hi, inner.max()))
-            plan.family = EDMFamily(wide)
+            plan = plan._replace(family=EDMFamily(wide))
         return plan
 
     @staticmethod
@@ -229,10 +229,6 @@ class EDMFamily(Family):
                               "implement (its step fails)")
             return SDEDPMSolverPP(**kw)
         return DPMSolverPP(**kw)
-
-
-class _EDMPlan(Plan):
-    """A `Plan` that may carry `family` (the family bound to a wider σ range)."""
 
 
 FAMILY = EDMFamily()

@@ -16,12 +16,16 @@ class Plan(NamedTuple):
     """How `aj.sample` runs a scheduler's loop: the grid `ts` (float64), the sampler,
     and the factors from the pipeline's standard-normal draw z to `aj`'s x_T
     (`init_scale`) and from `aj`'s x_0 to the pipeline's final latents
-    (`final_scale`)."""
+    (`final_scale`). `family`, when set, is the family bound to this plan's
+    `set_timesteps` arguments (the network's timesteps on this grid, a wider time
+    range), which `from_diffusers` asks for the schedule and the network instead of
+    the registry's (whose `network` sees the config only)."""
 
     ts: np.ndarray
     sampler: AbstractSampler
     init_scale: float = 1.0
     final_scale: float = 1.0
+    family: "Family | None" = None
 
 
 class Family(abc.ABC):

@@ -20,7 +20,7 @@ option of `from_diffusers`.
 
 `from_diffusers` asks the plan's family for the schedule and the network: with
 `timesteps=` (or an extended range) `plan` returns a `Plan` carrying a family bound
-to them (`_BoundPlan.family`), since `Family.network` sees the config only.
+to them (`Plan.family`), since `Family.network` sees the config only.
 """
 
 import equinox as eqx
@@ -203,7 +203,7 @@ class FlowMatchFamily(Family):
         sig = flow_sigmas(config, num_steps, sigmas, timesteps, mu)
         ts = _grid(sig)
         sampler = LCM() if config.get("stochastic_sampling", False) else DPMSolver1()
-        plan = _BoundPlan(ts, sampler)
+        plan = Plan(ts, sampler)
         table = None
         if timesteps is not None and not config.get("invert_sigmas", False):
             table = (sig[::-1].copy(), np.asarray(timesteps, np.float64)[::-1].copy())
@@ -214,13 +214,8 @@ class FlowMatchFamily(Family):
             t_range = (float(min(lo, 0.5 * inner.min())),
                        float(max(hi, 0.5 * (1 + inner.max()))))
         if table is not None or t_range is not None:
-            plan.family = FlowMatchFamily(table, t_range)
+            plan = plan._replace(family=FlowMatchFamily(table, t_range))
         return plan
-
-
-class _BoundPlan(Plan):
-    """A `Plan` that may carry `family`: the family bound to this plan's arguments,
-    which `from_diffusers` then asks for the schedule and network."""
 
 
 FAMILY = FlowMatchFamily()

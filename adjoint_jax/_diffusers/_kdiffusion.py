@@ -172,10 +172,6 @@ def k_grid(
 
 
 # ---- the plan -----------------------------------------------------------------------
-class KPlan(Plan):
-    """A `Plan` carrying `family`: the family bound to this grid (its network's
-    timesteps), which `from_diffusers` asks for the schedule and network."""
-
 
 class WideVPDiscrete(VPDiscrete):
     """`aj.VPDiscrete` whose time range reaches a grid beyond the training table's σ
@@ -300,7 +296,7 @@ class KFamily(Family):
         check_grid(config, name, grid, times)
         init = grid.init_noise_sigma / math.sqrt(grid.sigmas[0] ** 2 + 1)
         final = math.sqrt(grid.sigmas[-1] ** 2 + 1)
-        plan = KPlan(times, sampler, init, final)
+        plan = Plan(times, sampler, init, final)
         if mids is None:
             tmap = None
             if grid.kind != self.default_kind(config, name):
@@ -308,7 +304,7 @@ class KFamily(Family):
         else:
             tmap = self.mid_map(config, name, grid, train, times, mids)
         if tmap is not None or t_range is not None:
-            plan.family = type(self)(tmap, t_range)
+            plan = plan._replace(family=type(self)(tmap, t_range))
         return plan
 
     def mid_map(self, config, name, grid, train, times, mids) -> TimestepMap | None:

@@ -270,7 +270,7 @@ def from_diffusers(
         ```
     """
     family, name, plan = _plan(config, num_steps, scheduler, sigmas, timesteps, mu, eta)
-    family = getattr(plan, "family", family)  # bound to set_timesteps' args (a Plan subclass)
+    family = plan.family or family
     return DiffusersSetup(
         schedule=family.schedule(config, name),
         ts=jnp.asarray(plan.ts, jnp.result_type(float)),

@@ -21,14 +21,14 @@ True)` on the grid without the repeat.
 
 import equinox as eqx
 import jax.numpy as jnp
-import jax.tree_util as jtu
 import numpy as np
 
-from .._model import AbstractPredictor, as_eps
+from .._model import as_eps
 from .._samplers._unipc import UniPC
 from .._schedule import FlowMatching, VPDiscrete
 from ._config import Keys, betas_from_config
 from ._ddim import vp_timesteps
+from ._dpm_tables import Converted
 from ._family import Family, Plan, refuse_args
 from ._grids import (
     beta,
@@ -135,40 +135,6 @@ class _FlowTimestep(eqx.Module):
         return jnp.floor(self.scale * t).astype(jnp.int32)
 
 
-class _Converted(AbstractPredictor):
-    """diffusers' own conversions where they differ from `aj.as_eps`: a v-model under
-    flow sigmas (x̂_0 = α x − σ v, ε = α v + σ x: the VP formulas with the flow α, σ)
-    and a flow-prediction model on a VP grid (x̂_0 = x − (σ/α) u, the
-    variance-exploding σ). The prediction UniPC integrates (x̂_0, or ε with
-    `predict_x0=False`) is diffusers'; the other follows from x = α x̂_0 + σ ε."""
-
-    net: Network
-    schedule: object
-    kind: str = eqx.field(static=True)
-    predict_x0: bool = eqx.field(static=True)
-
-    def predict(self, params, x, t, cond):
-        out = self.net(params, x, t, cond)
-        out = jtu.tree_map(lambda o, v: o.astype(v.dtype), out, x)
-        a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-
-        def both(v, o):
-            a_, s_ = a.astype(v.dtype), s.astype(v.dtype)
-            if self.kind == "flow":
-                x0 = v - (s_ / a_) * o
-            elif self.predict_x0:
-                x0 = a_ * v - s_ * o
-            else:
-                e = a_ * o + s_ * v
-                return e, (v - s_ * e) / a_
-            return (v - a_ * x0) / s_, x0
-
-        pairs = jtu.tree_map(both, x, out)
-        is_pair = lambda p: isinstance(p, tuple)
-        return (jtu.tree_map(lambda p: p[0], pairs, is_leaf=is_pair),
-                jtu.tree_map(lambda p: p[1], pairs, is_leaf=is_pair))
-
-
 def _timestep_map(config):
     T = int(config.get("num_train_timesteps", 1000))
     kind = _conversion(config)
@@ -240,7 +206,8 @@ class UniPCFamily(Family):
         odd = (pred == "v_prediction") if flow else (pred == "flow_prediction")
         if odd:
             kind = "flow" if pred == "flow_prediction" else "v"
-            return _Converted(net, schedule, kind, bool(config.get("predict_x0", True)))
+            primary = "x0" if config.get("predict_x0", True) else "eps"
+            return Converted(net, schedule, kind, primary)
         kinds = {"epsilon": "eps", "sample": "x0", "v_prediction": "v",
                  "flow_prediction": "flow"}
         return as_eps(net, schedule, kinds[pred])
