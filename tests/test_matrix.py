@@ -113,18 +113,16 @@ def _checks(sampler, adjoint):
         )(w_batch, x_batch)
         return base, g_vmap, g_of_vmap
 
-    return lambda p, x: run(p, x, SCHED, W_BATCH, X_BATCH, COND), traces
+    return lambda p, x, c=SCHED: run(p, x, c, W_BATCH, X_BATCH, COND), traces
 
 
-@functools.cache
 def _dto(sampler):
-    """The jitted loss and DTO's value and gradients (per-step conditioning): the
-    references of the exact strategies."""
-    kw = _kw(sampler, aj.DTO())
-    loss = lambda p, x, c: _loss(aj.sample(PB.model, p, x, c, **kw))
-    return jax.jit(loss), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(
-        PB.params, X_T, SCHED
-    )
+    """DTO's value and gradients (per-step conditioning), the references of the exact
+    strategies, and the loss as a function of (params, x_T, cond): all from DTO's own
+    row of the matrix (its compiled program; no second compilation)."""
+    run, _ = _checks(sampler, aj.DTO())
+    loss = lambda p, x, c: run(p, x, c)[0][0]
+    return loss, run(PB.params, X_T)[0]
 
 
 def _finite_difference_check(forward, grads, seed):
@@ -166,6 +164,16 @@ def _bf16_grads(sampler, adjoint):
             lambda p, x, c: _loss(aj.sample(bf16_model, p, x, c, **kw)),
             argnums=(0, 1, 2),
         )
+    )
+
+
+def _leafwise_close(x, ref, *, rtol):
+    """Every entry within `rtol` of its leaf's largest |entry| (and same structure)."""
+    if jtu.tree_structure(x) != jtu.tree_structure(ref):
+        return False
+    leaves = zip(map(np.asarray, jtu.tree_leaves(x)), map(np.asarray, jtu.tree_leaves(ref)))
+    return all(
+        np.all(np.abs(a - b) <= rtol * np.max(np.abs(b)) + 1e-12) for a, b in leaves
     )
 
 
@@ -247,21 +255,27 @@ def test_matrix(pair):
     # vmap(grad) (through the closure) and grad(vmap) equal a Python loop over the
     # examples of the gradient through `params` (the loop calls the same jitted
     # function, which must not recompile).
+    # (Each leaf to 1e-9 of its own largest entry: the SDE rows' adjoints reach 1e6
+    # and cancel down to O(10) in some weights, where the two programs' round-off
+    # differs by up to 4e-9 absolute.)
     for i in range(2):
         (_, loop_grads), *_ = run(_index(W_BATCH, i), X_BATCH[i])
         loop = _summed(loop_grads)
-        assert tree_allclose(_index(g_vmap, i), loop, rtol=1e-9, atol=1e-12)
+        assert _leafwise_close(_index(g_vmap, i), loop, rtol=1e-9)
         assert tree_allclose(_index(g_of_vmap, i), loop[:2], rtol=1e-10, atol=1e-12)
 
     assert len(traces) == 1
-    if not _is_first_variant(adjoint):
+    if not _is_first_variant(adjoint) or sampler in diffusers_samplers:
         return
     # A float32 state with a model that computes and returns bfloat16 (weights in
     # bfloat16): the policy casts ε to the state's dtype; every cotangent comes back
     # in its input's dtype; the gradient is float64's with the same rounded weights
     # up to bfloat16 round-off. (Once per sampler and adjoint class: the dtype
     # policy lives in the model call and in each class's backward, which a class's
-    # variants share.)
+    # variants share. The diffusers schedulers' samplers, built from the same steps'
+    # parts, are not repeated here: each one's float32 state is checked against
+    # float64 with DTO in test_sample.py, and in bfloat16 against diffusers in its
+    # test_diffusers_* file.)
     f32 = lambda tree: jtu.tree_map(lambda a: a.astype(jnp.float32), tree)
     p16 = jtu.tree_map(lambda a: a.astype(jnp.bfloat16), PB.params)
     (_, g64), *_ = run(jtu.tree_map(lambda a: a.astype(jnp.float64), p16), X_T)
