@@ -171,7 +171,8 @@ def _leafwise_close(x, ref, *, rtol):
     """Every entry within `rtol` of its leaf's largest |entry| (and same structure)."""
     if jtu.tree_structure(x) != jtu.tree_structure(ref):
         return False
-    leaves = zip(map(np.asarray, jtu.tree_leaves(x)), map(np.asarray, jtu.tree_leaves(ref)))
+    leaves = zip(map(np.asarray, jtu.tree_leaves(x)),
+                 map(np.asarray, jtu.tree_leaves(ref)))
     return all(
         np.all(np.abs(a - b) <= rtol * np.max(np.abs(b)) + 1e-12) for a, b in leaves
     )
