@@ -23,8 +23,10 @@ if os.environ.get("ADJOINT_JAX_TEST_CACHE", "1") != "0":
     _cache = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
         "adjoint_jax", "jax-compilation",
-        # One directory per xdist worker: JAX's cache writes are not atomic, and a
-        # worker reading an entry the other is writing warns "truncated stream".
+        # Meant as one directory per xdist worker (JAX's cache writes are not
+        # atomic: a worker reading an entry the other is writing warns "truncated
+        # stream" and compiles). In fact the xdist controller runs this first and
+        # its workers inherit its "main": both share it (open work).
         os.environ.get("PYTEST_XDIST_WORKER", "main"),
     )
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
