@@ -23,11 +23,12 @@ if os.environ.get("ADJOINT_JAX_TEST_CACHE", "1") != "0":
     _cache = os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
         "adjoint_jax", "jax-compilation",
-        # Meant as one directory per xdist worker (JAX's cache writes are not
-        # atomic: a worker reading an entry the other is writing warns "truncated
-        # stream" and compiles). In fact the xdist controller runs this first and
-        # its workers inherit its "main": both share it (open work).
-        os.environ.get("PYTEST_XDIST_WORKER", "main"),
+        # One directory for the whole run: the xdist controller runs this first and
+        # its workers inherit it, so a program one worker compiled is a hit for the
+        # other. JAX writes entries non-atomically; an entry read while the other
+        # worker writes it fails to decompress, and JAX warns and compiles (it
+        # raises only with `jax_raise_persistent_cache_errors`, off by default).
+        "main",
     )
     os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", _cache)
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
