@@ -6,6 +6,7 @@ The public surface is this module; everything else is private.
 import importlib.metadata
 
 from . import zoo as zoo
+from ._adaptive import adaptive_time_grid as adaptive_time_grid
 from ._adjoint_matching import adjoint_matching_loss as adjoint_matching_loss
 from ._adjoint_matching import lean_adjoint as lean_adjoint
 from ._adjoint_matching import memoryless_diffusion as memoryless_diffusion
@@ -49,6 +50,7 @@ from ._samplers import LMS as LMS
 from ._samplers import PNDM as PNDM
 from ._samplers import TCD as TCD
 from ._samplers import AbstractMultistepSampler as AbstractMultistepSampler
+from ._samplers import AbstractOneStepSampler as AbstractOneStepSampler
 from ._samplers import AbstractReversibleSampler as AbstractReversibleSampler
 from ._samplers import AbstractSampler as AbstractSampler
 from ._samplers import AbstractSDESampler as AbstractSDESampler
@@ -60,6 +62,7 @@ from ._samplers import DPMSolverPP as DPMSolverPP
 from ._samplers import DPMSolverSDE as DPMSolverSDE
 from ._samplers import DPMSolverSinglestep as DPMSolverSinglestep
 from ._samplers import EulerChurn as EulerChurn
+from ._samplers import ExpRK as ExpRK
 from ._samplers import Heun as Heun
 from ._samplers import KDPM2Ancestral as KDPM2Ancestral
 from ._samplers import McCallumFoster as McCallumFoster

@@ -80,12 +80,20 @@ def sample(
         `aj.Scheduled` with one value per step (differentiable).
     - `schedule`: the noise schedule, e.g. `aj.VPLinear()`. Its parameters may be
         traced; `aj.DTO()` differentiates them.
-    - `ts`: the strictly decreasing, finite time grid, `len(ts) = N + 1 >= 2`, inside
+    - `ts`: the decreasing, finite time grid, `len(ts) = N + 1 >= 2`, inside
         `[schedule.t_min, schedule.t_max]`, except that it may end exactly at 0
         (σ = 0: the last step is the data prediction) and start exactly at
         `schedule.alpha_zero_time` (α = 0, e.g. t = 1 of `aj.FlowMatching()`; the
         model must then give its data prediction: wrap it with `aj.as_eps`). See
-        `aj.time_grid` and `aj.diffusers_timesteps`. The strategies that solve a
+        `aj.time_grid` and `aj.diffusers_timesteps`. A repeated time
+        (`ts[i] == ts[i + 1]`, as in the padded grids of `aj.adaptive_time_grid`) is
+        a zero-length step: the exact identity for every sampler and strategy, in
+        value and gradient (skipped by a `lax.cond`; under a `vmap` over grids,
+        computed and discarded). The first step must have nonzero length. What
+        counts grid steps counts it too: the samplers whose coefficients depend on
+        N (`lower_order_final`, `aj.EulerChurn`'s γ), step i's key-drawn noise
+        `fold_in(key, i)`, `aj.Truncated(last=k)` and
+        `aj.InterpolatedAdjoint(every=k)`. The strategies that solve a
         continuous adjoint need such endpoints in a concrete `ts` (not a traced
         argument).
     - `sampler`: the forward discretisation, e.g. `aj.DPMSolver1()`.
@@ -310,10 +318,21 @@ def _check_grid_values(ts, xp, schedule, sampler, adjoint, has_x0: bool):
         ts,
     )
     ts = check_value(
-        xp.any(ts[1:] >= ts[:-1]), "`ts` must be strictly decreasing.", ts
+        xp.any(ts[1:] > ts[:-1]),
+        "`ts` must be decreasing (a repeated time is a zero-length step, the "
+        "identity; see `aj.adaptive_time_grid`).",
+        ts,
+    )
+    ts = check_value(
+        ts[1] == ts[0],
+        "`ts` must start with a step of nonzero length (`ts[1] < ts[0]`); repeated "
+        "times (zero-length steps) may follow it.",
+        ts,
     )
     alpha_zero = schedule.alpha_zero_time
     inside = (ts >= schedule.t_min) & (ts <= schedule.t_max)
+    # A grid ending at 0 may repeat it (zero-length steps at the end).
+    inside = inside | ((ts == 0) & (ts[-1] == 0))
     ends_zero = ts[-1] == 0
     starts_zero = ts[0] == (np.nan if alpha_zero is None else alpha_zero)
     inside = xp.concatenate(
@@ -347,6 +366,16 @@ def _check_grid_values(ts, xp, schedule, sampler, adjoint, has_x0: bool):
             "information about the data, so an ε-prediction model cannot give the "
             "first step: pass the network with its own parameterisation through "
             "`aj.as_eps(model, schedule, prediction='flow' | 'v' | 'x0')`.",
+            ts,
+        )
+    if isinstance(adjoint, AbstractCustomAdjoint) and len(ts) > 2:
+        # Their exact endpoint steps are the first and the last step of the grid.
+        ts = check_value(
+            ends_zero & (ts[-2] == 0),
+            f"`adjoint={adjoint!r}` takes the step to σ = 0 (t = 0) as the grid's "
+            "last step, which must then have nonzero length: repeat the last time "
+            "before 0 instead (zero-length steps before the last), or use "
+            "`adjoint=aj.DTO()`.",
             ts,
         )
     if isinstance(adjoint, AbstractCustomAdjoint) and not static_ends:

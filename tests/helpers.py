@@ -51,11 +51,19 @@ diffusers_samplers = [
     aj.CogVideoXDPM(),  # CogVideoXDPMScheduler (tests/test_diffusers_cogvideox.py)
     aj.EulerChurn(s_churn=2.0),  # EulerDiscreteScheduler.step(s_churn) (DTO only)
 ]
+# Exponential Runge–Kutta (tests/test_exp_rk.py: every tableau's order, the embedded
+# error estimates) and its reversible McCallum–Foster form ("Rex"; tests/test_rex.py).
+# Fifth order converges faster than N⁻⁵ on the closed-form Gaussian (see ExpRK), so
+# they stay out of `ode_samplers`. The matrix runs ExpRK, a one-step map of x like
+# DPMSolver1, with one exact and one continuous strategy. (bosh3, 3 stages: tsit5
+# amplifies a bfloat16 model's round-off beyond the matrix's bound at N = 5; see ExpRK.)
+frontier_samplers = [aj.ExpRK("bosh3"), aj.McCallumFoster(aj.ExpRK("bosh3"))]
 all_samplers = (
     ode_samplers
     + [aj.AsyncLeapfrog(), aj.BELM(), aj.BDIA(), aj.EDICT()]
     + sde_samplers
     + diffusers_samplers
+    + frontier_samplers
 )
 
 # (adjoint, whether its gradient is the exact gradient of the discrete sampler)

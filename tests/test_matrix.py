@@ -8,6 +8,8 @@
   gradient through a closed-over array equals the gradient through `params`;
 - per-step (`aj.Scheduled`) conditioning with equal values sums to the constant
   conditioning's gradient;
+- all of it on a grid whose last step has zero length (a padded grid; the step is
+  the identity, `tests/test_zero_length_steps.py`);
 - a second call does not recompile;
 - a float32 state with a model computing and returning bfloat16 (the dtype policy:
   outputs are cast to the state's dtype) gives gradients in the inputs' dtypes, close
@@ -46,11 +48,16 @@ from .helpers import (
 
 PB = MLPProblem.make(jax.random.key(1), dim=3, width=8, cond_dim=2)
 N = 5
+# The grid's last step has zero length (a padded grid, as `aj.adaptive_time_grid`
+# returns): the identity for every pair, so every check below holds with it.
+TS = jnp.concatenate(
+    [aj.time_grid(PB.schedule, N, t_end=1e-3), jnp.array([1e-3])]
+)
 X_T = jax.random.normal(jax.random.key(2), (2, 3))
 COND = jnp.array([0.3, -0.5])
-# Per-step conditioning with N equal values: its per-step gradients must sum to the
-# constant conditioning's.
-SCHED = aj.Scheduled(jnp.tile(COND, (N, 1)))
+# Per-step conditioning with one value per grid step, all equal: its per-step
+# gradients must sum to the constant conditioning's.
+SCHED = aj.Scheduled(jnp.tile(COND, (N + 1, 1)))
 # Two (weights, x_T) examples for the vmap checks; the first is the base point.
 W_BATCH = jtu.tree_map(
     lambda a, k: jnp.stack([a, a + 0.1 * jax.random.normal(k, a.shape)]),
@@ -73,7 +80,8 @@ def _index(tree, i):
 
 
 def _kw(sampler, adjoint):
-    return sample_kwargs(PB.schedule, N, sampler, adjoint, key=default_key())
+    return {**sample_kwargs(PB.schedule, N, sampler, adjoint, key=default_key()),
+            "ts": TS}
 
 
 @functools.cache
@@ -211,7 +219,7 @@ def _matrix_pairs():
     # Truncated runs a sampler through DTO's own step loop (after a detached part):
     # a multistep, a stochastic and a start-up sampler cover its paths.
     def keep(s, a):
-        if any(s == d for d in diffusers_samplers):
+        if any(s == d for d in diffusers_samplers) or s == aj.ExpRK("bosh3"):
             return a in (aj.DTO(), aj.AdjointDEIS())
         if isinstance(a, aj.AdjointDPM):  # its backward solve never sees the sampler
             return s == aj.DPMSolver2()

@@ -265,8 +265,8 @@ def test_memory_is_flat_in_n(sampler):
 def test_evaluation_counts(sampler):
     """Forward: N · evals_per_step (+1 start-up evaluation for reversible Heun and
     leapfrog). Backward of ReversibleAdjoint: one VJP per forward evaluation and no
-    other evaluation for every sampler with a fused rebuild; McCallumFoster (separate
-    rebuild) pays its step_back evaluations on top."""
+    other evaluation for every sampler with a fused rebuild (all of them now); a
+    separate rebuild would pay its step_back evaluations on top."""
     pb, n = _mlp(), 6
     x_T = jnp.ones((2, 3))
     kw = sample_kwargs(pb.schedule, n, sampler, aj.ReversibleAdjoint())

@@ -22,6 +22,8 @@ from ._base import (
     Differentiated,
     Solve,
     refuse_nonsmooth,
+    skip_body_if_zero,
+    zero_length_steps,
 )
 from ._continuous import as_jax_arrays
 from ._endpoints import endpoint_backward, endpoint_forward
@@ -417,17 +419,26 @@ def _adjoint_dpm_backward(
 
     def body(carry, xs):
         y_, a_, g_theta_, g_sum = carry
-        t, s, i = xs
+        t, s, i, zero = xs
         z_d, z_rest = diff.cond_at(solve, i), diff.cond_rest_at(solve, i)
-        y_, a_, g_theta_, g_z = solve_interval(
-            (y_, a_, g_theta_, zeros(z_d)), rho(s), rho(t), (theta_d, z_d, z_rest)
+
+        def one(c, ts_):
+            out = solve_interval(
+                (*c, zeros(z_d)), rho(ts_[1]), rho(ts_[0]), (theta_d, z_d, z_rest)
+            )
+            return out[:3], out[3]
+
+        # A zero-length step (a padded grid) is the identity: see `zero_length_steps`.
+        (y_, a_, g_theta_), g_z = skip_body_if_zero(
+            zero, one, (y_, a_, g_theta_), (t, s)
         )
         if solve.scheduled:
             return (y_, a_, g_theta_, None), g_z
         return (y_, a_, g_theta_, tree_acc(g_sum, g_z)), None
 
     g_sum0 = None if solve.scheduled else acc_zeros(diff.cond)
-    xs = (ts[:-1], ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
+    t_safe, s_safe, zero = zero_length_steps(ts)
+    xs = (t_safe, s_safe, jnp.arange(solve.num_steps, dtype=jnp.int32), zero)
     (_, a, g_theta, g_sum), g_z = jax.lax.scan(
         body, (y, a, zeros(theta_d), g_sum0), xs, reverse=True
     )

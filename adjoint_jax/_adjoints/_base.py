@@ -19,6 +19,7 @@ cotangent back to its primal's dtype.
 
 import abc
 import dataclasses
+from collections.abc import Callable
 
 import equinox as eqx
 import jax
@@ -30,6 +31,57 @@ from .._misc import cast_like, index_tree, step_noise
 from .._model import ModelCall, StepModel, closure_convert
 from .._samplers._base import AbstractSampler, AbstractSDESampler
 from .._schedule import AbstractSchedule
+
+
+# Zero-length steps. A grid may repeat a time (ts[i] == ts[i + 1]): that step is the
+# exact identity for every sampler and strategy (`aj.adaptive_time_grid` pads its grids
+# so). Every loop, forward and backward, takes such a step as `lax.cond(zero, keep,
+# step)`: with one grid for the whole batch the step is skipped (no evaluation), its
+# value is its input bitwise and its derivative the identity in the state and zero in
+# θ, z and the noise. Under a `vmap` over grids the condition is batched and JAX
+# computes both branches and selects; the step is then computed with the times of
+# the nearest step of nonzero length (the last one before it, else the first after
+# it), so that nothing divides by its zero log-SNR length, and what it reads is cut
+# from the gradient where it is not used (`block_if_zero`), so that an infinite
+# partial derivative inside the discarded step (a multistep sampler's memory,
+# inconsistent with the borrowed times) cannot turn a zero cotangent into NaN.
+def zero_length_steps(ts: Array) -> tuple[Array, Array, Array]:
+    """For each step of the grid `ts`: (t, s) to compute it with, and whether it has
+    zero length (see above)."""
+    t, s = ts[:-1], ts[1:]
+    zero = t == s
+    n = t.shape[0]
+    idx = jnp.arange(n, dtype=jnp.int32)
+    before = jax.lax.cummax(jnp.where(zero, -1, idx))
+    after = jax.lax.cummin(jnp.where(zero, n - 1, idx), reverse=True)
+    src = jnp.where(before >= 0, before, after)
+    return t[src], s[src], zero
+
+
+def block_if_zero(zero: Array, tree: PyTree) -> PyTree:
+    """`tree`, with no gradient flowing back through it where the step has zero
+    length (its value unchanged)."""
+    return jtu.tree_map(
+        lambda a: jnp.where(zero, jax.lax.stop_gradient(a), a)
+        if eqx.is_inexact_array(a) else a,
+        tree,
+    )
+
+
+def skip_if_zero(zero: Array, step: Callable, old: PyTree, *args) -> PyTree:
+    """`step(*args)` for a step of nonzero length, `old` (of the same structure) for
+    a zero-length one, each input of `step` blocked by `block_if_zero`."""
+    return jax.lax.cond(
+        zero, lambda _: old, lambda a: step(*block_if_zero(zero, a)), args
+    )
+
+
+def skip_body_if_zero(zero: Array, body: Callable, carry: PyTree, *args):
+    """For a scan body `body(carry, *args) -> (carry, out)`: the body for a step of
+    nonzero length, `(carry, zeros like out)` for a zero-length one."""
+    out_shape = jax.eval_shape(body, carry, *args)[1]
+    zeros = jtu.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out_shape)
+    return skip_if_zero(zero, body, (carry, zeros), carry, *args)
 
 
 class Solve(eqx.Module):
@@ -119,12 +171,14 @@ class Solve(eqx.Module):
         return StepModel(self.model, self.schedule, theta, z, may_be_first)
 
     def step_inputs(self, cond: PyTree, noise: PyTree = None):
-        """The per-step scan inputs (t_i, t_{i+1}, i, z_i or None, noise_i or None)."""
+        """The per-step scan inputs (t_i, t_{i+1}, i, z_i or None, noise_i or None),
+        with a zero-length step's times replaced as `zero_length_steps` says."""
         n = self.num_steps
         idx = jnp.arange(self.first_index, self.first_index + n, dtype=jnp.int32)
+        t, s, _ = zero_length_steps(self.ts)
         return (
-            self.ts[:-1],
-            self.ts[1:],
+            t,
+            s,
             idx,
             cond if self.scheduled else None,
             noise,
@@ -137,8 +191,15 @@ class Solve(eqx.Module):
             z = cond
         if noise is None and self.sampler.is_sde:
             noise = step_noise(self.key, i, self.sampler.output(state), self.ts.dtype)
-        eps = self.eps_fn(theta, z, may_be_first and self.first_index == 0)
-        return self.sampler.step(eps, self.schedule, state, t, s, i, noise)
+        first = may_be_first and self.first_index == 0
+
+        def step(theta_, z_, state_, noise_):
+            eps = self.eps_fn(theta_, z_, first)
+            return self.sampler.step(eps, self.schedule, state_, t, s, i, noise_)
+
+        j = i - self.first_index  # `t`, `s` are the times to compute the step with
+        zero = self.ts[j] == self.ts[j + 1]
+        return skip_if_zero(zero, step, state, theta, z, state, noise)
 
     def forward(
         self,

@@ -30,7 +30,14 @@ from .._misc import (
 from .._samplers._base import AbstractSDESampler
 from .._samplers._coeffs import step_coeffs
 from .._samplers._dpm_solver import multistep_update
-from ._base import FORWARD_MODE_HINT, AbstractCustomAdjoint, Differentiated, Solve
+from ._base import (
+    FORWARD_MODE_HINT,
+    AbstractCustomAdjoint,
+    Differentiated,
+    Solve,
+    skip_body_if_zero,
+    zero_length_steps,
+)
 from ._endpoints import endpoint_backward, endpoint_forward
 
 
@@ -180,7 +187,10 @@ def _continuous_backward(
         else None,
     )
 
-    def body(carry, xs):
+    t_back, s_back, zero_back = zero_length_steps(taus)
+    first_step = jnp.argmax(~zero_back).astype(jnp.int32)
+
+    def step(carry, xs):
         j, t, s, zi, ni = xs
         x = carry["x"] if resolve else state_fn(j)
         z_rest = diff.cond_rest_at(solve, zi)
@@ -214,7 +224,7 @@ def _continuous_backward(
         prev = carry["prev"]
         if multistep:
             r = (lam_t - prev["lam"]) / c.h
-            first = j == 0
+            first = j == first_step  # the first backward step of nonzero length
             k2 = jnp.where(first, jnp.zeros_like(r), factor * e_lam_s * c.phi2 / r)
 
         def integral(w_now, w_prev):
@@ -249,7 +259,13 @@ def _continuous_backward(
             new["x"] = multistep_update(schedule, x, eps, None, t, s, None, True)
         return new, (dz if solve.scheduled else None, d_noise)
 
-    xs = (jnp.arange(num_back, dtype=jnp.int32), taus[:-1], taus[1:], z_idx, noise_idx)
+    def body(carry, xs):
+        # A zero-length step (a padded grid) is the identity: see `zero_length_steps`.
+        *step_xs, zero = xs
+        return skip_body_if_zero(zero, step, carry, tuple(step_xs))
+
+    xs = (jnp.arange(num_back, dtype=jnp.int32), t_back, s_back, z_idx, noise_idx,
+          zero_back)
     final, (dz_steps, d_noise) = jax.lax.scan(body, init, xs)
 
     if solve.scheduled:

@@ -10,6 +10,7 @@ import jax.tree_util as jtu
 from .._misc import acc_zeros, first_dtype, lincomb, tree_acc
 from .._samplers._base import (
     AbstractMultistepSampler,
+    AbstractOneStepSampler,
     AbstractReversibleSampler,
     AbstractSampler,
 )
@@ -20,6 +21,8 @@ from ._base import (
     Differentiated,
     Solve,
     refuse_nonsmooth,
+    skip_body_if_zero,
+    zero_length_steps,
 )
 
 
@@ -34,9 +37,9 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
     vector-Jacobian product of step i to carry the cotangents of the state, θ and z
     back. Nothing of the forward pass is stored, so memory is that of one step
     whatever N is. Where the inverse evaluates the model at the points where the
-    step does (every sampler here except `McCallumFoster`; the sampler's `rebuild`
-    attribute), each of those evaluations is made once, as a VJP, and serves both
-    the rebuild and the step's VJP.
+    step does (every sampler here; the sampler's `rebuild` attribute), each of
+    those evaluations is made once, as a VJP, and serves both the rebuild and the
+    step's VJP.
 
     **When to use it:** when `aj.DTO` runs out of memory and the gradient must be
     exact (the continuous adjoints `aj.AdjointDEIS`, `aj.AdjointDPM` give the gradient
@@ -67,12 +70,13 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
     BELM 972,480 and 972,928 (`aj.DTO()` at N = 128: 216,801,312 with reversible
     Heun, 69,509,672 with BELM).
 
-    **Cost:** with a fused rebuild (BELM, BDIA, asynchronous leapfrog, reversible
-    Heun, EDICT), one model VJP per forward evaluation and no other evaluation: the
+    **Cost:** with a fused rebuild (every sampler here: BELM, BDIA, asynchronous
+    leapfrog, reversible Heun, EDICT, `McCallumFoster` around any base, `aj.ExpRK`
+    included), one model VJP per forward evaluation and no other evaluation: the
     backward pass costs what `aj.DTO(checkpoints="steps")`'s does, in O(1) memory
     (`adjoint_jax.bench.count_evals`: N evaluations forward, N VJPs backward for
-    BELM; `tests/test_reversible.py::test_evaluation_counts`). `McCallumFoster`
-    pays its `step_back` evaluations on top (2N evaluations and N VJPs backward).
+    BELM; `tests/test_reversible.py::test_evaluation_counts`,
+    `tests/test_rex.py`).
 
     Gradients with respect to the time grid or the schedule are not available
     (differentiating them raises an error; use `aj.DTO`). Second-order derivatives
@@ -101,10 +105,17 @@ class ReversibleAdjoint(AbstractCustomAdjoint):
         refuse_nonsmooth(self, sampler)
         if isinstance(sampler, AbstractReversibleSampler):
             return
-        if isinstance(sampler, AbstractMultistepSampler) and not sampler.is_sde:
+        wrappable = (AbstractMultistepSampler, AbstractOneStepSampler)
+        if isinstance(sampler, wrappable) and not sampler.is_sde:
             fix = (
                 f"Wrap it as `aj.McCallumFoster({sampler!r})`, or use "
                 "`adjoint=aj.DTO()`."
+            )
+        elif not sampler.is_sde:
+            fix = (
+                "Use `adjoint=aj.DTO()` (exact; `aj.DTO(checkpoints=k)` for O(k) "
+                "memory), or a reversible sampler such as "
+                "`aj.McCallumFoster(aj.ExpRK())`."
             )
         else:
             fix = (
@@ -207,7 +218,16 @@ def _state_scan(solve: Solve, diff: Differentiated, back_step, carry0, ct_state)
 
     def body(carry, xs):
         c_next, ct_next, ct_theta, ct_cond = carry
-        c, ct_state_i, ct_theta_i, ct_z_i = back_step(c_next, ct_next, *xs)
+        *step_xs, zero = xs
+
+        def one(carry_, step_xs_):
+            c, ct_state_i, ct_theta_i, ct_z_i = back_step(*carry_, *step_xs_)
+            return (c, ct_state_i), (ct_theta_i, ct_z_i)
+
+        # A zero-length step (a padded grid) is the identity: see `zero_length_steps`.
+        (c, ct_state_i), (ct_theta_i, ct_z_i) = skip_body_if_zero(
+            zero, one, (c_next, ct_next), tuple(step_xs)
+        )
         ct_theta = tree_acc(ct_theta, ct_theta_i)
         if solve.scheduled:
             return (c, ct_state_i, ct_theta, ct_cond), ct_z_i
@@ -215,7 +235,8 @@ def _state_scan(solve: Solve, diff: Differentiated, back_step, carry0, ct_state)
 
     ct_cond0 = None if solve.scheduled else acc_zeros(diff.cond)
     init = (carry0, ct_state, acc_zeros(diff.theta), ct_cond0)
-    xs = (solve.ts[:-1], solve.ts[1:], jnp.arange(solve.num_steps, dtype=jnp.int32))
+    t, s, zero = zero_length_steps(solve.ts)
+    xs = (t, s, jnp.arange(solve.num_steps, dtype=jnp.int32), zero)
     (c0, ct_state0, ct_theta, ct_cond), ct_z = jax.lax.scan(body, init, xs, reverse=True)
     return c0, ct_state0, ct_theta, ct_z if solve.scheduled else ct_cond
 
@@ -300,7 +321,8 @@ def _count_calls(sampler, schedule, state, t, s, i) -> int:
 # leapfrog). The step S_i is s_{i+1} = L_i(s_i, e_1, ..., e_m) with
 # e_j = ε(P_j(s_i), z_i; θ); its VJP needs, besides the linear map L_i, only the
 # pullback of ε at the m points P_j(s_i). `step_back` evaluates ε at exactly those
-# points while rebuilding s_i from s_{i+1}, so each of its evaluations is made as
+# points while rebuilding s_i from s_{i+1} (in the reverse order, or in the order the
+# sampler's `shared_evaluations` gives), so each of its evaluations is made as
 # `jax.linearize` of ε in (x, θ, z_i), and the VJP of S_i is then taken with ε
 # replaced by its linearisation e(x, θ, z) = e_j + J_j·(x − x_j, θ − θ_0, z − z_i)
 # (`_replay`): same derivative, no second evaluation. Per step: the evaluations of `step_back`
@@ -337,6 +359,8 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
                 "`rebuild = 'separate'`."
             )
 
+        pairs = sampler.shared_evaluations(k)
+
         def step(st, th, z):
             calls = [0]
 
@@ -345,7 +369,7 @@ def _shared_backward(solve: Solve, state_N, ct_x0, diff: Differentiated, x_T):
                 calls[0] += 1
                 if j < offset:  # a start-up evaluation: evaluated (with its VJP)
                     return model(th, z).predict(x, tt, derive)
-                out, lin = recorded[k - 1 - (j - offset)]
+                out, lin = recorded[pairs[j - offset]]
                 return _replay((x, th, z), out, lin)
 
             return sampler.step(_EpsFromPredict(replay), schedule, st, t, s, i, None)

@@ -1,4 +1,5 @@
 from ._base import AbstractMultistepSampler as AbstractMultistepSampler
+from ._base import AbstractOneStepSampler as AbstractOneStepSampler
 from ._base import AbstractReversibleSampler as AbstractReversibleSampler
 from ._base import AbstractSampler as AbstractSampler
 from ._base import AbstractSDESampler as AbstractSDESampler
@@ -15,6 +16,7 @@ from ._dpm_solver_multistep import DPMSolver as DPMSolver
 from ._dpm_solver_pp import DPMSolverPP as DPMSolverPP
 from ._edict import EDICT as EDICT
 from ._euler_churn import EulerChurn as EulerChurn
+from ._exp_rk import ExpRK as ExpRK
 from ._heun import Heun as Heun
 from ._kdpm2 import KDPM2 as KDPM2
 from ._kdpm2 import KDPM2Ancestral as KDPM2Ancestral

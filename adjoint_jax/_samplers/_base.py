@@ -19,6 +19,9 @@ is one file:
 - `AbstractMultistepSampler`: an exponential integrator whose step evaluates ε once,
     at the current state, and combines it with at most one earlier ε (`update`);
     `aj.McCallumFoster` makes any such sampler reversible.
+- `AbstractOneStepSampler`: a one-step map of x (`advance`, in either direction)
+    with any number of evaluations (`aj.ExpRK`); `aj.McCallumFoster` makes any such
+    sampler reversible too.
 - `AbstractSDESampler`: a stochastic sampler, with the explicit approximate inverse
     of its step (`invert_step`) that the continuous adjoint uses to re-solve states,
     its noise scale and the factor of its continuous adjoint.
@@ -165,6 +168,37 @@ class AbstractMultistepSampler(AbstractSampler[_State]):
         """
 
 
+class AbstractOneStepSampler(AbstractSampler[PyTree]):
+    """An explicit one-step sampler of the probability-flow ODE whose state is x
+    alone and whose step is a map x_s = `advance(eps, schedule, x_t, t, s)`, valid in
+    either direction (s > t steps back towards the noise), however many model
+    evaluations it makes (a Runge–Kutta method's stages). `aj.McCallumFoster` makes
+    any such sampler reversible through `interior_advance`.
+    """
+
+    @abc.abstractmethod
+    def advance(self, eps: EpsFn, schedule: AbstractSchedule, x: PyTree, t, s) -> PyTree:
+        """One step t → s of x, in either direction."""
+
+    def interior_advance(self, eps: EpsFn, schedule: AbstractSchedule, x: PyTree, t, s):
+        """`advance` between times of finite log-SNR, with its model evaluations
+        made unconditionally, in a fixed order (no `lax.cond` around them), which
+        the fused backward pass of `aj.ReversibleAdjoint` relies on. Defaults to
+        `advance`."""
+        return self.advance(eps, schedule, x, t, s)
+
+    def init(self, x_T: PyTree, schedule: AbstractSchedule, ts: Array) -> PyTree:
+        del schedule, ts
+        return x_T
+
+    def step(self, eps: EpsFn, schedule, state, t, s, i, noise):
+        del i, noise
+        return self.advance(eps, schedule, state, t, s)
+
+    def output(self, state: PyTree) -> PyTree:
+        return state
+
+
 class AbstractSDESampler(AbstractSampler[_State]):
     """A stochastic sampler whose state is x alone and whose step is
 
@@ -230,6 +264,13 @@ class AbstractReversibleSampler(AbstractSampler[_State]):
     """
 
     rebuild: ClassVar[str] = "separate"
+
+    def shared_evaluations(self, num: int) -> tuple[int, ...]:
+        """With `rebuild = "shared"` and `num` evaluations per step: for each model
+        evaluation of `step`, in its order, the index (in `step_back`'s order) of
+        the `step_back` evaluation made at the same point. Default: `step_back`
+        evaluates in the reverse order of `step`."""
+        return tuple(range(num - 1, -1, -1))
 
     @abc.abstractmethod
     def step_back(

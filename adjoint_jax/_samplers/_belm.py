@@ -16,8 +16,10 @@ from ._reversible_heun import rho_coeffs, zero_on_first
 
 def previous_time(ts: Array, t: Array, i: Array) -> Array:
     """t_{i−1} (t itself on step 0) from the grid a two-step sampler keeps in its
-    state."""
-    return jnp.where(i > 0, ts[jnp.maximum(i - 1, 0)], t)
+    state: the last grid time before t, so that zero-length steps in between (which
+    left the state as it was) are passed over."""
+    k = jnp.maximum(jnp.sum(ts > t) - 1, 0)
+    return jnp.where(i > 0, ts[k], t)
 
 
 def two_step_coeffs(schedule: AbstractSchedule, ts: Array, t, s, i):

@@ -1,0 +1,157 @@
+"""Zero-length steps (a repeated time in `ts`, as in the padded grids of
+`aj.adaptive_time_grid`) are the exact identity: for every sampler, for every
+strategy, in values and gradients, with one grid for the batch (a `lax.cond`) and with
+a `vmap` over grids (both branches computed and selected, nothing non-finite leaking
+into the gradient). The cross-strategy matrix (`test_matrix.py`) also runs every pair
+on a grid whose last step has zero length."""
+
+import diffrax
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import pytest
+
+import adjoint_jax as aj
+from adjoint_jax.bench import MLPProblem
+
+from .helpers import all_adjoints, all_samplers, default_key, rel_err
+
+
+PB = MLPProblem.make(jax.random.key(1), dim=3, width=8, cond_dim=2)
+X_T = jax.random.normal(jax.random.key(2), (2, 3))
+COND = jnp.array([0.3, -0.5])
+TS = aj.time_grid(PB.schedule, 5, t_end=1e-3)
+
+
+def _pad(ts, k):
+    return jnp.concatenate([ts, jnp.repeat(ts[-1:], k)])
+
+
+# Samplers whose coefficients depend on the number of grid steps N, which a padded
+# grid increases: `lower_order_final` (DPMSolverPP, UniPC, DEIS, DPMSolver,
+# SDEDPMSolverPP: diffusers lowers the order of the last steps when N < 15),
+# CogVideoXDPM's final step and EulerChurn's γ = min(s_churn/N, √2 − 1). A zero-length
+# step is the identity for them too (every step goes through the same engine), but
+# the padded solve is that of N + k steps, not the unpadded one.
+_N_DEPENDENT = (aj.DPMSolverPP, aj.UniPC, aj.DEIS, aj.DPMSolver, aj.SDEDPMSolverPP,
+                aj.CogVideoXDPM, aj.EulerChurn)
+
+
+def _grads(sampler, adjoint, grids):
+    """value_and_grad (params, x_T, cond) on each grid, in one compiled program."""
+    key = default_key() if sampler.is_sde else None
+
+    def loss(p, x, c, ts):
+        x0 = aj.sample(PB.model, p, x, c, schedule=PB.schedule, ts=ts,
+                       sampler=sampler, adjoint=adjoint, key=key)
+        return jnp.sum(jnp.sin(x0) + 0.3 * x0**2)
+
+    vg = jax.value_and_grad(loss, argnums=(0, 1, 2))
+    return jax.jit(lambda p, x, c: [vg(p, x, c, ts) for ts in grids])(
+        PB.params, X_T, COND
+    )
+
+
+def _finite(tree):
+    return all(bool(np.all(np.isfinite(a))) for a in jtu.tree_leaves(tree))
+
+
+@pytest.mark.parametrize("sampler", all_samplers, ids=repr)
+def test_every_sampler_padded_grid_is_the_grid(sampler):
+    # DTO: two trailing zero-length steps change nothing, values or gradients.
+    (v, g), (v_pad, g_pad) = _grads(sampler, aj.DTO(), [TS, _pad(TS, 2)])
+    assert _finite((v_pad, g_pad))
+    if isinstance(sampler, _N_DEPENDENT):
+        return
+    assert np.allclose(v_pad, v, rtol=1e-13, atol=0)
+    assert rel_err(g_pad, g) < 1e-12, rel_err(g_pad, g)
+
+
+def _strategy_cases():
+    # Every strategy class and variant with a multistep sampler (its memory must
+    # survive the skipped steps); the reversible rules with one sampler each
+    # (fused "shared", fused "previous", separate); an SDE with the second-order
+    # continuous adjoint (its multistep memory and the noise's cotangents).
+    # Truncated(last=k) and InterpolatedAdjoint(every=k) count grid steps,
+    # zero-length ones included (`aj.sample`'s docstring): on a padded grid they are
+    # the same strategy with other step counts, so not compared here.
+    cases = [(aj.DPMSolver2(), a) for a, _ in all_adjoints if not isinstance(
+        a, (aj.ReversibleAdjoint, aj.Truncated, aj.InterpolatedAdjoint))]
+    cases += [(s, aj.ReversibleAdjoint())
+              for s in (aj.BELM(), aj.ReversibleHeun(), aj.McCallumFoster(aj.DPMSolver2()))]
+    cases += [(aj.SDEDPMSolver1(), aj.AdjointDEIS(order=2))]
+    return cases
+
+
+@pytest.mark.parametrize("case", _strategy_cases(), ids=lambda c: f"{c[0]!r}-{c[1]!r}")
+def test_every_strategy_padded_grid_is_the_grid(case):
+    # Zero-length steps at the end and in the middle of the grid.
+    sampler, adjoint = case
+    middle = jnp.concatenate([TS[:3], TS[2:3], TS[3:]])
+    grids = [TS, _pad(TS, 2)]
+    if not sampler.is_sde:  # (step i's key-drawn noise is fold_in(key, i))
+        grids.append(middle)
+    (v, g), *padded = _grads(sampler, adjoint, grids)
+    for v_pad, g_pad in padded:
+        assert np.allclose(v_pad, v, rtol=1e-13, atol=0)
+        # Different programs (scan lengths): round-off, amplified by the backward
+        # re-solves of the continuous adjoints.
+        assert rel_err(g_pad, g) < 1e-11, rel_err(g_pad, g)
+
+
+@pytest.mark.parametrize(
+    "sampler,adjoint",
+    [(aj.DPMSolver2(), aj.DTO()), (aj.BELM(), aj.ReversibleAdjoint()),
+     (aj.DPMSolver2(), aj.AdjointDEIS(order=2)),
+     (aj.DPMSolver2(), aj.AdjointDPM(solver=diffrax.Heun()))],
+    ids=repr,
+)
+def test_vmap_over_padded_grids(sampler, adjoint):
+    # Two grids of one length, padded differently: under vmap the zero-length
+    # condition is batched and both branches are computed. The second grid's extra
+    # zero-length steps borrow a real step's times; the multistep memory is then
+    # inconsistent with them (r = 0: infinite partial derivatives), which must not
+    # reach the gradient.
+    ts6 = aj.time_grid(PB.schedule, 6, t_end=1e-3)
+    grids = jnp.stack([_pad(ts6, 1), _pad(TS, 2)])
+
+    def loss(p, x, ts):
+        x0 = aj.sample(PB.model, p, x, COND, schedule=PB.schedule, ts=ts,
+                       sampler=sampler, adjoint=adjoint)
+        return jnp.sum(jnp.sin(x0) + 0.3 * x0**2)
+
+    vg = jax.value_and_grad(loss, argnums=(0, 1))
+
+    @jax.jit
+    def both(p, x):
+        return jax.vmap(vg, in_axes=(None, None, 0))(p, x, grids), [
+            vg(p, x, ts) for ts in (ts6, TS)
+        ]
+
+    batched, singles = both(PB.params, X_T)
+    assert _finite(batched)
+    for k, (v, g) in enumerate(singles):
+        assert np.allclose(batched[0][k], v, rtol=1e-13, atol=0)
+        assert rel_err(jtu.tree_map(lambda a: a[k], batched[1]), g) < 1e-11
+
+
+def test_first_step_must_have_nonzero_length():
+    with pytest.raises(ValueError, match="must start with a step of nonzero length"):
+        aj.sample(PB.model, PB.params, X_T, COND, schedule=PB.schedule,
+                  ts=jnp.concatenate([TS[:1], TS]), sampler=aj.DPMSolver1())
+
+
+def test_custom_strategies_need_nonzero_endpoint_steps():
+    # A grid ending at σ = 0 must take its step to 0 last; the message's fix
+    # (repeat the last time before 0) works and changes nothing.
+    ts = aj.time_grid(PB.schedule, 5, t_end=0.0)
+    kw = dict(schedule=PB.schedule, sampler=aj.DPMSolverPP(order=1),
+              adjoint=aj.AdjointDEIS())
+    with pytest.raises(ValueError, match="repeat the last time before 0"):
+        aj.sample(PB.model, PB.params, X_T, COND, ts=_pad(ts, 1), **kw)
+    fixed = jnp.concatenate([ts[:-1], ts[-2:]])
+    loss = lambda x, ts_: jnp.sum(aj.sample(PB.model, PB.params, x, COND, ts=ts_, **kw))
+    g = jax.grad(loss)(X_T, ts)
+    g_fixed = jax.grad(loss)(X_T, fixed)
+    assert rel_err(g_fixed, g) < 1e-12
