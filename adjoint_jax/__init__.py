@@ -40,7 +40,6 @@ from ._regularisers import dno_regulariser as dno_regulariser
 from ._sample import sample as sample
 from ._samplers import BDIA as BDIA
 from ._samplers import BELM as BELM
-from ._samplers import CogVideoXDPM as CogVideoXDPM
 from ._samplers import DDIM as DDIM
 from ._samplers import DEIS as DEIS
 from ._samplers import EDICT as EDICT
@@ -55,6 +54,7 @@ from ._samplers import AbstractReversibleSampler as AbstractReversibleSampler
 from ._samplers import AbstractSampler as AbstractSampler
 from ._samplers import AbstractSDESampler as AbstractSDESampler
 from ._samplers import AsyncLeapfrog as AsyncLeapfrog
+from ._samplers import CogVideoXDPM as CogVideoXDPM
 from ._samplers import DPMSolver as DPMSolver
 from ._samplers import DPMSolver1 as DPMSolver1
 from ._samplers import DPMSolver2 as DPMSolver2

@@ -9,8 +9,14 @@ AdjointDPM reference code) on CPU. On the network-dominated problem (`--problem
 digits`, where the model's cost dominates every participant's, so that the time
 ratios measure the strategies rather than the overheads) the claim put to the test is
 "our Pareto front at or below every peer's at every error from 1e-1 to 1e-5"; the
-report gives a per-peer verdict for that band, from the measurements, and says where
-our front does not reach a peer's error.
+report gives a per-peer verdict for that band, from the measurements, in time and in
+NFE, and says where our front does not reach a peer's error. With the exponential
+Runge–Kutta samplers (`aj.ExpRK`, fixed and error-controlled grids) the claim put to
+the test on both problems is issue 24's: "our front at or below every peer's at every
+gradient error from 1e-1 to 1e-5, in NFE and in time, and a memory-flat exact
+strategy (`aj.McCallumFoster(aj.ExpRK(...))` + `aj.ReversibleAdjoint()`) on that
+front within 1.5× of `DTO()`'s time at equal error"; the report's last tables give
+that strategy's time and NFE against our DTO front at equal error.
 
 Problems (`--problem`):
 
@@ -43,8 +49,25 @@ truth's convergence check.
 
 Participants (gradient with respect to x_T, float64, jitted / torch eager):
 
-- ours: a few (sampler, adjoint) pairs over N, measured by `adjoint_jax.bench.compare`
-  (on digits only the candidates for the front, `OURS_FRONT`; `--all-pairs`: all);
+- ours: a few (sampler, adjoint) pairs over N on the log-SNR grid, measured by
+  `adjoint_jax.bench.compare` (on digits only the candidates for the front,
+  `OURS_FRONT`; `--all-pairs`: all): the multistep `DPMSolver2`, `DPMSolverPP(order=3)`
+  (and on the mixture the rest of `OURS`) with `DTO()`, and the single-step
+  exponential Runge–Kutta `ExpRK("dpm3")`, `ExpRK("tsit5")` (and on the mixture
+  `"rk4"`, `"dopri5"`) with `DTO()` and the memory-flat exact
+  `McCallumFoster(ExpRK("tsit5"))` + `ReversibleAdjoint()`; the Runge–Kutta pairs
+  over their own, smaller N (`ExpRK("tsit5")` makes 6 evaluations a step: N = 4 … 64);
+- ours, error-controlled (`adaptive_points`): for each of `our_tols`,
+  `aj.adaptive_time_grid(sampler=aj.ExpRK("tsit5"), rtol=atol=tol)` (a forward solve
+  with the embedded error estimate and a PID controller in log-SNR, no gradient),
+  then the gradient through `aj.sample` on that grid with `ExpRK("tsit5")` + `DTO()`
+  and `McCallumFoster(ExpRK("tsit5"))` + `ReversibleAdjoint()`. **The grid is charged
+  to the gradient**: the time is that of (grid + gradient) run back to back, the NFE
+  the grid's evaluations (7 per attempted step of tsit5's `advance_with_error`,
+  rejected attempts included) plus the gradient's evaluations and VJPs on the
+  accepted grid; the grid has the static length `max_steps` (zero-length padding
+  steps, no evaluation), so the sweep compiles once. The report lists each grid's
+  accepted and attempted steps;
 - diffrax Euler / Heun / Tsit5 on the sampler's grid (`StepTo` in ρ) with
   `RecursiveCheckpointAdjoint`, over N (diffrax's `BacksolveAdjoint` cannot step a
   `StepTo` grid backwards);
@@ -59,13 +82,18 @@ The sweeps (our N, the peers' N, the tolerances, the repeats, torch's threads) a
 per problem (`DEFAULTS`; each can be overridden on the command line).
 
 For each peer the ratio (peer gradient time) / (our time at the same error) is read
-off the lower envelope (Pareto front) of all our points, interpolated in log-log.
+off the lower envelope (Pareto front) of all our points, interpolated in log-log; the
+same in NFE. NFE = model evaluations (re-evaluations in a backward pass included) +
+model VJPs, counted alike for every JAX participant (`_our_nfe`, `measure`,
+`adaptive_points`) and for torchdiffeq (calls of its dynamics).
 
 Run (install the extra first: `pip install -e ".[bench]"`; the mixture takes a few
 minutes on 2 cores, digits about a quarter of an hour on a quiet machine):
 
     python benchmarks/peers.py --problem mixture --out docs/peers
-    python benchmarks/peers.py --problem digits --out docs/peers_digits
+    python benchmarks/peers.py --problem digits --peer-convs canonical \
+        --out docs/peers_digits_canonical
+    python benchmarks/peers.py --problem digits --torch-threads 1 --out docs/peers_digits
 
 `--quick` runs a reduced sweep (for a smoke test). Timings depend on the machine's
 load: torch with two intra-op threads in particular slows down by an order of
@@ -203,6 +231,11 @@ def diffrax_grad(
 
 
 # ---- problems --------------------------------------------------------------------
+# Our (sampler, adjoint) pairs on fixed log-SNR grids. An entry may carry its own N
+# (a third element): the single-step exponential Runge–Kutta samplers spend 3–6
+# evaluations a step, so they sweep smaller N than the multistep ones (`--steps` or
+# `--quick` replaces every entry's N).
+_EXP_STEPS = [4, 8, 16, 32, 64]  # ExpRK("tsit5") / McCallumFoster(ExpRK("tsit5"))
 OURS = [
     (aj.DPMSolver1(), aj.DTO()),
     (aj.DPMSolver2(), aj.DTO()),
@@ -212,22 +245,40 @@ OURS = [
     (aj.DPMSolverPP(order=3, third_order="taylor"), aj.DTO()),
     (aj.ReversibleHeun(), aj.ReversibleAdjoint()),
     (aj.McCallumFoster(aj.DPMSolver2()), aj.ReversibleAdjoint()),
+    (aj.ExpRK("dpm3"), aj.DTO()),
+    (aj.ExpRK("rk4"), aj.DTO(), [4, 8, 16, 32, 64, 128]),
+    (aj.ExpRK("dopri5"), aj.DTO(), _EXP_STEPS),
+    (aj.ExpRK("tsit5"), aj.DTO(), _EXP_STEPS),
+    (aj.McCallumFoster(aj.ExpRK("tsit5")), aj.ReversibleAdjoint(), _EXP_STEPS),
 ]
 # On digits each pair costs minutes, and every other pair of `OURS` was dominated
 # wherever we measured it (N = 8, 32, and 128, 512 for the third orders): the same
-# error at more time (DTO(checkpoints="steps"), McCallumFoster) or more error at
-# about the same time (DPMSolver1, AdjointDEIS(order=2), ReversibleHeun,
+# error at more time (DTO(checkpoints="steps"), McCallumFoster(DPMSolver2())) or more
+# error at about the same time (DPMSolver1, AdjointDEIS(order=2), ReversibleHeun,
 # DPMSolverPP(order=3, third_order="taylor")). Only the candidates for the front run
 # by default there; `--all-pairs` runs all of `OURS`.
 OURS_FRONT = [
     (aj.DPMSolver2(), aj.DTO()),
     (aj.DPMSolverPP(order=3), aj.DTO()),
+    (aj.ExpRK("dpm3"), aj.DTO(), [16, 32, 64, 128]),
+    (aj.ExpRK("tsit5"), aj.DTO(), _EXP_STEPS),
+    (aj.McCallumFoster(aj.ExpRK("tsit5")), aj.ReversibleAdjoint(), _EXP_STEPS),
+]
+# Our error-controlled grids: `aj.adaptive_time_grid(..., sampler=ADAPTIVE_GRID)` at
+# rtol = atol = each of `our_tols`, then `aj.sample` on that grid with each pair.
+ADAPTIVE_GRID = aj.ExpRK("tsit5")
+ADAPTIVE_PAIRS = [
+    (aj.ExpRK("tsit5"), aj.DTO()),
+    (aj.McCallumFoster(aj.ExpRK("tsit5")), aj.ReversibleAdjoint()),
 ]
 
-# Per-problem defaults: `batch`; `steps` (our N); `peer_steps` (the N of the peers'
-# fixed-step series; None: `steps`); `tols` (the peers' adaptive tolerances); `repeats`
-# (timed runs); `max_time` (a peer's timed runs stop once they add up to this many
-# seconds, after at least one run past the warm-up); `ours` (our pairs);
+# Per-problem defaults: `batch`; `steps` (our N, for the pairs without their own);
+# `peer_steps` (the N of the peers' fixed-step series; None: `steps`); `tols` (the
+# peers' adaptive tolerances); `our_tols` (the tolerances of our adaptive grids);
+# `max_steps` (our adaptive grids' static length: accepted steps at most; the padding
+# is zero-length steps); `repeats` (timed runs); `max_time` (a peer's timed runs
+# stop once they add up to this many seconds, after at least one run past the
+# warm-up); `ours` (our pairs);
 # `torch_threads`: torch's intra-op threads (None: torch's default). The mixture's and
 # the MLP's tensors are tiny, so extra threads only add synchronisation: one. The
 # digits network's convolutions are worth parallelising: torch's default (the
@@ -239,15 +290,18 @@ OURS_FRONT = [
 #
 # The mixture and the MLP are cheap: wide sweeps. The digits ε-network (a conv ResNet,
 # ~190k weights, batch 8) dominates every participant's cost, and its λ-embedding
-# (frequencies up to 8 over λ ∈ [−5, 4.6]) is resolved only from N ≈ 100: our
-# multistep solvers reach ~2e-4 at N = 512 (~1e-5 would take N of several thousand),
-# the peers' Tsit5 ~2e-5 at N = 32 (6 evaluations a step). The sweep keeps a full run
-# to about a quarter of an hour on 2 CPU cores; widen it with --steps / --tols.
+# (frequencies up to 8 over λ ∈ [−5, 4.6]) is resolved only from N ≈ 100 by the
+# multistep solvers: they reach ~2e-4 at N = 512 (~1e-5 would take N of several
+# thousand), the Tsit5 tableau (ours or the peers') ~2e-5 at N = 32 (6 evaluations a
+# step). The sweep keeps a full run to about a quarter of an hour on 2 CPU cores;
+# widen it with --steps / --tols / --our-tols.
 _WIDE = dict(
     batch=16,
     steps=[8, 16, 32, 64, 128, 256],
     peer_steps=None,  # = steps
     tols=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7],
+    our_tols=[1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8],
+    max_steps=64,  # tsit5 accepts 51 steps at 1e-8 on the mixture
     repeats=5,
     max_time=math.inf,
     ours=OURS,
@@ -262,6 +316,8 @@ DEFAULTS = {
         steps=[32, 64, 128, 256, 512],
         peer_steps=[8, 16, 32],
         tols=[1e-3, 1e-4, 1e-5, 1e-6, 1e-7],
+        our_tols=[1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7],
+        max_steps=128,
         repeats=3,
         max_time=2.0,
         ours=OURS_FRONT,
@@ -269,7 +325,7 @@ DEFAULTS = {
         torch_step_t=True,
     ),
 }
-QUICK = dict(steps=[8, 32], peer_steps=[8, 32], tols=[1e-4], repeats=2)
+QUICK = dict(steps=[8, 32], peer_steps=[8, 32], tols=[1e-4], our_tols=[1e-4], repeats=2)
 TRUTH_RTOL, TRUTH_CHECK_RTOL = 1e-10, 1e-9  # Dopri8 truth, and its convergence check
 TRUTH_CONVERGED = 1e-7  # largest relative change between the two accepted
 PARITY_EPS, PARITY_LOSS, PARITY_GRAD = 1e-10, 1e-12, 1e-9  # torch against JAX
@@ -629,6 +685,124 @@ def check_parity(problem_name, problem, num_steps=8):
     return out
 
 
+# ---- ours: pairs with their N, and error-controlled grids ----------------------------
+def _entry(e):
+    """(sampler, adjoint, N or None) of an entry of `OURS` (None: the run's `steps`)."""
+    s, a, *rest = e
+    return s, a, (tuple(rest[0]) if rest and rest[0] is not None else None)
+
+
+def _pair_groups(pairs, steps):
+    """[(N, [(sampler, adjoint), …]), …]: the pairs grouped by the N they run at, in
+    the order of `pairs` (one `compare` call each)."""
+    groups = {}
+    for s, a, n in map(_entry, pairs):
+        groups.setdefault(tuple(steps) if n is None else n, []).append((s, a))
+    return [(list(n), g) for n, g in groups.items()]
+
+
+def adaptive_points(problem, truth, tols, repeats, max_steps, pairs, grid=ADAPTIVE_GRID):
+    """Our error-controlled points: for each rtol = atol = `tol`,
+    `aj.adaptive_time_grid(..., sampler=grid, max_steps=max_steps)` (a forward solve
+    with the embedded error estimate, no gradient), then ∂L/∂x_T through `aj.sample`
+    on that grid with each (sampler, adjoint) of `pairs`.
+
+    Everything is charged to the gradient: its time is the median of (grid + jitted
+    gradient on it) together, its NFE the grid's evaluations (every attempted step,
+    rejected ones included: 7 for tsit5's `advance_with_error`) plus the gradient's
+    evaluations and VJPs on the accepted grid, both counted by running the model
+    wrapped in the counter (the grid's count divided by the evaluations per attempt
+    gives the attempts). The grid has the static length `max_steps`: its padding is
+    zero-length steps (the identity, no evaluation) inside the same compiled
+    gradient, whatever the tolerance (one compilation for the sweep)."""
+    from adjoint_jax._samplers._tableaus import TABLEAUS
+
+    sch, params, x_T, cond = problem.schedule, problem.params, problem.x_T, problem.cond
+    per_try = TABLEAUS[grid.tableau].error_stages  # evaluations per attempted step
+
+    def grid_fn(model):
+        def g(x, tol):
+            return aj.adaptive_time_grid(
+                model, params, x, cond, schedule=sch, sampler=grid, rtol=tol,
+                atol=tol, max_steps=max_steps, t_start=problem.t_start,
+                t_end=problem.t_end,
+            )
+        return g
+
+    def grad_fn(model, sampler, adjoint):
+        def loss(p, x, c, ts):
+            return problem.loss(aj.sample(model, p, x, c, schedule=sch, ts=ts,
+                                          sampler=sampler, adjoint=adjoint))
+        return jax.grad(loss, argnums=1)
+
+    count = EvalCount()
+    counted = counting_model(problem.model, count)  # one object: one compilation
+    plain_grid, counted_grid = grid_fn(problem.model), grid_fn(counted)
+    ts0, _ = plain_grid(x_T, tols[0])
+    compiled = {}
+    for sampler, adjoint in pairs:
+        args = (params, x_T, cond, ts0)
+        c = jax.jit(grad_fn(problem.model, sampler, adjoint)).lower(*args).compile()
+        mem = c.memory_analysis()
+        cc = jax.jit(grad_fn(counted, sampler, adjoint)).lower(*args).compile()
+        compiled[(sampler, adjoint)] = (c, cc, -1 if mem is None else mem.temp_size_in_bytes)
+
+    out = []
+    for tol in tols:
+        try:
+            ts, n = jax.block_until_ready(plain_grid(x_T, tol))
+        except Exception as err:  # eqx.error_if: t_end not reached in max_steps
+            print(f"  adjoint_jax adaptive grid tol={tol:.0e}: {err}".split("\n")[0],
+                  flush=True)
+            continue
+        count.forward = count.vjp = 0
+        jax.block_until_ready(counted_grid(x_T, tol))
+        jax.effects_barrier()
+        grid_nfe = count.forward
+        grid_time = _median_time(
+            lambda: jax.block_until_ready(plain_grid(x_T, tol)), repeats
+        )
+        for sampler, adjoint in pairs:
+            c, cc, temp = compiled[(sampler, adjoint)]
+            count.forward = count.vjp = 0
+            jax.block_until_ready(cc(params, x_T, cond, ts))
+            jax.effects_barrier()
+            grad_nfe = count.forward + count.vjp
+
+            def total():
+                ts_, _ = plain_grid(x_T, tol)
+                return jax.block_until_ready(c(params, x_T, cond, ts_))
+
+            g = total()
+            t = _median_time(total, repeats, warmup=False)
+            rel, cos = errors(g, truth)
+            row = dict(
+                engine="adjoint_jax",
+                method=f"{sampler!r} (adaptive grid)",
+                adjoint=repr(adjoint),
+                knob=f"tol={tol:.0e}",
+                rel_error=rel,
+                cosine=cos,
+                grad_time_s=t,
+                nfe=grid_nfe + grad_nfe,
+                temp_bytes=int(temp),
+                grid_steps=int(n),
+                grid_attempts=grid_nfe / per_try,
+                grid_nfe=grid_nfe,
+                grid_time_s=grid_time,
+            )
+            out.append(row)
+            print(
+                f"  {'adjoint_jax':11s} {row['method']:28s} {row['adjoint']:28s} "
+                f"{row['knob']:>10} err {rel:9.2e}  {1e3 * t:9.3f} ms  NFE "
+                f"{row['nfe']} (grid: {int(n)} steps accepted of "
+                f"{grid_nfe / per_try:.0f} tried, {grid_nfe} NFE, "
+                f"{1e3 * grid_time:.1f} ms)",
+                flush=True,
+            )
+    return out
+
+
 # ---- the run ---------------------------------------------------------------------
 def run(
     problem_name,
@@ -644,11 +818,16 @@ def run(
     max_time=math.inf,
     torch_threads=None,
     peer_convs="as-written",
+    our_tols=(),
+    max_steps=128,
+    adaptive_pairs=ADAPTIVE_PAIRS,
 ):
     """The whole comparison; `peer_steps` (default: `steps`) are the N of the peers'
-    fixed-step series, `pairs` our (sampler, adjoint) pairs, `torch_threads` torch's
-    intra-op threads (None: torch's default), `peer_convs` how diffrax sees the
-    model's convolutions (see `--peer-convs`)."""
+    fixed-step series, `pairs` our (sampler, adjoint[, N]) pairs (N default:
+    `steps`), `our_tols` the tolerances of our adaptive grids (`max_steps` long, each
+    used by every pair of `adaptive_pairs`), `torch_threads` torch's intra-op threads
+    (None: torch's default), `peer_convs` how diffrax sees the model's convolutions
+    (see `--peer-convs`)."""
     peer_steps = steps if peer_steps is None else peer_steps
     t_run = time.perf_counter()
     problem = build_problem(problem_name, batch)
@@ -699,34 +878,41 @@ def run(
             flush=True,
         )
 
-    # ours
-    recs = compare(
-        problem,
-        pairs=pairs,
-        steps=steps,
-        wrt=["xT"],
-        repeats=repeats,
-        min_time=0.2,
-        progress=lambda what: print(f"  adjoint_jax {what} …", flush=True),
-    )
-    for r in recs:
-        rows.append(
-            dict(
-                engine="adjoint_jax",
-                method=r["sampler"],
-                adjoint=r["adjoint"],
-                knob=f"N={r['steps']}",
-                rel_error=r["rel_error"],
-                cosine=r["cosine"],
-                grad_time_s=r["grad_time_s"],
-                nfe=_our_nfe(r),
-            )
+    # ours: fixed log-SNR grids (`compare`), each pair over its own N
+    for group_steps, group in _pair_groups(pairs, steps):
+        recs = compare(
+            problem,
+            pairs=group,
+            steps=group_steps,
+            wrt=["xT"],
+            repeats=repeats,
+            min_time=0.2,
+            progress=lambda what: print(f"  adjoint_jax {what} …", flush=True),
         )
-        print(
-            f"  {'adjoint_jax':11s} {r['sampler']:28s} {r['adjoint']:28s} "
-            f"{'N=' + str(r['steps']):>10} err {r['rel_error']:9.2e}  "
-            f"{1e3 * r['grad_time_s']:9.3f} ms  NFE {_our_nfe(r)}",
-            flush=True,
+        for r in recs:
+            rows.append(
+                dict(
+                    engine="adjoint_jax",
+                    method=r["sampler"],
+                    adjoint=r["adjoint"],
+                    knob=f"N={r['steps']}",
+                    rel_error=r["rel_error"],
+                    cosine=r["cosine"],
+                    grad_time_s=r["grad_time_s"],
+                    nfe=_our_nfe(r),
+                    temp_bytes=r["temp_bytes"],
+                )
+            )
+            print(
+                f"  {'adjoint_jax':11s} {r['sampler']:28s} {r['adjoint']:28s} "
+                f"{'N=' + str(r['steps']):>10} err {r['rel_error']:9.2e}  "
+                f"{1e3 * r['grad_time_s']:9.3f} ms  NFE {_our_nfe(r)}",
+                flush=True,
+            )
+    # ours: error-controlled grids, the grid's cost included
+    if our_tols:
+        rows += adaptive_points(
+            problem, truth, our_tols, repeats, max_steps, adaptive_pairs
         )
 
     # diffrax: fixed steps on our log-SNR grid, and adaptive. `aj.sample` rewrites
@@ -818,7 +1004,14 @@ def run(
                 peer_steps=list(peer_steps),
                 tols=list(tols),
                 repeats=repeats,
-                ours=[f"{s!r} + {a!r}" for s, a in pairs],
+                ours=[
+                    f"{s!r} + {a!r}" + ("" if n is None else f" at N = {list(n)}")
+                    for s, a, n in map(_entry, pairs)
+                ],
+                our_tols=list(our_tols),
+                max_steps=max_steps,
+                adaptive=[f"{s!r} + {a!r}" for s, a in adaptive_pairs],
+                adaptive_grid=repr(ADAPTIVE_GRID),
                 checks=_clean(checks),
                 rows=_clean(rows),
                 ratios=_clean(summary),
@@ -954,15 +1147,16 @@ def _peer_name(engine, method, adjoint):
     return f"{engine} `{method}` + `{adjoint}`"
 
 
-def verdicts(rows, band=BAND):
+def verdicts(rows, band=BAND, cost="grad_time_s"):
     """Per peer, its points against our Pareto front (all our points with error ≤
-    `USEFUL`), in the error band `band`. For a peer point of error e in the band our
+    `USEFUL`), in the error band `band`, in time (`cost="grad_time_s"`) or in NFE
+    (`cost="nfe"`: model evaluations + VJPs; "time" below then reads NFE). For a peer point of error e in the band our
     time is the front's, interpolated in log-log; if e is above our front's largest
     error, that of our cheapest point (which is more accurate); if e is below our
     best error, our front does not reach it. Peer points more accurate than the band
     are compared with our front at the band's lower end (to reach the band they are a
     point of the peer's front there)."""
-    our_time, le = _front_time(rows, above="cheapest")
+    our_time, le = _front_time(rows, above="cheapest", cost=cost)
 
     out = []
     for (engine, method, adjoint), rs in _series(rows).items():
@@ -970,8 +1164,8 @@ def verdicts(rows, band=BAND):
             continue
         inside, faster, slower, beyond, below, below_lost = 0, 0, [], [], 0, []
         for r in rs:
-            e, t = r["rel_error"], r["grad_time_s"]
-            if not (e and e > 0 and math.isfinite(e)) or e > band[1]:
+            e, t = r["rel_error"], r.get(cost)
+            if not t or not (e and e > 0 and math.isfinite(e)) or e > band[1]:
                 continue
             if e < band[0]:
                 below += 1
@@ -1003,14 +1197,15 @@ def verdicts(rows, band=BAND):
     return out, best
 
 
-def _verdict_lines(rows, band=BAND):
-    table, best = verdicts(rows, band)
+def _verdict_lines(rows, band=BAND, cost="grad_time_s"):
+    table, best = verdicts(rows, band, cost)
     lo, hi = band
+    what = "time" if cost == "grad_time_s" else "NFE"
     failing = [v["peer"] for v in table if not v["holds"]]
     compared = [v for v in table if v["points"] or v["below_band"]]
     claim = (
         f"our Pareto front at or below every peer's at every error from {hi:.0e} to "
-        f"{lo:.0e}"
+        f"{lo:.0e}, in {what}"
     )
     if not compared:
         head = f"Claim “{claim}”: no peer has a point in the band on this run."
@@ -1032,15 +1227,17 @@ def _verdict_lines(rows, band=BAND):
     )
     lines = [
         "",
-        f"Verdict in the error band [{lo:.0e}, {hi:.0e}] ({reach}). For each peer "
-        "point with error in the band: is our Pareto front's time at that error "
-        "(interpolated in log-log; our cheapest point's where the peer's error is "
-        "above our front's largest) at most the peer's? Peer points more accurate "
-        f"than {lo:.0e} are compared with our front at {lo:.0e}.",
+        f"Verdict in {what} in the error band [{lo:.0e}, {hi:.0e}] ({reach}). For "
+        f"each peer point with error in the band: is our {what}-Pareto front's "
+        f"{what} at that error (interpolated in log-log; our cheapest point's where "
+        f"the peer's error is above our front's largest) at most the peer's? Peer "
+        f"points more accurate than {lo:.0e} are compared with our front at "
+        f"{lo:.0e}.",
         "",
         head,
         "",
-        f"| peer | ours ≤ peer / points in band | ours slower at (error: peer/ours) "
+        f"| peer | ours ≤ peer / points in band | ours "
+        f"{'slower' if what == 'time' else 'more NFE'} at (error: peer/ours) "
         f"| beyond our front (errors) | points < {lo:.0e}: beating our front at "
         f"{lo:.0e} |",
         "| --- | --- | --- | --- | --- |",
@@ -1062,6 +1259,79 @@ def _verdict_lines(rows, band=BAND):
         lines.append(
             f"| {v['peer']} | {v['ours_faster']} / {v['points']} "
             f"| {fmt_slow(v['ours_slower'])} | {beyond} | {below} |"
+        )
+    return lines
+
+
+REVERSIBLE = "ReversibleAdjoint()"
+
+
+def _reversible_lines(rows):
+    """Our memory-flat exact points (`ReversibleAdjoint`) against the Pareto front of
+    our `DTO()` points (fixed and adaptive grids), at equal error: time and NFE
+    ratios, and XLA's temporary memory of the compiled gradient beside DTO's."""
+    rev = [r for r in rows if r["engine"] == "adjoint_jax" and r["adjoint"] == REVERSIBLE
+           and r["rel_error"] and 0 < r["rel_error"] <= USEFUL]
+    if not rev:
+        return []
+    is_dto = lambda r: r["adjoint"] == "DTO()"  # noqa: E731
+    dto_time, _ = _front_time(rows, keep=is_dto)
+    dto_nfe, _ = _front_time(rows, keep=is_dto, cost="nfe")
+    dto_mem = {(r["method"], r["knob"]): r.get("temp_bytes") for r in rows
+               if r["engine"] == "adjoint_jax" and is_dto(r)}
+    lines = [
+        "",
+        "The memory-flat exact strategies (`ReversibleAdjoint`) against the Pareto "
+        "front of our `DTO()` points at the same error (time and NFE interpolated in "
+        "log-log; – where the error is outside DTO's front), and XLA's temporary "
+        "memory of the compiled gradient beside that of DTO through the "
+        "non-reversible base on the same grid:",
+        "",
+        "| method | knob | rel. error | time [ms] | time ÷ DTO's | NFE ÷ DTO's "
+        "| temp. memory [MiB] | DTO(base) temp. [MiB] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    fmt_q = lambda q: f"{q:.2f}×" if math.isfinite(q) else "–"  # noqa: E731
+    fmt_m = lambda b: f"{b / 2**20:.2f}" if b is not None and b >= 0 else "–"  # noqa: E731
+    for r in rev:
+        e = r["rel_error"]
+        base = r["method"].replace("McCallumFoster(base=", "", 1)
+        base = base.replace(")", "", 1) if base != r["method"] else base
+        lines.append(
+            f"| `{r['method']}` | {r['knob']} | {e:.2e} | {1e3 * r['grad_time_s']:.1f} "
+            f"| {fmt_q(r['grad_time_s'] / dto_time(e))} "
+            f"| {fmt_q(r['nfe'] / dto_nfe(e)) if r.get('nfe') else '–'} "
+            f"| {fmt_m(r.get('temp_bytes'))} | {fmt_m(dto_mem.get((base, r['knob'])))} |"
+        )
+    return lines
+
+
+def _adaptive_lines(rows):
+    """The adaptive grids: per tolerance, the accepted steps, the attempted ones, the
+    grid's NFE and time, and what each pair spent on it."""
+    ad = [r for r in rows if r.get("grid_steps") is not None]
+    if not ad:
+        return []
+    lines = [
+        "",
+        f"Our adaptive grids (`aj.adaptive_time_grid` with `{ADAPTIVE_GRID!r}`, "
+        "rtol = atol = tol, PID in log-SNR; one grid per batch). The time and NFE of "
+        "each adaptive point in the tables above include the grid: its forward solve "
+        "with the error estimate (every attempted step, rejected ones included, 7 "
+        "evaluations each) plus the gradient through `aj.sample` on the accepted grid "
+        "(6 evaluations a step forward, and the adjoint's VJPs and re-evaluations):",
+        "",
+        "| tol | accepted steps | attempted | grid NFE | grid time [ms] | pair "
+        "| rel. error | total NFE | total time [ms] |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in ad:
+        lines.append(
+            f"| {r['knob'].removeprefix('tol=')} | {r['grid_steps']} "
+            f"| {r['grid_attempts']:.0f} | {r['grid_nfe']} "
+            f"| {1e3 * r['grid_time_s']:.1f} | `{r['method'].removesuffix(' (adaptive grid)')}`"
+            f" + `{r['adjoint']}` | {r['rel_error']:.2e} | {r['nfe']} "
+            f"| {1e3 * r['grad_time_s']:.1f} |"
         )
     return lines
 
@@ -1169,6 +1439,9 @@ def write_markdown(rows, summary, path, problem_name, batch, checks=None):
             f"| {fmt(s['crossover'])} | {fmt(w['crossover'])} |"
         )
     lines += _verdict_lines(rows)
+    lines += _verdict_lines(rows, cost="nfe")
+    lines += _reversible_lines(rows)
+    lines += _adaptive_lines(rows)
     lines += _check_lines(checks)
     with open(path, "w") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -1192,10 +1465,11 @@ def plot(rows, path, problem_name, batch=None):
         if not pts:
             continue
         ours = engine == "adjoint_jax"
+        adaptive = "adaptive" in method
         ax.loglog(
             *zip(*pts),
-            marker="o" if ours else "x",
-            linestyle="-" if ours else "--",
+            marker=("s" if adaptive else "o") if ours else ("+" if adaptive else "x"),
+            linestyle=("-" if adjoint != REVERSIBLE else "-.") if ours else "--",
             color=cmap(i % 20),
             label=f"{engine}: {method} + {adjoint}",
             linewidth=1.6 if ours else 1.0,
@@ -1239,6 +1513,17 @@ def main(argv=None):
         nargs="+",
         type=float,
         help="adaptive tolerances (default: per problem)",
+    )
+    p.add_argument(
+        "--our-tols",
+        nargs="+",
+        type=float,
+        help="tolerances of our adaptive grids (default: per problem; 0: none)",
+    )
+    p.add_argument(
+        "--max-steps",
+        type=int,
+        help="static length of our adaptive grids (default: per problem)",
     )
     p.add_argument("--batch", type=int, help="batch size (default: per problem)")
     p.add_argument(
@@ -1308,9 +1593,14 @@ def main(argv=None):
         print(open(os.path.join(a.out, "peers.md")).read())
         return 0
     defaults = dict(DEFAULTS[a.problem], **(QUICK if a.quick else {}))
-    for k in ("steps", "peer_steps", "tols", "batch", "repeats"):
+    own_steps = a.steps is None and not a.quick  # the pairs' own N, where they have one
+    for k in ("steps", "peer_steps", "tols", "our_tols", "max_steps", "batch", "repeats"):
         if getattr(a, k) is None:
             setattr(a, k, defaults[k])
+    a.our_tols = [t for t in a.our_tols if t > 0]
+    pairs = OURS if a.all_pairs else defaults["ours"]
+    if not own_steps:
+        pairs = [(s, ad) for s, ad, _ in map(_entry, pairs)]
     if a.check:
         problem = build_problem(a.problem, a.batch)
         check_parity(a.problem, problem)
@@ -1330,10 +1620,12 @@ def main(argv=None):
         a.out,
         skip_torch=a.no_torch,
         peer_steps=a.peer_steps,
-        pairs=OURS if a.all_pairs else defaults["ours"],
+        pairs=pairs,
         max_time=defaults["max_time"],
         torch_threads=a.torch_threads or defaults["torch_threads"],
         peer_convs=a.peer_convs,
+        our_tols=a.our_tols,
+        max_steps=a.max_steps,
     )
     return 0
 

@@ -48,6 +48,7 @@ from .._schedule import AbstractSchedule
 def zero_length_steps(ts: Array) -> tuple[Array, Array, Array]:
     """For each step of the grid `ts`: (t, s) to compute it with, and whether it has
     zero length (see above)."""
+    ts = jnp.asarray(ts)  # (a NumPy grid in an exported VJP's backward pass)
     t, s = ts[:-1], ts[1:]
     zero = t == s
     n = t.shape[0]
@@ -71,8 +72,14 @@ def block_if_zero(zero: Array, tree: PyTree) -> PyTree:
 def skip_if_zero(zero: Array, step: Callable, old: PyTree, *args) -> PyTree:
     """`step(*args)` for a step of nonzero length, `old` (of the same structure) for
     a zero-length one, each input of `step` blocked by `block_if_zero`."""
+    # Only arrays pass through the cond; the rest (a Python number in `cond`, which
+    # the closure-converted model was traced with) stays static.
+    dynamic, static = eqx.partition(args, eqx.is_array)
     return jax.lax.cond(
-        zero, lambda _: old, lambda a: step(*block_if_zero(zero, a)), args
+        zero,
+        lambda _: old,
+        lambda d: step(*block_if_zero(zero, eqx.combine(d, static))),
+        dynamic,
     )
 
 
@@ -198,7 +205,8 @@ class Solve(eqx.Module):
             return self.sampler.step(eps, self.schedule, state_, t, s, i, noise_)
 
         j = i - self.first_index  # `t`, `s` are the times to compute the step with
-        zero = self.ts[j] == self.ts[j + 1]
+        ts = jnp.asarray(self.ts)
+        zero = ts[j] == ts[j + 1]
         return skip_if_zero(zero, step, state, theta, z, state, noise)
 
     def forward(

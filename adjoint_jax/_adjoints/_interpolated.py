@@ -24,6 +24,9 @@ class InterpolatedAdjoint(AbstractContinuousAdjoint):
     adjoint's own O(h^k) discretisation error at `every` ≤ 8 (measured: within 1.5× of
     `RecordedAdjoint` at N = 80, every = 4, on Gaussian data).
 
+    Checkpoints are counted in grid steps, zero-length steps (a padded grid)
+    included: the segments of a padded grid differ from the unpadded grid's.
+
     **Memory:** O(N/every · |x|) (y and ε at ⌈N/every⌉ + 1 checkpoints).
     **Cost:** the forward sampler plus one model evaluation per checkpoint (two with
     `aj.Scheduled` conditioning, whose slope changes between steps), then one model

@@ -36,6 +36,10 @@ class Truncated(AbstractAdjoint):
         noises get a gradient (through the product of the steps' linear
         coefficients), θ the gradient of the last k steps.
 
+    A zero-length step (a padded grid, `aj.adaptive_time_grid`) counts as one of
+    the N steps: on a padded grid `last=k` differentiates the last k grid steps,
+    the zero-length ones included (the identity; they contribute nothing).
+
     `last=k` is fixed; `last=(lo, hi)` with a `key` draws k uniformly from
     {lo, ..., hi} (`jax.random.randint(key, (), lo, hi + 1)`; `num_differentiated`
     gives the draw): DRaFT's random K, and AlignProp's randomised truncation (its
