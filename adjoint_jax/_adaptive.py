@@ -31,7 +31,8 @@ def _check(sampler, rtol, atol, max_steps, pid):
         raise ValueError("`adaptive_time_grid`: rtol and atol cannot both be 0.")
     if not isinstance(max_steps, int) or isinstance(max_steps, bool) or max_steps < 1:
         raise ValueError(
-            f"`adaptive_time_grid(max_steps=...)` must be an int >= 1; got {max_steps!r}."
+            "`adaptive_time_grid(max_steps=...)` must be an int >= 1; got "
+            f"{max_steps!r}."
         )
     if len(pid) != 3 or not all(isinstance(c, int | float) for c in pid):
         raise ValueError(
@@ -124,7 +125,8 @@ def adaptive_time_grid(
     t_start = schedule.t_max if t_start is None else t_start
     if isinstance(t_end, int | float) and not t_end > 0:
         raise ValueError(
-            f"`adaptive_time_grid(t_end=...)` must be > 0 (finite log-SNR); got {t_end!r}."
+            "`adaptive_time_grid(t_end=...)` must be > 0 (finite log-SNR); got "
+            f"{t_end!r}."
             " For a last step to σ = 0, append 0 to the grid it returns."
         )
     call, arrays = split_model(model)

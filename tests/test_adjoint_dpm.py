@@ -4,7 +4,9 @@ controls the error, convergence to DTO on a nonlinear model, float32, a state mi
 float32 and float64 leaves, no tracer kept alive by its traces, and input
 validation."""
 
-import gc
+import os
+import subprocess
+import sys
 
 import diffrax
 import jax
@@ -184,27 +186,45 @@ def test_mixed_dtype_state():
     assert rel_err(g_dpm, g_exact) < 2e-6  # measured 3e-7
 
 
-def _live_tracers():
+_TRACER_CHECK = """
+import gc, sys
+import diffrax, jax
+jax.config.update("jax_enable_x64", True)
+import adjoint_jax as aj
+from adjoint_jax.bench import GaussianProblem
+from tests.helpers import sample_kwargs
+from tests.test_adjoint_dpm import COND, XT, _loss
+
+def live_tracers():
     gc.collect()
     return sum(isinstance(o, jax.core.Tracer) for o in gc.get_objects())
+
+pb = GaussianProblem.make(4)
+adjoint = aj.AdjointDPM(solver=diffrax.Heun())
+kw = sample_kwargs(pb.schedule, 5, aj.DPMSolver1(), adjoint)
+f = lambda x: _loss(aj.sample(pb.model, pb.params, x, COND, **kw))
+jax.make_jaxpr(jax.grad(f))(XT)
+before = live_tracers()
+with jax.checking_leaks():
+    jax.grad(f)(XT)  # eager: the compiled loop is traced (and kept) here
+jax.make_jaxpr(jax.grad(f))(XT)
+jax.jit(jax.grad(lambda x: f(x))).trace(XT)
+after = live_tracers()
+print(before, after)
+sys.exit(0 if after <= before else 1)
+"""
 
 
 def test_traces_keep_no_tracers_alive():
     # The backward solve's vector field once closed over the solve (its traced
     # time grid): diffrax's `jit` took it as a static argument, and JAX's caches kept
     # it, and its tracers, alive after the trace (2 to 5 per trace), which
-    # `jax.checking_leaks` reported as a leak.
-    pb = GaussianProblem.make(4)
-    kw = sample_kwargs(pb.schedule, 5, aj.DPMSolver1(),
-                       aj.AdjointDPM(solver=diffrax.Heun()))
-    f = lambda x: _loss(aj.sample(pb.model, pb.params, x, COND, **kw))
-    jax.make_jaxpr(jax.grad(f))(XT)
-    before = _live_tracers()
-    with jax.checking_leaks():
-        jax.grad(f)(XT)  # eager: the compiled loop is traced (and kept) here
-    jax.make_jaxpr(jax.grad(f))(XT)
-    jax.jit(jax.grad(lambda x: f(x))).trace(XT)
-    assert _live_tracers() <= before
+    # `jax.checking_leaks` reported as a leak. (In a fresh process: counting live
+    # objects in a worker's heap of millions takes ten times longer than the check.)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _TRACER_CHECK], cwd=root,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout, proc.stderr[-2000:])
 
 
 def test_second_derivatives_match_closed_form_gaussian():

@@ -87,7 +87,8 @@ def _strategy_cases():
     cases = [(aj.DPMSolver2(), a) for a, _ in all_adjoints if not isinstance(
         a, (aj.ReversibleAdjoint, aj.Truncated, aj.InterpolatedAdjoint))]
     cases += [(s, aj.ReversibleAdjoint())
-              for s in (aj.BELM(), aj.ReversibleHeun(), aj.McCallumFoster(aj.DPMSolver2()))]
+              for s in (aj.BELM(), aj.ReversibleHeun(),
+                        aj.McCallumFoster(aj.DPMSolver2()))]
     cases += [(aj.SDEDPMSolver1(), aj.AdjointDEIS(order=2))]
     return cases
 

@@ -232,7 +232,9 @@ class ExpRK(AbstractOneStepSampler):
         """The order of the embedded solution (None without an error estimate)."""
         if not self.has_error_estimate:
             return None
-        return 1 if self.resolved_form == "phi" else TABLEAUS[self.tableau].embedded_order
+        if self.resolved_form == "phi":
+            return 1
+        return TABLEAUS[self.tableau].embedded_order
 
     @property
     def has_error_estimate(self) -> bool:
