@@ -132,9 +132,10 @@ class DPMSolver2(AbstractMultistepSampler[tuple]):
         # first step from α = 0 the previous λ is −∞: r = ∞ and the correction
         # vanishes (the earlier ε carries no slope information), as in diffusers.
         h = jnp.where(c.h == 0, jnp.ones_like(c.h), c.h)
-        r = jnp.where(
-            jnp.isfinite(lam_prev), (c.lam_t - lam_prev) / h, jnp.full_like(h, jnp.inf)
-        )
+        # (The double-where: −∞ replaced before the division; see `slopes`.)
+        finite = jnp.isfinite(lam_prev)
+        lam_prev = jnp.where(finite, lam_prev, c.lam_t - h)
+        r = jnp.where(finite, (c.lam_t - lam_prev) / h, jnp.full_like(h, jnp.inf))
         first = (i == 0) | c.alpha_zero_start
         x_next = self.update(schedule, x, e, eps_prev, t, s, r, first, x0)
         return (x_next, e, c.lam_t)

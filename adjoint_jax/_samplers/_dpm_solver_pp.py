@@ -116,8 +116,14 @@ def slopes(c, order, lam1, lam2, m0, m1, m2):
     order use placeholder ratios (their differences get zero weight)."""
     one = jnp.ones_like(c.h)
     h = jnp.where(c.h == 0, one, c.h)
-    r0 = jnp.where(jnp.isfinite(lam1), (c.lam_t - lam1) / h, jnp.inf * one)
-    r1 = jnp.where(jnp.isfinite(lam2), (lam1 - lam2) / h, jnp.inf * one)
+    # The double-where: an earlier λ of −∞ is replaced before the division, so that
+    # the untaken branch's infinite partial derivative never meets a zero cotangent
+    # (0·∞ = NaN in the gradient with respect to the schedule or the grid).
+    fin1, fin2 = jnp.isfinite(lam1), jnp.isfinite(lam2)
+    lam1 = jnp.where(fin1, lam1, c.lam_t - h)
+    lam2 = jnp.where(fin2, lam2, lam1 - h)
+    r0 = jnp.where(fin1, (c.lam_t - lam1) / h, jnp.inf * one)
+    r1 = jnp.where(fin2, (lam1 - lam2) / h, jnp.inf * one)
     r0 = jnp.where(order >= 2, r0, one)
     r1 = jnp.where(order >= 3, r1, one)
     d10 = lincomb((1.0 / r0, m0), (-1.0 / r0, m1))
