@@ -83,6 +83,13 @@ def adaptive_time_grid(
     convention; the default (0, 1, 0) is the integral controller). A rejected step is
     retried shorter and takes no grid slot. The first h is 1/16 of the log-SNR span.
 
+    **Cost of the padding.** The strategies with their own backward pass
+    (`aj.ReversibleAdjoint`, `aj.AdjointDEIS`, `aj.RecordedAdjoint`,
+    `aj.InterpolatedAdjoint`, `aj.AdjointDPM`) skip zero-length steps (a `lax.cond`):
+    the padding costs nothing. `aj.DTO()` computes and discards them (a
+    differentiated cond would slow every DTO gradient 1.5-2×), so with DTO the
+    padding costs what real steps do: keep `max_steps` near the steps you expect.
+
     **Gradients.** Nothing here is differentiated: the grid is a constant of the
     solve (a `stop_gradient` on every input). `aj.sample(..., ts=grid)` with any
     strategy then differentiates the solution *on this grid*: `aj.DTO()` gives its

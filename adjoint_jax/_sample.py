@@ -88,8 +88,8 @@ def sample(
         `aj.time_grid` and `aj.diffusers_timesteps`. A repeated time
         (`ts[i] == ts[i + 1]`, as in the padded grids of `aj.adaptive_time_grid`) is
         a zero-length step: the exact identity for every sampler and strategy, in
-        value and gradient (skipped by a `lax.cond`; under a `vmap` over grids,
-        computed and discarded). The first step must have nonzero length. What
+        value and gradient (the custom strategies skip it by a `lax.cond`; `aj.DTO()`
+        and a `vmap` over grids compute it and discard it). The first step must have nonzero length. What
         counts grid steps counts it too: the samplers whose coefficients depend on
         N (`lower_order_final`, `aj.EulerChurn`'s γ), step i's key-drawn noise
         `fold_in(key, i)`, `aj.Truncated(last=k)` and

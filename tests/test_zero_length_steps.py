@@ -172,3 +172,29 @@ def test_custom_strategies_need_nonzero_endpoint_steps():
     g = jax.grad(loss)(X_T, ts)
     g_fixed = jax.grad(loss)(X_T, fixed)
     assert rel_err(g_fixed, g) < 1e-12
+
+
+def test_evaluation_counts_on_padded_grids():
+    # The custom strategies skip zero-length steps (a lax.cond in their forward and
+    # backward loops): a padded grid costs what the unpadded one does. DTO computes
+    # and discards them (a differentiated cond made its gradient 1.5-2× slower on
+    # every grid), so its padding costs evaluations: see `aj.adaptive_time_grid`.
+    from adjoint_jax.bench import count_evals
+
+    padded = _pad(TS, 5)
+    for sampler, adjoint, extra in [
+        (aj.DPMSolver2(), aj.AdjointDEIS(), 0),
+        (aj.McCallumFoster(aj.DPMSolver1()), aj.ReversibleAdjoint(), 0),
+        (aj.DPMSolver2(), aj.DTO(), 5),
+    ]:
+        def counts(ts, sampler=sampler, adjoint=adjoint):
+            def f(m, p):
+                return jax.grad(lambda p: jnp.sum(aj.sample(
+                    m, p, X_T, None, schedule=PB.schedule, ts=ts, sampler=sampler,
+                    adjoint=adjoint)))(p)
+            c = count_evals(f, PB.model, PB.params)
+            return c.forward, c.vjp
+
+        (f0, v0), (f1, v1) = counts(TS), counts(padded)
+        per_step = sampler.evals_per_step
+        assert (f1, v1) == (f0 + extra * per_step, v0 + extra * per_step)

@@ -95,6 +95,15 @@ class _BlockedModel(eqx.Module):
         return block_if_zero(self.zero, self.model(theta, x, t, z))
 
 
+def _cond_skip(zero: Array, step: Callable, old: PyTree, *args) -> PyTree:
+    """`lax.cond(zero, old, step(*args))` with only the arrays of `args` as operands
+    (the rest closed over); `step` blocks its inputs itself."""
+    dynamic, static = eqx.partition(args, eqx.is_array)
+    return jax.lax.cond(
+        zero, lambda _: old, lambda d: step(*eqx.combine(d, static)), dynamic
+    )
+
+
 def skip_body_if_zero(zero: Array, body: Callable, carry: PyTree, *args):
     """For a scan body `body(carry, *args) -> (carry, out)`: the body for a step of
     nonzero length, `(carry, zeros like out)` for a zero-length one."""
@@ -126,6 +135,9 @@ class Solve(eqx.Module):
     # The index of this solve's first step in the sampler's count (0 unless it is a
     # `sub` solve): samplers and key-drawn noise see global step indices.
     first_index: int = eqx.field(default=0, static=True)
+    # Whether zero-length steps are skipped by a `lax.cond` (True where JAX's
+    # autodiff does not differentiate the forward loop; see `step`).
+    skip_zero_steps: bool = eqx.field(default=False, static=True)
 
     @property
     def num_steps(self) -> int:
@@ -214,17 +226,27 @@ class Solve(eqx.Module):
         j = i - self.first_index  # `t`, `s` are the times to compute the step with
         ts = jnp.asarray(self.ts)
         zero = ts[j] == ts[j + 1]
-        # A zero-length step is computed and discarded (a `jnp.where`, not a
-        # `lax.cond`: reverse-mode autodiff of a cond in a scan stores and selects
-        # both branches' residuals, which made aj.DTO()'s gradient 1.6-2× slower).
-        # Everything it reads is blocked (`block_if_zero`): the state, the noise,
-        # the times and the schedule directly, θ and z at the model's outputs.
-        state_, noise_, t_, s_, schedule = block_if_zero(
-            zero, (state, noise, t, s, self.schedule)
-        )
-        model = _BlockedModel(self.model, zero)
-        eps = StepModel(model, schedule, theta, z, first)
-        new = self.sampler.step(eps, schedule, state_, t_, s_, i, noise_)
+        # A zero-length step is skipped by a `lax.cond` where JAX's autodiff does not
+        # differentiate the loop (`skip_zero_steps`: the custom strategies' forward
+        # passes); under a vmap over grids JAX computes both branches and selects.
+        # Where autodiff differentiates it (aj.DTO(), Truncated), a differentiated
+        # cond in the scan made the gradient 1.5-2× slower on every grid, so the step
+        # is computed and discarded by `jnp.where` instead (a padded grid then costs
+        # its padding's evaluations). Either way, what the step reads is blocked
+        # (`block_if_zero`): the state, the noise, the times and the schedule
+        # directly, θ and z at the model's outputs (blocking θ itself, a
+        # parameter-sized select per step, cost DTO another 1.6×).
+
+        def step(state_, noise_, t_, s_, schedule):
+            state_, noise_, t_, s_, schedule = block_if_zero(
+                zero, (state_, noise_, t_, s_, schedule)
+            )
+            eps = StepModel(_BlockedModel(self.model, zero), schedule, theta, z, first)
+            return self.sampler.step(eps, schedule, state_, t_, s_, i, noise_)
+
+        if self.skip_zero_steps:
+            return _cond_skip(zero, step, state, state, noise, t, s, self.schedule)
+        new = step(state, noise, t, s, self.schedule)
         return jtu.tree_map(lambda a, b: jnp.where(zero, a, b), state, new)
 
     def forward(
@@ -461,6 +483,7 @@ def _custom_loop(inputs, static, adjoint):
     # nothing kept for a backward pass.
     del adjoint
     theta, x_T, cond, noise, solve = eqx.combine(inputs, static)
+    solve = dataclasses.replace(solve, skip_zero_steps=True)
     state, _ = solve.forward(theta, x_T, cond, noise)
     return solve.sampler.output(state)
 
@@ -489,6 +512,7 @@ def _refuse_undifferentiable(perturbed_solve, adjoint) -> None:
 def _custom_loop_fwd(perturbed, inputs, static, adjoint):
     _refuse_undifferentiable(perturbed[4], adjoint)
     theta, x_T, cond, noise, solve = eqx.combine(inputs, static)
+    solve = dataclasses.replace(solve, skip_zero_steps=True)
     return adjoint.forward(solve, theta, x_T, cond, noise)
 
 
