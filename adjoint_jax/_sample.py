@@ -190,6 +190,7 @@ def sample(
         scheduled,
         starts_at_alpha_zero=bool(starts_zero) if static_ends else False,
         ends_at_sigma_zero=bool(ends_zero) if static_ends else False,
+        zero_steps=not is_concrete(ts) or bool(np.any(np.diff(np.asarray(ts)) == 0)),
     )
     try:
         if staged:

@@ -259,7 +259,9 @@ def test_matrix(pair):
     # Example 0 of the vmap is the base point with constant conditioning: the
     # per-step gradients sum to its gradient, and the gradient through the
     # closed-over weights is the gradient through `params`.
-    assert tree_allclose(_index(g_vmap, 0), _summed(grads), rtol=1e-9, atol=1e-12)
+    # (Leaf by leaf, as below: SDEDPMSolverPP's adjoints reach 1e4 and cancel to
+    # 1e-6 in some weights.)
+    assert _leafwise_close(_index(g_vmap, 0), _summed(grads), rtol=1e-9)
 
     # vmap(grad) (through the closure) and grad(vmap) equal a Python loop over the
     # examples of the gradient through `params` (the loop calls the same jitted

@@ -429,9 +429,12 @@ def _adjoint_dpm_backward(
             return out[:3], out[3]
 
         # A zero-length step (a padded grid) is the identity: see `zero_length_steps`.
-        (y_, a_, g_theta_), g_z = skip_body_if_zero(
-            zero, one, (y_, a_, g_theta_), (t, s)
-        )
+        if solve.zero_steps:
+            (y_, a_, g_theta_), g_z = skip_body_if_zero(
+                zero, one, (y_, a_, g_theta_), (t, s)
+            )
+        else:
+            (y_, a_, g_theta_), g_z = one((y_, a_, g_theta_), (t, s))
         if solve.scheduled:
             return (y_, a_, g_theta_, None), g_z
         return (y_, a_, g_theta_, tree_acc(g_sum, g_z)), None

@@ -135,8 +135,11 @@ class Solve(eqx.Module):
     # The index of this solve's first step in the sampler's count (0 unless it is a
     # `sub` solve): samplers and key-drawn noise see global step indices.
     first_index: int = eqx.field(default=0, static=True)
-    # Whether zero-length steps are skipped by a `lax.cond` (True where JAX's
+    # Whether the grid may have zero-length steps (False when `aj.sample` saw a
+    # concrete grid without any: then every loop is exactly the plain one, no cond
+    # or select), and whether they are skipped by a `lax.cond` (True where JAX's
     # autodiff does not differentiate the forward loop; see `step`).
+    zero_steps: bool = eqx.field(default=True, static=True)
     skip_zero_steps: bool = eqx.field(default=False, static=True)
 
     @property
@@ -223,6 +226,9 @@ class Solve(eqx.Module):
         if noise is None and self.sampler.is_sde:
             noise = step_noise(self.key, i, self.sampler.output(state), self.ts.dtype)
         first = may_be_first and self.first_index == 0
+        if not self.zero_steps:
+            eps = StepModel(self.model, self.schedule, theta, z, first)
+            return self.sampler.step(eps, self.schedule, state, t, s, i, noise)
         j = i - self.first_index  # `t`, `s` are the times to compute the step with
         ts = jnp.asarray(self.ts)
         zero = ts[j] == ts[j + 1]

@@ -262,6 +262,8 @@ def _continuous_backward(
     def body(carry, xs):
         # A zero-length step (a padded grid) is the identity: see `zero_length_steps`.
         *step_xs, zero = xs
+        if not solve.zero_steps:
+            return step(carry, tuple(step_xs))
         return skip_body_if_zero(zero, step, carry, tuple(step_xs))
 
     xs = (jnp.arange(num_back, dtype=jnp.int32), t_back, s_back, z_idx, noise_idx,

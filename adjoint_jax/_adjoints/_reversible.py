@@ -225,9 +225,12 @@ def _state_scan(solve: Solve, diff: Differentiated, back_step, carry0, ct_state)
             return (c, ct_state_i), (ct_theta_i, ct_z_i)
 
         # A zero-length step (a padded grid) is the identity: see `zero_length_steps`.
-        (c, ct_state_i), (ct_theta_i, ct_z_i) = skip_body_if_zero(
-            zero, one, (c_next, ct_next), tuple(step_xs)
-        )
+        if solve.zero_steps:
+            (c, ct_state_i), (ct_theta_i, ct_z_i) = skip_body_if_zero(
+                zero, one, (c_next, ct_next), tuple(step_xs)
+            )
+        else:
+            (c, ct_state_i), (ct_theta_i, ct_z_i) = one((c_next, ct_next), step_xs)
         ct_theta = tree_acc(ct_theta, ct_theta_i)
         if solve.scheduled:
             return (c, ct_state_i, ct_theta, ct_cond), ct_z_i
