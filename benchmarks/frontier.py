@@ -18,17 +18,16 @@ memory and time. (Against the peers: `benchmarks/peers.py`.)
 import argparse
 import json
 import os
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 jax.config.update("jax_enable_x64", True)
 
 import adjoint_jax as aj  # noqa: E402
 from adjoint_jax.bench import GaussianProblem, MixtureProblem, MLPProblem  # noqa: E402
+from adjoint_jax.bench._compare import _median_time  # noqa: E402
 
 
 T_END = 1e-3
@@ -78,13 +77,7 @@ def adaptive_rows(tols, tableaus):
 
 
 def _timed(f, *args, repeats=5):
-    jax.block_until_ready(f(*args))
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*args))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return _median_time(f, args, repeats, min_time=0.0)
 
 
 def rex_rows(ns, tableau):

@@ -95,15 +95,6 @@ class _BlockedModel(eqx.Module):
         return block_if_zero(self.zero, self.model(theta, x, t, z))
 
 
-def _cond_skip(zero: Array, step: Callable, old: PyTree, *args) -> PyTree:
-    """`lax.cond(zero, old, step(*args))` with only the arrays of `args` as operands
-    (the rest closed over); `step` blocks its inputs itself."""
-    dynamic, static = eqx.partition(args, eqx.is_array)
-    return jax.lax.cond(
-        zero, lambda _: old, lambda d: step(*eqx.combine(d, static)), dynamic
-    )
-
-
 def skip_body_if_zero(zero: Array, body: Callable, carry: PyTree, *args):
     """For a scan body `body(carry, *args) -> (carry, out)`: the body for a step of
     nonzero length, `(carry, zeros like out)` for a zero-length one."""
@@ -244,15 +235,13 @@ class Solve(eqx.Module):
         # parameter-sized select per step, cost DTO another 1.6×).
 
         def step(state_, noise_, t_, s_, schedule):
-            state_, noise_, t_, s_, schedule = block_if_zero(
-                zero, (state_, noise_, t_, s_, schedule)
-            )
             eps = StepModel(_BlockedModel(self.model, zero), schedule, theta, z, first)
             return self.sampler.step(eps, schedule, state_, t_, s_, i, noise_)
 
+        args = (state, noise, t, s, self.schedule)
         if self.skip_zero_steps:
-            return _cond_skip(zero, step, state, state, noise, t, s, self.schedule)
-        new = step(state, noise, t, s, self.schedule)
+            return skip_if_zero(zero, step, state, *args)
+        new = step(*block_if_zero(zero, args))
         return jtu.tree_map(lambda a, b: jnp.where(zero, a, b), state, new)
 
     def forward(
