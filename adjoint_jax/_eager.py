@@ -111,7 +111,9 @@ def _flatten_function(f: _OpenFunction):
     # fresh lambda's empty `__dict__` is a new object each time.
     attrs = _Id(fn.__dict__) if fn.__dict__ else None
     aux = (fn.__code__, _Id(fn.__globals__), fn.__name__, attrs)
-    return (cells, fn.__defaults__, fn.__kwdefaults__), aux
+    # No None among the children (`()` and `{}` instead): a tree utility that treats
+    # None as a leaf (`eqx.tree_at`, inside diffrax) would otherwise replace it.
+    return (cells, fn.__defaults__ or (), fn.__kwdefaults__ or {}), aux
 
 
 def _unflatten_function(aux, children):
@@ -121,10 +123,10 @@ def _unflatten_function(aux, children):
         code,
         globals_.obj,
         name,
-        defaults,
+        tuple(defaults) or None,
         tuple(types.CellType(_unprotect(c)) for c in cells),
     )
-    fn.__kwdefaults__ = kwdefaults
+    fn.__kwdefaults__ = dict(kwdefaults) or None
     if attrs is not None:
         fn.__dict__ = attrs.obj  # the same dict, so that flattening again is stable
     return _OpenFunction(fn)

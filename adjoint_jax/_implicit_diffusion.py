@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, ArrayLike, PyTree
 
 from ._adjoints._base import Solve
@@ -38,6 +40,30 @@ class ImplicitDiffusionState(eqx.Module):
     history: PyTree
     cotangents: PyTree
     iteration: Array
+
+    def shardings(self, mesh: jax.sharding.Mesh, axis: str = "slots") -> PyTree:
+        """`NamedSharding`s placing the register slots on the devices of the mesh
+        axis `axis` (the slot axis of every register; the iteration replicated), for
+        `jax.device_put` and `jax.jit`'s `in_shardings`/`out_shardings`. Each device
+        then advances and back-propagates its own slots; the registers' shifts
+        between neighbouring slots are the communication (`collective-permute`s),
+        plus the all-reduce of the θ-gradient over the slots. N must be divisible
+        by the axis size. Any further sharding of the batch is up to you."""
+        lead = lambda *spec: lambda v: NamedSharding(mesh, P(*spec))
+        return ImplicitDiffusionState(
+            states=jtu.tree_map(lead(axis), self.states),
+            history=jtu.tree_map(lead(None, axis), self.history),
+            cotangents=jtu.tree_map(lead(axis), self.cotangents),
+            iteration=NamedSharding(mesh, P()),
+        )
+
+
+def _shift(v: Array, by: int) -> Array:
+    """The register `v` moved `by` slots along its slot axis (axis 0), cyclically;
+    the caller overwrites the slot that wrapped around. A roll: over a register
+    sharded by slots XLA makes it one `collective-permute` between neighbouring
+    devices (a concatenation of slices became all-to-alls and all-gathers)."""
+    return jnp.roll(v, by, axis=0)
 
 
 class ImplicitDiffusion(eqx.Module):
@@ -202,7 +228,7 @@ class ImplicitDiffusion(eqx.Module):
         last = jtu.tree_map(lambda v: v[-1], stepped)
         fresh = self.sampler.init(x_T, self.schedule, self.ts)
         states = jtu.tree_map(
-            lambda f, v: jnp.concatenate([f[None].astype(v.dtype), v[:-1]]), fresh, stepped
+            lambda f, v: _shift(v, 1).at[0].set(f.astype(v.dtype)), fresh, stepped
         )
         reg = ImplicitDiffusionState(states, history, reg.cotangents, reg.iteration + 1)
         return reg, last
@@ -214,11 +240,16 @@ class ImplicitDiffusion(eqx.Module):
         n = self.num_steps
         js = jnp.arange(n, dtype=jnp.int32)
         rows = jnp.mod(k - 2 * n + 2 + 2 * js, 2 * n - 1)
-        states, noise = jtu.tree_map(lambda h: h[rows, js], reg.history)
+        # Slot j reads its own column of the history (a per-slot dynamic slice, so
+        # a history sharded over the slots is read where it lives).
+        states, noise = jtu.tree_map(
+            lambda h: jax.vmap(lambda col, r: col[r], in_axes=(1, 0))(h, rows),
+            reg.history,
+        )
         # Slot j's cotangent: the one slot j + 1 produced last iteration, and for the
         # last slot the finished sample's.
         cts = jtu.tree_map(
-            lambda c, l: jnp.concatenate([c[1:], l[None].astype(c.dtype)]),
+            lambda c, l: _shift(c, -1).at[-1].set(l.astype(c.dtype)),
             reg.cotangents,
             last_ct,
         )

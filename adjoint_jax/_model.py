@@ -12,6 +12,7 @@ import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import PyTree
 
+from ._closure import closure_convert as _closure_convert
 from ._convs import maybe_canonical_convs
 from ._misc import first_dtype, fn_name
 from ._schedule import AbstractSchedule
@@ -336,14 +337,14 @@ def closure_convert(
     that closes over a traced value (`lambda p, x, t, c: net(W, x, t)` inside a
     `jit`, a `vmap` or a `grad` with respect to W) would otherwise crash
     (`No constant handler`) or refuse the gradient. Tracing the model once into a
-    jaxpr (`eqx.filter_closure_convert`) makes those values explicit constants, which
+    jaxpr (`adjoint_jax._closure`) makes those values explicit constants, which
     then travel in θ and get cotangents like `params`. `x`, `t` and `z` are example
     arguments (shapes and dtypes only; `t` in x's dtype).
     """
     arrays, params = theta
     fn = eqx.combine(arrays, model.static)
     t = jnp.asarray(t).astype(first_dtype(x))
-    converted = eqx.filter_closure_convert(fn, params, x, t, z)
+    converted = _closure_convert(fn, params, x, t, z)
     new_arrays, new_static = eqx.partition(converted, eqx.is_array)
     return ModelCall(new_static), (new_arrays, params)
 

@@ -1,12 +1,15 @@
 """AdjointDPM (Pan et al., ICLR 2024): the continuous adjoint of the exponentially
 reparameterised probability-flow ODE, integrated by diffrax."""
 
+import functools
+
 import diffrax
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import optimistix as optx
+from jax.sharding import PartitionSpec as P
 
 from .._misc import (
     acc_zeros,
@@ -308,7 +311,73 @@ def _seminorm(err):
     return optx.rms_norm(err[:2])
 
 
-def _diffeqsolve(y0, field, r0, r1, args, *, solver, controller, max_steps, direct):
+class _PlainLoop(diffrax.RecursiveCheckpointAdjoint):
+    """diffrax's loop as two plain `lax.while_loop`s, for a solve that is never
+    differentiated in reverse (its forward-mode rule is `DirectAdjoint`'s, below).
+    `RecursiveCheckpointAdjoint`'s checkpointed loop, a plain loop at run time too,
+    allocates its checkpoint buffers with `jnp.zeros` at trace time: replicated under
+    explicit mesh axes and not varying inside `shard_map`, so a sharded state cannot
+    be written into them (a carry type error)."""
+
+    def loop(self, *, terms, saveat, init_state, max_steps, throw,
+             passed_solver_state, passed_controller_state, **kwargs):
+        del throw, passed_solver_state, passed_controller_state
+        return self._loop(
+            terms=terms, saveat=saveat, init_state=init_state, max_steps=max_steps,
+            inner_while_loop=functools.partial(_DIFFRAX_INNER, kind="lax"),
+            outer_while_loop=functools.partial(_DIFFRAX_OUTER, kind="lax"),
+            **kwargs,
+        )
+
+
+def _undifferentiated_adjoint():
+    # diffrax's loop helpers are private; without them (another diffrax version) its
+    # public checkpointed adjoint does the same work (not under sharding).
+    if hasattr(diffrax._adjoint, "_inner_loop") and hasattr(diffrax._adjoint, "_outer_loop"):
+        return _PlainLoop()
+    return diffrax.RecursiveCheckpointAdjoint()
+
+
+_DIFFRAX_INNER = getattr(diffrax._adjoint, "_inner_loop", None)
+_DIFFRAX_OUTER = getattr(diffrax._adjoint, "_outer_loop", None)
+_UNDIFFERENTIATED = _undifferentiated_adjoint()
+
+
+def _diffeqsolve(y0, field, r0, r1, args, **kwargs):
+    """One interval's diffrax solve. Under explicit mesh axes it runs with the axes
+    auto (`jax.sharding.auto_axes`): diffrax allocates loop buffers with `jnp.zeros`,
+    replicated in the type system, which a sharded state cannot be written into; the
+    results get y0's shardings back."""
+    if _varying_axes(y0):
+        raise TypeError(
+            "`adjoint=aj.AdjointDPM(...)` cannot run inside `jax.shard_map` with its "
+            f"varying-axes check: its backward solve (diffrax) allocates loop buffers "
+            f"that do not vary over the manual axes {sorted(_varying_axes(y0))}, so "
+            "JAX refuses the loop. Pass `check_vma=False` to `jax.shard_map` (each "
+            "shard then controls its own step sizes), or shard with `jax.jit` and "
+            "`NamedSharding` inputs instead (one step-size control for the batch)."
+        )
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+        return _diffeqsolve_auto(y0, field, r0, r1, args, **kwargs)
+    dynamic, static = eqx.partition((y0, field, r0, r1, args), eqx.is_array)
+    specs = jtu.tree_map(lambda v: jax.typeof(v).sharding.spec, y0)
+    run = lambda d: _diffeqsolve_auto(*eqx.combine(d, static), **kwargs)
+    return jax.sharding.auto_axes(run, out_sharding=(specs, P()))(dynamic)
+
+
+def _varying_axes(tree) -> set:
+    """The manual mesh axes (inside `shard_map`) any leaf of `tree` varies over."""
+    axes = set()
+    for v in jtu.tree_leaves(tree):
+        aval = jax.typeof(v)
+        manual = getattr(aval, "manual_axis_type", None)
+        axes |= set(getattr(manual, "varying", None) or getattr(aval, "vma", ()) or ())
+    return axes
+
+
+def _diffeqsolve_auto(y0, field, r0, r1, args, *, solver, controller, max_steps,
+                      direct):
     sol = diffrax.diffeqsolve(
         diffrax.ODETerm(field),
         solver,
@@ -320,7 +389,7 @@ def _diffeqsolve(y0, field, r0, r1, args, *, solver, controller, max_steps, dire
         stepsize_controller=controller,
         max_steps=max_steps,
         throw=False,
-        adjoint=diffrax.DirectAdjoint() if direct else diffrax.RecursiveCheckpointAdjoint(),
+        adjoint=diffrax.DirectAdjoint() if direct else _UNDIFFERENTIATED,
     )
     ys = jtu.tree_map(lambda v: v[0], sol.ys)
     return ys, sol.result == diffrax.RESULTS.successful
@@ -401,7 +470,12 @@ def _adjoint_dpm_backward(
             solver=adjoint.solver, controller=controller, max_steps=adjoint.max_steps,
         )
         nan = ~finite_in | (out[-1] > 0)
-        out = eqx.error_if(out, ~ok & ~nan, msg)
+        # The check rides on a scalar added to the result: `eqx.error_if` on the
+        # state itself would route the whole (sharded) state through the branch
+        # holding its host callback, which XLA places on one device (a full
+        # gather per interval under sharding).
+        flag = eqx.error_if(jnp.zeros((), out[-1].dtype), ~ok & ~nan, msg)
+        out = jtu.tree_map(lambda v: v + flag.astype(v.dtype), out)
         return jtu.tree_map(lambda v: jnp.where(nan, jnp.nan, v), out[:-1])
 
     to = lambda tree: jtu.tree_map(lambda v: v.astype(dtype), tree)

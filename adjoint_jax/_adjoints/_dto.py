@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from .._misc import index_tree
 from .._samplers._base import AbstractSampler
 from ._base import FORWARD_MODE_HINT, AbstractAdjoint, Solve
+from ._binomial import checkpointed_loop
 
 
 class DTO(AbstractAdjoint):
@@ -63,6 +64,9 @@ class DTO(AbstractAdjoint):
         )
 
     def loop(self, solve: Solve, theta, x_T, cond, noise):
+        if isinstance(self.checkpoints, int):
+            # The model's closed-over arrays become inputs of the custom VJP.
+            solve, theta = solve.closure_converted(theta, x_T, cond)
         x0 = solve.sampler.output(self.run(solve, theta, x_T, cond, noise))
         return refuse_second_order(self.forward_mode_error(), x0)
 
@@ -77,30 +81,25 @@ class DTO(AbstractAdjoint):
                 state0=state0, step=step,
             )
             return state
+        # Binomial checkpointing (`_binomial.py`): a custom VJP, so every array the
+        # steps read must be an argument (`loop` closure-converts the model; `step`
+        # is `solve.step` or an `eqx.Module`, never a closure over traced values).
         step = solve.step if step is None else step
-        n = solve.num_steps
-        ts = solve.ts
-        first = jnp.array(solve.first_index, jnp.int32)
-
-        def body(carry):
-            i, state = carry
-            z = solve.cond_at(cond, i) if solve.scheduled else None
-            xi = None if noise is None else index_tree(noise, i)
-            xs = (ts[i], ts[i + 1], first + i, z, xi)
-            return i + 1, step(theta, cond, state, xs)
-
         if state0 is None:
-            state0 = solve.sampler.init(x_T, solve.schedule, ts)
-        init = (jnp.array(0, jnp.int32), state0)
-        _, state = eqxi.while_loop(
-            lambda carry: carry[0] < n,
-            body,
-            init,
-            max_steps=n,
-            kind="checkpointed",
-            checkpoints=min(self.checkpoints, n),
-        )
-        return state
+            state0 = solve.sampler.init(x_T, solve.schedule, ts=solve.ts)
+        args = (step, solve, theta, cond, noise)
+        return checkpointed_loop(_body, args, state0, solve.num_steps,
+                                 min(self.checkpoints, solve.num_steps))
+
+
+def _body(args, state, i):
+    """Step i of the sampler (`step` is `solve.step` or a strategy's gated step)."""
+    step, solve, theta, cond, noise = args
+    z = solve.cond_at(cond, i) if solve.scheduled else None
+    xi = None if noise is None else index_tree(noise, i)
+    index = jnp.array(solve.first_index, jnp.int32) + i
+    xs = (solve.ts[i], solve.ts[i + 1], index, z, xi)
+    return step(theta, cond, state, xs)
 
 
 # Identity whose backward pass refuses to be differentiated: binomial checkpointing's

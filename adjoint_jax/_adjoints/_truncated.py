@@ -179,16 +179,27 @@ class Truncated(AbstractAdjoint):
     # are constants at the steps i < cut (its predictions then are), the steps'
     # linear part stays differentiable.
     def _gated_step(self, solve: Solve, cut):
-        def step(theta, cond, state, xs, may_be_first=True):
-            i = xs[2]
-            if self.detach == "state":
-                here = (i == cut) & (cut > 0)
-                state = _stop(state, here)
-                return solve.step(theta, cond, state, xs, may_be_first)
-            gated = dataclasses.replace(solve, model=_Gated(solve.model, i < cut))
-            return gated.step(theta, cond, state, xs, may_be_first)
+        return _GatedStep(solve, cut, self.detach)
 
-        return step
+
+class _GatedStep(eqx.Module):
+    """`solve.step` with step i < cut detached (see `Truncated._gated_step`). A
+    module, not a closure: `aj.DTO(checkpoints=k)` passes it through a custom VJP,
+    which must see its arrays (the solve's, a drawn `cut`) as inputs."""
+
+    solve: Solve
+    cut: int | Array
+    detach: str = eqx.field(static=True)
+
+    def __call__(self, theta, cond, state, xs, may_be_first=True):
+        solve, cut = self.solve, self.cut
+        i = xs[2]
+        if self.detach == "state":
+            here = (i == cut) & (cut > 0)
+            state = _stop(state, here)
+            return solve.step(theta, cond, state, xs, may_be_first)
+        gated = dataclasses.replace(solve, model=_Gated(solve.model, i < cut))
+        return gated.step(theta, cond, state, xs, may_be_first)
 
 
 def _stop(tree: PyTree, flag) -> PyTree:

@@ -12,6 +12,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array
 
 from .._schedule import AbstractSchedule, VPLinear
@@ -83,6 +84,18 @@ class GaussianProblem(eqx.Module):
         return {"x_T": w * jac, "mu": w * (a_e - jac * a_T)}
 
 
+def _broadcast_rows(a, x, k: int):
+    """`a` (trailing size k) broadcast to x's leading axes. Under explicit mesh axes
+    (`jax.sharding.AxisType.Explicit`) it takes x's sharding of those axes, so that
+    concatenating it with x is well defined; otherwise it is a plain broadcast."""
+    shape = x.shape[:-1] + (k,)
+    sharding = jax.typeof(x).sharding
+    if not sharding.mesh.explicit_axes:
+        return jnp.broadcast_to(a, shape)
+    spec = tuple(sharding.spec) + (None,) * (x.ndim - len(sharding.spec))
+    return jnp.broadcast_to(a, shape, out_sharding=P(*spec[:-1], None))
+
+
 class MLPProblem(eqx.Module):
     """A random-weight MLP ε-network, nonlinear in every input and batch-aware (x of
     shape `(..., dim)`):
@@ -125,8 +138,8 @@ class MLPProblem(eqx.Module):
         emb = jnp.stack([jnp.sin(t), jnp.cos(t), jnp.sin(3.0 * t), jnp.cos(3.0 * t)])
         lead = x.shape[:-1]
         z = jnp.zeros((self.cond_dim,), x.dtype) if cond is None else cond
-        z = jnp.broadcast_to(z, lead + (self.cond_dim,))
-        emb = jnp.broadcast_to(emb.astype(x.dtype), lead + (4,))
+        z = _broadcast_rows(z, x, self.cond_dim)
+        emb = _broadcast_rows(emb.astype(x.dtype), x, 4)
         h = jnp.concatenate([x, z, emb], axis=-1)
         bias = lambda b: b.reshape((1,) * len(lead) + b.shape)
         h = jnp.tanh(h @ params["w1"] + bias(params["b1"]))
