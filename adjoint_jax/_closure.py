@@ -109,3 +109,4 @@ def closure_convert(fn: Callable, *args) -> Direct | ClosureConverted:
         out_treedef=out_treedef,
         out_static=out_static,
     )
+

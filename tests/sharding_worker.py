@@ -136,7 +136,35 @@ def transforms(pb, ts, x_T, cond):
         row["explicit"] = rel(res, ref)
         row["explicit_keeps_sharding"] = res[1].sharding.is_equivalent_to(rows, 2)
         out[name(pair)] = row
+    out["AdjointDPM closure under explicit axes"] = _adjoint_dpm_closure(pb, ts, x_T, cond)
     return out
+
+
+def _adjoint_dpm_closure(pb, ts, x_T, cond):
+    """AdjointDPM under explicit axes with a model closing over a traced weight: the
+    error, and the fix it suggests (the weight through `params`) against one device."""
+    m = mesh((8,), ("data",), explicit=True)
+    xs = jax.device_put(x_T, NamedSharding(m, P("data")))
+    kw = dict(schedule=pb.schedule, ts=ts, sampler=aj.DPMSolver2(), adjoint=aj.AdjointDPM())
+
+    def closing(p, x, w):
+        model = lambda p, x, t, c: w * pb.model(p, x, t, c)  # noqa: E731
+        return jnp.sum(jnp.sin(aj.sample(model, p, x, cond, **kw)))
+
+    def through_params(p, x):
+        model = lambda p, x, t, c: p[0] * pb.model(p[1], x, t, c)  # noqa: E731
+        return jnp.sum(jnp.sin(aj.sample(model, p, x, cond, **kw)))
+
+    w = jnp.asarray(1.5)
+    with jax.set_mesh(m):
+        try:
+            jax.jit(jax.grad(closing, argnums=(1, 2)))(pb.params, xs, w)
+            error = ""
+        except ValueError as e:
+            error = str(e)
+        got = jax.jit(jax.grad(through_params, argnums=(0, 1)))((w, pb.params), xs)
+    ref = jax.jit(jax.grad(through_params, argnums=(0, 1)))((w, pb.params), x_T)
+    return {"error": error, "fix": rel(got, ref)}
 
 
 def meshes(pb, ts, x_T, cond):

@@ -33,6 +33,9 @@ def _run(mode):
 
 def test_pmap_shard_map_and_explicit_axes_equal_one_device():
     result = _run("transforms")
+    closure = result.pop("AdjointDPM closure under explicit axes")
+    assert "AdjointDPM" in closure["error"] and "params" in closure["error"], closure
+    assert closure["fix"] < TOL, closure
     assert len(result) == 10
     for name, row in result.items():
         assert row["pmap"] < TOL, (name, row)

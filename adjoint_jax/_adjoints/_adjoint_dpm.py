@@ -11,6 +11,7 @@ import jax.tree_util as jtu
 import optimistix as optx
 from jax.sharding import PartitionSpec as P
 
+from .._closure import ClosureConverted
 from .._misc import (
     acc_zeros,
     accumulator_dtype,
@@ -360,6 +361,15 @@ def _diffeqsolve(y0, field, r0, r1, args, **kwargs):
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty or not mesh.explicit_axes:
         return _diffeqsolve_auto(y0, field, r0, r1, args, **kwargs)
+    if isinstance(field.solve.model.static, ClosureConverted):
+        raise ValueError(
+            "`adjoint=aj.AdjointDPM(...)` under explicit mesh axes cannot call a "
+            "model that closes over arrays: its backward solve runs with the axes "
+            "auto (`jax.sharding.auto_axes`), and the model's traced form holds the "
+            "explicit shardings. Pass those arrays to the model through `params` "
+            "(or `cond`), or use auto mesh axes "
+            "(`jax.make_mesh(..., axis_types=(jax.sharding.AxisType.Auto,) * n)`)."
+        )
     dynamic, static = eqx.partition((y0, field, r0, r1, args), eqx.is_array)
     specs = jtu.tree_map(lambda v: jax.typeof(v).sharding.spec, y0)
     run = lambda d: _diffeqsolve_auto(*eqx.combine(d, static), **kwargs)
