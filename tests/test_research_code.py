@@ -23,12 +23,12 @@ X_T = jax.random.normal(jax.random.key(4), (2, 2))
 COND = jnp.array([0.3, -0.5])
 TS = aj.time_grid(PB.schedule, 3, t_end=1e-3)
 
-# One strategy of every class (the engine's custom VJP, DTO, truncation).
+# One strategy of every way the model reaches a loop: DTO's own, the engine's custom
+# VJP (continuous, interpolated, reversible), truncation, AdjointDPM's diffrax solve.
+# (DTO(checkpoints="steps") and RecordedAdjoint take DTO's and AdjointDEIS' paths.)
 STRATEGIES = [
     aj.DTO(),
-    aj.DTO(checkpoints="steps"),
     aj.AdjointDEIS(),
-    aj.RecordedAdjoint(),
     aj.InterpolatedAdjoint(every=2),
     aj.ReversibleAdjoint(),
     aj.Truncated(last=1),
