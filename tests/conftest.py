@@ -76,3 +76,14 @@ def _release_compiled_code():
     yield
     if _MAP_LIMIT is not None and _memory_maps() > _MAP_LIMIT // 2:
         jax.clear_caches()
+
+
+# The longest tests (subprocesses with simulated devices, the examples, the scale
+# benchmark) start first: pytest-xdist hands out tests in collection order, and one of
+# them arriving last would leave the other worker idle at the end of the run.
+_LONG_FIRST = ("test_sharding.py", "test_sharded_finetune.py", "test_multiprocess.py",
+               "test_scale.py", "test_examples.py")
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: item.fspath.basename not in _LONG_FIRST)
