@@ -33,7 +33,11 @@ class DTO(AbstractAdjoint):
     | `k` (int) | k states (binomial "treeverse" checkpointing): O(k·|x|) + A | O(N log N) steps |
 
     `checkpoints=k` is what diffrax's `RecursiveCheckpointAdjoint` does for general
-    ODEs (it uses `equinox.internal.while_loop(kind="checkpointed")`, as here).
+    ODEs. Here N is known when tracing, so the recomputation schedule is Griewank's
+    optimal one, computed once in Python (`_binomial.py`): exactly
+    F(N, k) = r·N − C(k + r, k + 1) recomputed steps (r the smallest with
+    C(k + r, k) ≥ N), and the stored states keep the state's sharding under
+    `jax.sharding`, `shard_map` and `pmap`.
 
     **Accuracy:** exact (round-off only) for the discrete sampler; relative to the
     continuous-time gradient its error is that of the sampler, O(h^order).
