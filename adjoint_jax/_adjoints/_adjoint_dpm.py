@@ -331,17 +331,14 @@ class _PlainLoop(diffrax.RecursiveCheckpointAdjoint):
         )
 
 
-def _undifferentiated_adjoint():
-    # diffrax's loop helpers are private; without them (another diffrax version) its
-    # public checkpointed adjoint does the same work (not under sharding).
-    if hasattr(diffrax._adjoint, "_inner_loop") and hasattr(diffrax._adjoint, "_outer_loop"):
-        return _PlainLoop()
-    return diffrax.RecursiveCheckpointAdjoint()
-
-
+# diffrax's loop helpers are private; without them (another diffrax version) its
+# public checkpointed adjoint does the same work (not under sharding).
 _DIFFRAX_INNER = getattr(diffrax._adjoint, "_inner_loop", None)
 _DIFFRAX_OUTER = getattr(diffrax._adjoint, "_outer_loop", None)
-_UNDIFFERENTIATED = _undifferentiated_adjoint()
+_UNDIFFERENTIATED = (
+    _PlainLoop() if _DIFFRAX_INNER and _DIFFRAX_OUTER
+    else diffrax.RecursiveCheckpointAdjoint()
+)
 
 
 def _diffeqsolve(y0, field, r0, r1, args, **kwargs):
@@ -349,11 +346,12 @@ def _diffeqsolve(y0, field, r0, r1, args, **kwargs):
     auto (`jax.sharding.auto_axes`): diffrax allocates loop buffers with `jnp.zeros`,
     replicated in the type system, which a sharded state cannot be written into; the
     results get y0's shardings back."""
-    if _varying_axes(y0):
+    varying = _varying_axes(y0)
+    if varying:
         raise TypeError(
             "`adjoint=aj.AdjointDPM(...)` cannot run inside `jax.shard_map` with its "
             f"varying-axes check: its backward solve (diffrax) allocates loop buffers "
-            f"that do not vary over the manual axes {sorted(_varying_axes(y0))}, so "
+            f"that do not vary over the manual axes {sorted(varying)}, so "
             "JAX refuses the loop. Pass `check_vma=False` to `jax.shard_map` (each "
             "shard then controls its own step sizes), or shard with `jax.jit` and "
             "`NamedSharding` inputs instead (one step-size control for the batch)."
@@ -480,12 +478,13 @@ def _adjoint_dpm_backward(
             solver=adjoint.solver, controller=controller, max_steps=adjoint.max_steps,
         )
         nan = ~finite_in | (out[-1] > 0)
-        # The check rides on a scalar added to the result: `eqx.error_if` on the
-        # state itself would route the whole (sharded) state through the branch
-        # holding its host callback, which XLA places on one device (a full
-        # gather per interval under sharding).
+        # The check rides on a scalar that joins `nan`: `eqx.error_if` on the state
+        # itself would route the whole (sharded) state through the branch holding
+        # its host callback, which XLA places on one device (a full gather per
+        # interval under sharding). (With EQX_ON_ERROR=nan the flag is NaN, so the
+        # result is NaN, as before.)
         flag = eqx.error_if(jnp.zeros((), out[-1].dtype), ~ok & ~nan, msg)
-        out = jtu.tree_map(lambda v: v + flag.astype(v.dtype), out)
+        nan = nan | (flag != 0)
         return jtu.tree_map(lambda v: jnp.where(nan, jnp.nan, v), out[:-1])
 
     to = lambda tree: jtu.tree_map(lambda v: v.astype(dtype), tree)

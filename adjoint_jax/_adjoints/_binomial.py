@@ -90,17 +90,21 @@ def _advance(body, args, state, start, stop):
     return jax.lax.fori_loop(start, stop, lambda i, s: body(args, s, i), state)
 
 
-@eqx.filter_custom_vjp
-def _loop(inputs, body, n, k):
+def _all_steps(inputs, body, n):
     args, state0 = inputs
     return _advance(body, args, state0, jnp.int32(0), jnp.int32(n))
 
 
+@eqx.filter_custom_vjp
+def _loop(inputs, body, n, k):
+    return _all_steps(inputs, body, n)
+
+
 @_loop.def_fwd
 def _loop_fwd(perturbed, inputs, body, n, k):
+    # Nothing kept: the backward pass restarts from the inputs.
     del perturbed
-    args, state0 = inputs
-    return _advance(body, args, state0, jnp.int32(0), jnp.int32(n)), None
+    return _all_steps(inputs, body, n), None
 
 
 def _zeros_or_none(tree):
