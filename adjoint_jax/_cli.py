@@ -192,6 +192,7 @@ def _compare(args, parser) -> int:
     )
 
     from .bench import _compare as cmp
+    from .bench import _pairs, _problem
     from .bench import _report as rep
     from .bench._registry import parse
 
@@ -220,9 +221,9 @@ def _compare(args, parser) -> int:
         fail("--all measures every strategy; give it without --samplers/--adjoints")
     try:
         if strict or args.all:
-            pairs = cmp.valid_pairs(samplers, adjoints, strict=strict)
+            pairs = _pairs.valid_pairs(samplers, adjoints, strict=strict)
         else:
-            pairs = cmp.overview_pairs()
+            pairs = _pairs.overview_pairs()
     except ValueError as e:
         fail(str(e))
 
@@ -233,7 +234,7 @@ def _compare(args, parser) -> int:
         "mlp": (16, 64, "float32"),
         "digits": (None, 8, "float32"),
     }[args.problem]
-    problem = cmp.make_problem(
+    problem = _problem.make_problem(
         args.problem,
         dim=args.dim or defaults[0],
         batch=args.batch or defaults[1],

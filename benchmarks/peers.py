@@ -124,11 +124,8 @@ import numpy as np  # noqa: E402
 import adjoint_jax as aj  # noqa: E402
 from adjoint_jax._convs import canonical_convs  # noqa: E402
 from adjoint_jax.bench import EvalCount, compare, make_problem  # noqa: E402
-from adjoint_jax.bench._compare import (  # noqa: E402
-    _nonlinear_loss,
-    _weights,
-    errors,
-)
+from adjoint_jax.bench._compare import errors  # noqa: E402
+from adjoint_jax.bench._problem import _nonlinear_loss, _weights  # noqa: E402
 from adjoint_jax.bench._count import counting_model  # noqa: E402
 from adjoint_jax.bench._report import pareto_front  # noqa: E402
 
@@ -525,7 +522,7 @@ def _torch_digits_eps(problem, cond, torch):
 
 
 def torch_loss(x0, torch):
-    """The torch side's loss: `_nonlinear_loss` of `adjoint_jax.bench._compare`
+    """The torch side's loss: `_nonlinear_loss` of `adjoint_jax.bench._problem`
     ((Σ w·sin(x0) + ½ Σ x0²) / scale, w of length 8 over the last axis)."""
     w = torch.tensor(np.asarray([1.0, -2.0, 0.5, 1.5, -1.0, 0.75, -0.5, 2.0]))
     w = w[torch.arange(x0.shape[-1]) % 8]

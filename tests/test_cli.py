@@ -19,8 +19,8 @@ from rich.console import Console
 import adjoint_jax as aj
 from adjoint_jax._cli import main
 from adjoint_jax.bench import GaussianProblem, make_problem
-from adjoint_jax.bench._compare import add_slopes, is_asymptotic, local_slopes
-from adjoint_jax.bench._report import TABLE_WIDTH, print_table
+from adjoint_jax.bench._orders import add_slopes, is_asymptotic, local_slopes
+from adjoint_jax.bench._report import ADJOINT_WIDTH, TABLE_WIDTH, print_table
 
 from .helpers import rel_err
 
@@ -207,6 +207,34 @@ def test_pre_asymptotic_orders_are_flagged_with_a_working_suggestion():
     assert "pre-asymptotic" in text and "--steps 40 80 160" in text
 
 
+def test_table_never_cuts_a_name():
+    # The longest names the main job prints (and longer): each appears whole, across
+    # the lines of its cell, and nothing is cut with an ellipsis at TABLE_WIDTH.
+    sampler = "McCallumFoster(DPMSolverPP(order=3, third_order='taylor'), coupling=0.999)"
+    adjoints = ["InterpolatedAdjoint(order=2)", "DTO(checkpoints='steps')",
+                "RecordedAdjoint(order=2, interpolation='hermite')"]
+    records = [
+        dict(problem="p", sampler=sampler, adjoint=a, steps=n, wrt="xT",
+             rel_error=1.0 / n, cosine=0.9, rel_error_discrete=1.0 / n,
+             cosine_discrete=0.9, slope=1.0, slope_discrete=1.0, asymptotic=True,
+             nfe_forward=n, nfe_backward=n, vjp_backward=n, grad_time_s=1e-3,
+             sample_time_s=5e-4, ratio=2.0, temp_bytes=1024, compile_time_s=0.1,
+             dtype="float64", batch=1)
+        for a in adjoints for n in (10, 20)
+    ]
+    buf = io.StringIO()
+    print_table(records, Console(file=buf, width=TABLE_WIDTH))
+    text = buf.getvalue()
+    assert "…" not in text and "..." not in text
+    assert max(len(line) for line in text.splitlines()) <= TABLE_WIDTH
+    squeeze = lambda t: "".join(t.split())  # noqa: E731
+    assert squeeze(sampler) in squeeze(text)  # the title wraps, whole
+    # The adjoint column's cells, rejoined across the lines of each wrapped cell.
+    column = squeeze("".join(ln[: ADJOINT_WIDTH + 2] for ln in text.splitlines()))
+    for name in adjoints:
+        assert squeeze(name) in column, (name, text)
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
@@ -248,7 +276,7 @@ def test_console_script_and_module_entry_point():
 
 
 def test_overview_set_is_valid_and_has_every_family():
-    from adjoint_jax.bench._compare import overview_pairs
+    from adjoint_jax.bench._pairs import overview_pairs
     from adjoint_jax.bench._report import family
 
     pairs = overview_pairs()
