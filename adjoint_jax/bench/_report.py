@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import textwrap
 from collections.abc import Sequence
 
 from ._compare import FIELDS
@@ -50,10 +51,6 @@ def _bytes(b):
     return f"{b} B"
 
 
-def _short(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
 def _order(r):
     """The fitted order of a record's series: against the truth, else (no truth, e.g.
     SDE samplers) against DTO."""
@@ -64,60 +61,37 @@ def _order(r):
 # The terminal table's width: it fits this many columns whatever the terminal
 # (every field is in results.csv).
 TABLE_WIDTH = 100
+# The adjoint column's width; a longer name continues on the next line of its cell.
+ADJOINT_WIDTH = 28
 
 
-def print_table(records: Sequence[dict], console=None) -> None:
-    """Prints one table per sampler, one row per (adjoint, N, input), in at most
-    `TABLE_WIDTH` columns: errors against the truth and against DTO, cosine, model
-    evaluations, R, XLA temporary memory, and the fitted order, flagged where the
-    errors are pre-asymptotic. Every other field is in `results.csv`."""
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    console = console or Console(width=TABLE_WIDTH)
-    if not records:
-        console.print("no records")
-        return
+def _layout(records: Sequence[dict]) -> tuple[str, list, list, bool]:
+    """What both tables show: (the heading, the notes, [(sampler, columns, rows)],
+    whether an order is flagged); a row's adjoint cell is empty below its first N."""
     r0 = records[0]
     wrts = list(dict.fromkeys(r["wrt"] for r in records))
     several = len(wrts) > 1
     truth = any(
         r["rel_error"] is not None and math.isfinite(r["rel_error"]) for r in records
     )
-    console.print(
-        f"[bold]adjoint-jax compare: {r0['problem']}[/bold] ({r0['dtype']}, batch "
-        f"{r0['batch']}"
-        + ("" if several else f", d loss / d {wrts[0]}")
-        + ")"
+    heading = (
+        f"adjoint-jax compare: {r0['problem']} ({r0['dtype']}, batch {r0['batch']}"
+        + ("" if several else f", d loss / d {wrts[0]}") + ")"
     )
-    flagged = False
+    cols = ["adjoint", "N"] + (["wrt"] if several else [])
+    cols += (["err", "cos"] if truth else []) + ["err/DTO"]
+    cols += ["NFE f+b", "R", "temp", "order"]
+    flagged, tables = False, []
     for sampler in dict.fromkeys(r["sampler"] for r in records):
-        table = Table(
-            title=_short(sampler, TABLE_WIDTH - 4),
-            title_justify="left",
-            box=box.SIMPLE_HEAD,
-            pad_edge=False,
-        )
-        cols = ["adjoint", "N"] + (["wrt"] if several else [])
-        cols += (["err", "cos"] if truth else []) + ["err/DTO"]
-        cols += ["NFE f+b", "R", "temp", "order"]
-        for name in cols:
-            left = name in ("adjoint", "wrt")
-            table.add_column(name, justify="left" if left else "right", no_wrap=True)
-        last = None
-        for r in records:
-            if r["sampler"] != sampler:
-                continue
+        rows, last = [], None
+        for r in (r for r in records if r["sampler"] == sampler):
             first = r["adjoint"] != last
-            if last is not None and first:
-                table.add_section()
             last = r["adjoint"]
             order = "" if not (first or several) else _fmt(_order(r), ".2f")
             if order not in ("", "–") and not r.get("asymptotic", True):
                 order += "*"
                 flagged = True
-            row = [_short(r["adjoint"], 26) if first else "", str(r["steps"])]
+            row = [r["adjoint"] if first else "", str(r["steps"])]
             row += [r["wrt"]] if several else []
             if truth:
                 row += [_fmt(r["rel_error"], ".1e"), _fmt(r["cosine"], ".4f")]
@@ -128,8 +102,12 @@ def print_table(records: Sequence[dict], console=None) -> None:
                 _bytes(r["temp_bytes"]),
                 order,
             ]
-            table.add_row(*row)
-        console.print(table)
+            rows.append(row)
+        tables.append((sampler, cols, rows))
+    return heading, _notes(records, truth, flagged), tables, flagged
+
+
+def _notes(records, truth, flagged) -> list[str]:
     notes = [
         ("err, cos: relative L2 error and cosine of the gradient against the "
          "continuous-time truth; " if truth else "")
@@ -141,7 +119,7 @@ def print_table(records: Sequence[dict], console=None) -> None:
         "results.csv."
     ]
     if flagged:
-        from ._compare import SLOPE_SPREAD
+        from ._orders import SLOPE_SPREAD
 
         ns = sorted({r["steps"] for r in records})
         notes.append(
@@ -151,8 +129,61 @@ def print_table(records: Sequence[dict], console=None) -> None:
             + " ".join(str(4 * n) for n in ns[-3:])
             + "."
         )
+    return notes
+
+
+def print_table(records: Sequence[dict], console=None) -> None:
+    """Prints one table per sampler, one row per (adjoint, N, input), in at most
+    `TABLE_WIDTH` columns: errors against the truth and against DTO, cosine, model
+    evaluations, R, XLA temporary memory, and the fitted order, flagged where the
+    errors are pre-asymptotic. No name is cut: a long adjoint wraps inside its cell.
+    Every other field is in `results.csv`."""
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console(width=TABLE_WIDTH)
+    if not records:
+        console.print("no records")
+        return
+    heading, notes, tables, _ = _layout(records)
+    console.print(f"[bold]{heading}[/bold]")
+    for sampler, cols, rows in tables:
+        table = Table(
+            title=sampler, title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False
+        )
+        for name in cols:
+            if name == "adjoint":  # a long name wraps inside its cell, never cut
+                table.add_column(name, max_width=ADJOINT_WIDTH, overflow="fold")
+                continue
+            left = name == "wrt"
+            table.add_column(name, justify="left" if left else "right", no_wrap=True)
+        for k, row in enumerate(rows):
+            if k and row[0]:
+                table.add_section()
+            table.add_row(*row)
+        console.print(table)
     for note in notes:
         console.print(note, style="dim")
+
+
+def markdown_tables(records: Sequence[dict]) -> str:
+    """The tables of `print_table` as markdown (one per sampler, the same columns and
+    notes), for the documentation site's results pages."""
+    if not records:
+        return "No records.\n"
+    heading, notes, tables, _ = _layout(records)
+    lines = [f"**{heading}**", ""]
+    for sampler, cols, rows in tables:
+        lines += [f"### `{sampler}`", "", "| " + " | ".join(cols) + " |",
+                  "|" + "".join(" --- |" if c in ("adjoint", "wrt") else " ---: |"
+                                for c in cols)]
+        for row in rows:
+            cells = [f"`{row[0]}`" if row[0] else ""] + row[1:]
+            lines.append("| " + " | ".join(c.replace("*", "\\*") for c in cells) + " |")
+        lines.append("")
+    lines += [n.replace("*", "\\*", 1) if n.startswith("*") else n for n in notes]
+    return "\n".join(lines) + "\n"
 
 
 # ---- figures ----------------------------------------------------------------------
@@ -253,14 +284,14 @@ def plot_figures(records: Sequence[dict], out_dir: str, prefix: str = "") -> lis
                 out.setdefault((r["sampler"], r["adjoint"]), []).append(r)
         return out
 
-    def label(sampler, adjoint):
-        return _short(sampler, 30) + " + " + _short(adjoint, 26)
+    def label(sampler, adjoint):  # wrapped, never cut
+        return textwrap.fill(f"{sampler} + {adjoint}", 48, subsequent_indent="  ")
 
     def grid(title):
         fig, axes = plt.subplots(
             len(wrts),
             len(fams),
-            figsize=(4.6 * len(fams), 4.4 * len(wrts)),
+            figsize=(5.0 * len(fams), 5.6 * len(wrts)),
             squeeze=False,
         )
         fig.suptitle(f"{title} — {problem}", fontsize=11)
@@ -290,12 +321,17 @@ def plot_figures(records: Sequence[dict], out_dir: str, prefix: str = "") -> lis
             ax.xaxis.set_minor_formatter(NullFormatter())
         if cap and ys and max(ys) > 10.0:
             ax.set_ylim(bottom=min(ys) / 3, top=10.0)  # blow-ups (> 10) off the chart
+        elif ys and max(ys) / min(ys) < 10:  # a flat series must look flat: a decade
+            mid = math.sqrt(max(ys) * min(ys))
+            ax.set_ylim(mid / 10**0.5, mid * 10**0.5)
         ax.legend(
-            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.27), frameon=False
+            fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False
         )
 
     def save(fig, name):
-        fig.tight_layout()
+        # (No tight_layout: it would shrink the axes to make room for the legends,
+        # which sit below each panel and are kept by bbox_inches="tight".)
+        fig.subplots_adjust(wspace=0.35, hspace=1.1)
         path = os.path.join(out_dir, prefix + name)
         fig.savefig(path, dpi=120, bbox_inches="tight")
         plt.close(fig)
