@@ -58,7 +58,8 @@ def memoryless_diffusion(schedule: AbstractSchedule, t: ArrayLike) -> Array:
     """g(t) = σ_t √(−2 dλ/dt): the diffusion coefficient of the reverse SDE that is
     the exact time reversal of the noising process (the "memoryless" noise
     schedule of Adjoint Matching; `aj.DDIM(eta=1)` is its discretisation). For
-    `aj.VPLinear()` it is √β(t). See this module's docstring for the derivation.
+    `aj.VPLinear()` it is √β(t). The derivation is in the module docstring of
+    `adjoint_jax/_adjoint_matching.py`.
     """
     t = jnp.asarray(t)
     _, dlam = jax.jvp(schedule.lam, (t,), (jnp.ones_like(t),))
@@ -193,8 +194,9 @@ def adjoint_matching_loss(
         loss = (1/K) Σ_{i∈S} w_i ‖ε_θ(x_{t_i}, t_i) − ε_base(x_{t_i}, t_i) − σ_{t_i} ã_i‖²,
 
     the norm summed over every element (batch included). Its minimiser is
-    ε_θ = ε_base + σ_t E[ã_t | x_t], the optimal control (see the module docstring);
-    positive weights w_i do not move a minimiser the model can represent.
+    ε_θ = ε_base + σ_t E[ã_t | x_t], the optimal control (see the module docstring
+    of `adjoint_jax/_adjoint_matching.py`); positive weights w_i do not move a
+    minimiser the model can represent.
 
     **Arguments:** those of `aj.lean_adjoint` (`terminal_cost` = −r/λ summed over the
     batch), and:

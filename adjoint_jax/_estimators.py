@@ -38,14 +38,14 @@ def draft_lv(
     the generated sample, for a lower-variance DRaFT-1 gradient.
 
     With x_0 the sample (`aj.sample` with the same arguments, held constant) and
-    t' = ts[-2], re-noising j is x'_j = α_{t'} x_0 + σ_{t'} ξ_j and its output is
-    the sampler's last step from x'_j (a fresh one-step solve over (ts[-2], ts[-1])
-    with the last conditioning value). Returns the `num` outputs, stacked on a new
-    leading axis of every leaf of x_T; average your reward over them:
+    t' = ts[-2], re-noising j is `x'_j = α_{t'} x_0 + σ_{t'} ξ_j` and its output is
+    the sampler's last step from `x'_j` (a fresh one-step solve over
+    (ts[-2], ts[-1]) with the last conditioning value). Returns the `num` outputs,
+    stacked on a new leading axis of every leaf of x_T; average your reward over them:
     `-jnp.mean(jax.vmap(reward)(draft_lv(...)))`.
 
-    **The estimator:** ∇_θ (1/n) Σ_j r(S_{N−1}(α_{t'} x_0 + σ_{t'} ξ_j; θ, z)) with
-    x_0 constant: the gradient of the expected reward of the last step over the
+    **The estimator:** `∇_θ (1/n) Σ_j r(S_{N−1}(α_{t'} x_0 + σ_{t'} ξ_j; θ, z))`
+    with x_0 constant: the gradient of the expected reward of the last step over the
     forward marginal q(x_{t'} | x_0), instead of DRaFT-1's one trajectory state.
     **Bias:** DRaFT-1's (no derivative through the steps before the last, so
     ∂L/∂x_T = 0 and the earlier conditioning values and noises get none) plus the

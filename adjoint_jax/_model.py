@@ -110,6 +110,7 @@ def as_eps(model: Callable, schedule: AbstractSchedule, prediction: str) -> Call
     **Arguments:**
 
     - `model`: `model(params, x, t, cond)` returning, for `prediction=`
+
         - `"x0"`: the predicted clean sample x̂_0, so ε = (x − α_t x̂_0)/σ_t;
         - `"v"`: the velocity v = α_t ε − σ_t x_0 (Salimans & Ho), so
             ε = (α_t v + σ_t x)/(α_t² + σ_t²);
@@ -117,6 +118,7 @@ def as_eps(model: Callable, schedule: AbstractSchedule, prediction: str) -> Call
             ε = (α_t u − α'_t x)/(α_t σ'_t − α'_t σ_t) (α', σ' by forward-mode AD
             of the schedule);
         - `"eps"`: ε itself (returned unchanged).
+
     - `schedule`: the schedule the network was trained with.
     - `prediction`: one of `"eps"`, `"x0"`, `"v"`, `"flow"`.
 

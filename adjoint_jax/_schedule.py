@@ -193,13 +193,13 @@ class VPCosine(AbstractSchedule):
 class VPDiscrete(AbstractSchedule):
     """A DDPM schedule given by its discrete betas (as diffusers stores them).
 
-    With N betas, ᾱ_n = ∏_{m≤n} (1 − β_m) and the discrete step n (0-based, as in
-    diffusers' `timesteps`) sits at continuous time t_n = (n + 1)/N, where
+    With N betas, `ᾱ_n = ∏_{m≤n} (1 − β_m)` and the discrete step n (0-based, as
+    in diffusers' `timesteps`) sits at continuous time t_n = (n + 1)/N, where
     log α_{t_n} = ½ log ᾱ_n exactly, and t = 0 has ᾱ = 1 (σ = 0: diffusers'
     `set_alpha_to_one` final step). Between these knots log α is interpolated
     piecewise-linearly in t (DPM-Solver's convention), σ² = 1 − α². The model's
-    discrete timestep for a continuous t is `N t − 1` (`aj.discrete_timesteps` wraps
-    a model that wants it).
+    discrete timestep for a continuous t is `N t − 1` (`aj.discrete_timestep_model`
+    wraps a model that wants it).
 
     **Zero terminal SNR.** The last beta may be exactly 1 (diffusers'
     `rescale_betas_zero_snr`): then ᾱ = 0 at t = 1 (`alpha_zero_time = 1.0`, pure

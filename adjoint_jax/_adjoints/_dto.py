@@ -24,13 +24,13 @@ class DTO(AbstractAdjoint):
     that is too much.
 
     **Memory and time** in the number of steps N, for a model whose VJP stores
-    activations of size A per evaluation:
+    activations of size A per evaluation and a sampler state of size S:
 
     | `checkpoints` | stored | recomputation |
     | --- | --- | --- |
     | `None` | every activation: O(N·A) | none |
-    | `"steps"` | the sampler state at every step: O(N·|x|) + one step's A | one forward step per step |
-    | `k` (int) | k states (binomial "treeverse" checkpointing): O(k·|x|) + A | O(N log N) steps |
+    | `"steps"` | the sampler state at every step: O(N·S) + one step's A | one forward step per step |
+    | `k` (int) | k states (binomial "treeverse" checkpointing): O(k·S) + A | O(N log N) steps |
 
     `checkpoints=k` is what diffrax's `RecursiveCheckpointAdjoint` does for general
     ODEs. Here N is known when tracing, so the recomputation schedule is Griewank's

@@ -60,7 +60,8 @@ class DPMSolverSDE(AbstractSampler[tuple]):
     (σ̃ = σ/α = e^{−λ}): diffusers draws the noise of a step as the increment of one
     Brownian motion in σ̃ over it, normalised, so the second stage's noise is the sum
     of the two half-intervals' increments. Hence **`noise[i]` is the normalised
-    Brownian increment over grid interval i**, (W(σ̃_{i+1}) − W(σ̃_i))/√(σ̃_i − σ̃_{i+1})
+    Brownian increment over grid interval i**,
+    `(W(σ̃_{i+1}) − W(σ̃_i))/√(σ̃_i − σ̃_{i+1})`
     (diffusers' `BrownianTreeNoiseSampler(σ̃_i, σ̃_{i+1})`): one standard normal per
     step, independent across steps. A step to σ = 0 is the data prediction at its
     start (diffusers' last step, an Euler step to σ = 0; its noise is unused), and a

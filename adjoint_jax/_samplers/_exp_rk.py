@@ -113,6 +113,7 @@ class ExpRK(AbstractOneStepSampler):
         and accurate for small h). Defined for every tableau; Euler is DDIM.
         (Rex's default, `prediction_type="data"`, is the same construction in
         y = x/σ against e^{λ} with the data prediction: not implemented here.)
+
     - `"phi"`: an exponential Runge–Kutta method in λ (Hochbruck–Ostermann): in
         v = x/σ the ODE is v' = v − ε̂ with a constant linear part, solved exactly;
         the stages sit at λ_t + c_i h and the weights are φ-functions,
@@ -153,9 +154,10 @@ class ExpRK(AbstractOneStepSampler):
         dopri5   L 6.16 (8–32) / 6.72 (20–80)†
         tsit5    L 6.69 (8–32) / 7.79 (20–80)†
 
-    * the Gaussian's ODE cancels the midpoint rule's h³ local-error term (order 3
-    there). † faster than h⁵ all the way down to the reference's floor (1e-12): the
-    asymptotic regime is not reached in float64.
+    `*`: the Gaussian's ODE cancels the midpoint rule's h³ local-error term (order
+    3 there). `†`: faster than h⁵ all the way down to the reference's floor (1e-12):
+    the asymptotic regime is not reached in float64.
+
     **Cost:** `evals_per_step` = the stages of the solution: 1, 2, 2, 3, 3, 4, 6, 6
     (the FSAL stage of bosh3/dopri5/tsit5 is used only by the error estimate:
     `advance_with_error` costs one more, 4/7/7; there is no FSAL reuse across steps,

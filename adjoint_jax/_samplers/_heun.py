@@ -44,6 +44,7 @@ class Heun(AbstractSampler[PyTree]):
             x_s = (α_s/α_t) x_t − σ_s (e^h − 1) (ε̂(x_t, t) + ε̂(x̃_s, s))/2.
 
         This is diffusers' `HeunDiscreteScheduler` (any schedule, any σ-grid).
+
     - `"t"`: in the schedule's own state x and time t, dx/dt = α' x̂_0 + σ' ε̂:
 
             x̃_s = x_t + (s − t) f(x_t, t),

@@ -50,8 +50,9 @@ class McCallumFoster(AbstractReversibleSampler[tuple]):
         x_s = ψ_{t→s}(x̂_t) + λ (x_t − x̂_t),
         x̂_s = x̂_t + x_s − ψ_{s→t}(x_s),
 
-    i.e. x_s = λ x_t + (1 − λ) x̂_t + Φ_h(x̂_t) and x̂_s = x̂_t − Φ_{−h}(x_s) with
-    Φ_h = ψ_{t→s} − id, where ψ_{s→t} is the base step taken back towards the noise.
+    i.e. `x_s = λ x_t + (1 − λ) x̂_t + Φ_h(x̂_t)` and `x̂_s = x̂_t − Φ_{−h}(x_s)`
+    with `Φ_h = ψ_{t→s} − id`, where `ψ_{s→t}` is the base step taken back towards
+    the noise.
     The inverse is
 
         x̂_t = x̂_s − x_s + ψ_{s→t}(x_s),

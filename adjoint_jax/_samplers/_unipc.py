@@ -97,7 +97,7 @@ class UniPC(AbstractSampler[tuple]):
 
     with ρ̃ = B(h)/2 for p = 2 (diffusers' simplified UniP-2, which with "bh2" is
     DPM-Solver++(2M): ½ α_s (1 − e^{−h}) D) and, for p ≥ 3, the solution of
-    Σ_k ρ̃_k r_k^{j−1} = g_j (j = 1, ..., p − 1), g_j = j! z φ_{j+1}(z) — the
+    `Σ_k ρ̃_k r_k^{j−1} = g_j` (j = 1, ..., p − 1), `g_j = j! z φ_{j+1}(z)` — the
     Taylor matching conditions that make the step order p. (diffusers solves
     R ρ = b with b_j = g_j/B(h) and multiplies by B(h): the same ρ̃, so bh1 and
     bh2 differ only where ρ is the fixed ½.)

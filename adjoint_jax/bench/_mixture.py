@@ -74,6 +74,8 @@ class MixtureProblem(eqx.Module):
         return {"means": self.means, "stds": self.stds, "logits": self.logits}
 
     def model(self, params, x, t, cond):
+        """The exact ε-model above, `model(params, x, t, cond) -> ε`, for
+        `aj.sample`."""
         sch = self.schedule
         a, sg = sch.alpha(t).astype(x.dtype), sch.sigma(t).astype(x.dtype)
         m = params["means"] if cond is None else params["means"] + cond[None, :]

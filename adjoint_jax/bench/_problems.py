@@ -44,6 +44,9 @@ class GaussianProblem(eqx.Module):
 
     @staticmethod
     def make(dim: int = 4, schedule: AbstractSchedule | None = None, dtype=None):
+        """A deterministic problem in `dim` dimensions: standard deviations spread
+        over [0.2, 2] (avoiding 1), means μ_k = sin(1 + 2k); `schedule` defaults to
+        `aj.VPLinear()` and `dtype` to JAX's default float."""
         dtype = dtype or jnp.result_type(float)
         schedule = schedule or VPLinear()
         # Standard deviations spread over [0.2, 2], avoiding 1.
@@ -57,6 +60,8 @@ class GaussianProblem(eqx.Module):
         return {"mu": self.mu, "s": self.s}
 
     def model(self, params, x, t, cond):
+        """The exact ε-model above, `model(params, x, t, cond) -> ε`, for
+        `aj.sample`."""
         sch = self.schedule
         a, sg = sch.alpha(t).astype(x.dtype), sch.sigma(t).astype(x.dtype)
         m = params["mu"] if cond is None else params["mu"] + cond
@@ -122,6 +127,10 @@ class MLPProblem(eqx.Module):
         scale: float = 1.0,
         dtype=None,
     ):
+        """Random weights from `key`: a `width`-wide MLP of `dim` state, `cond_dim`
+        conditioning and 4 time features, its first two layers' weights scaled by
+        `scale`; `schedule` defaults to `aj.VPLinear()` and `dtype` to JAX's default
+        float."""
         dtype = dtype or jnp.result_type(float)
         k1, k2, k3 = jax.random.split(key, 3)
         fan_in = dim + cond_dim + 4
@@ -135,6 +144,8 @@ class MLPProblem(eqx.Module):
         return MLPProblem(schedule or VPLinear(), params, dim, cond_dim)
 
     def model(self, params, x, t, cond):
+        """The ε-network above, `model(params, x, t, cond) -> ε`, for `aj.sample`
+        (`cond=None`: zero conditioning)."""
         emb = jnp.stack([jnp.sin(t), jnp.cos(t), jnp.sin(3.0 * t), jnp.cos(3.0 * t)])
         lead = x.shape[:-1]
         z = jnp.zeros((self.cond_dim,), x.dtype) if cond is None else cond

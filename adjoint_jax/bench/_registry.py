@@ -44,7 +44,12 @@ def _build(node, namespace):
 def parse(text: str, kind: str):
     """Builds the sampler (`kind="sampler"`) or adjoint (`kind="adjoint"`) that `text`
     names. A bare class name needs no parentheses. Raises `ValueError` with a one-line
-    message naming the valid choices."""
+    message naming the valid choices.
+
+    `text` is the object's repr, as the `adjoint-jax compare` command line takes it
+    (`"DPMSolver2()"`, `"AdjointDEIS(order=2)"`, `"McCallumFoster(DPMSolver2(),
+    coupling=0.999)"`), the `aj.` prefix optional: calls of public `aj` classes with
+    literal arguments only; nothing is evaluated."""
     if kind not in ("sampler", "adjoint"):
         raise ValueError(f"kind must be 'sampler' or 'adjoint'; got {kind!r}")
     own = _public(aj.AbstractSampler if kind == "sampler" else aj.AbstractAdjoint)
