@@ -73,6 +73,13 @@ def test_digits_object(digits):
         digits.cond(jnp.array([10]))
     with pytest.raises(TypeError, match="integer"):
         digits.cond(jnp.array([1.0]))
+    # Concrete labels closed over inside jit: checked, not staged.
+    labels = jnp.arange(4)
+    np.testing.assert_array_equal(jax.jit(lambda: digits.cond(labels))(),
+                                  digits.cond(labels))
+    bad = labels + 7
+    with pytest.raises(ValueError, match="labels in"):
+        jax.jit(lambda: digits.cond(bad))()
 
 
 def test_classifier_on_real_digits(digits):

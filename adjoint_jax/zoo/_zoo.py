@@ -113,15 +113,14 @@ class Digits(eqx.Module):
             raise TypeError(
                 f"`cond(labels)` needs integer class labels; got dtype {labels.dtype}."
             )
-        if (
-            is_concrete(labels)
-            and labels.size
-            and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes)
-        ):
-            raise ValueError(
-                f"`cond(labels)` needs labels in [0, {self.num_classes}); got "
-                f"{int(labels.min())}..{int(labels.max())}."
-            )
+        if is_concrete(labels) and labels.size:
+            # (In NumPy: a concrete array closed over inside `jit` stages jnp ops.)
+            lo, hi = int(np.min(np.asarray(labels))), int(np.max(np.asarray(labels)))
+            if lo < 0 or hi >= self.num_classes:
+                raise ValueError(
+                    f"`cond(labels)` needs labels in [0, {self.num_classes}); got "
+                    f"{lo}..{hi}."
+                )
         return self.cond_table[labels]
 
     def cond_null(self, shape: tuple[int, ...] = ()) -> Array:
