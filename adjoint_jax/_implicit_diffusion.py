@@ -127,7 +127,11 @@ class ImplicitDiffusion(eqx.Module):
 
     model: Callable
     schedule: AbstractSchedule
-    ts: np.ndarray
+    # The grid as static Python floats and its dtype: concrete wherever the module is
+    # built or passed (inside a `jit`, or through `eqx.filter_jit`, which would trace
+    # an array field); `ts` rebuilds the NumPy array.
+    grid: tuple[float, ...] = eqx.field(static=True)
+    grid_dtype: str = eqx.field(static=True)
     sampler: AbstractSampler
     loss: Callable
     cond: PyTree = None
@@ -160,12 +164,17 @@ class ImplicitDiffusion(eqx.Module):
             )
         self.model = model
         self.schedule = schedule
-        # Kept as NumPy: concrete wherever the module is built (also inside a `jit`,
-        # where `jnp.asarray` would trace it).
-        self.ts = ts.astype(jax.dtypes.canonicalize_dtype(ts.dtype))
+        dtype = jax.dtypes.canonicalize_dtype(ts.dtype)
+        self.grid = tuple(float(t) for t in ts.astype(dtype))
+        self.grid_dtype = np.dtype(dtype).name
         self.sampler = sampler
         self.loss = loss
         self.cond = cond
+
+    @property
+    def ts(self) -> np.ndarray:
+        """The time grid (NumPy, concrete)."""
+        return np.asarray(self.grid, self.grid_dtype)
 
     @property
     def num_steps(self) -> int:

@@ -1,6 +1,7 @@
 """Implicit Diffusion and Adjoint Matching on a Gaussian base model N(μ, s²) with the
 quadratic reward r(x) = −|x − y|²/(2c), whose answers are known in closed form."""
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -250,8 +251,9 @@ def test_implicit_diffusion_gradient_is_dto_when_theta_is_fixed(sampler):
     ts = aj.time_grid(SCH, n, t_end=1e-3)
     opt = aj.ImplicitDiffusion(mean_model, schedule=SCH, ts=ts, sampler=sampler, loss=id_loss)
     x_like = jnp.zeros((3, 2))
-    state = opt.init(MU, x_like, jax.random.key(0))
-    step = jax.jit(lambda p, s, k: opt.step(p, s, k))
+    # Through Equinox's filter_jit too: the module (grid included) is a valid pytree.
+    state = eqx.filter_jit(opt.init)(MU, x_like, jax.random.key(0))
+    step = eqx.filter_jit(opt.step)
     key = jax.random.key(5)
     for it in range(2 * n + 1):
         g, state, (value, x0) = step(MU, state, key)
