@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import textwrap
 from collections.abc import Sequence
 
@@ -132,6 +133,19 @@ def _notes(records, truth, flagged) -> list[str]:
     return notes
 
 
+def _wrap_name(name: str, width: int) -> str:
+    """A repr on lines of at most `width`, broken after "(" or ", " (a longer piece
+    is left to the cell, which folds it): `InterpolatedAdjoint(` / `order=2)`."""
+    lines = [""]
+    for piece in re.split(r"(?<=\(|,)", name):
+        piece = piece if lines[-1] else piece.lstrip()
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append(piece.lstrip())
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
+
+
 def print_table(records: Sequence[dict], console=None) -> None:
     """Prints one table per sampler, one row per (adjoint, N, input), in at most
     `TABLE_WIDTH` columns: errors against the truth and against DTO, cosine, model
@@ -161,7 +175,7 @@ def print_table(records: Sequence[dict], console=None) -> None:
         for k, row in enumerate(rows):
             if k and row[0]:
                 table.add_section()
-            table.add_row(*row)
+            table.add_row(_wrap_name(row[0], ADJOINT_WIDTH - 2), *row[1:])
         console.print(table)
     for note in notes:
         console.print(note, style="dim")
