@@ -23,9 +23,10 @@ pareto.png, memory_vs_steps.png; one panel per adjoint family) to --out.
 With no options it measures the overview set (DTO after every sampler, checkpointed
 DTO, the continuous adjoints, every reversible pair: 20 pairs) on --problem mlp (a
 random MLP epsilon-network, width 256, 16 dimensions, batch 64, float32, its truth
-from a converged float64 solve) at --steps 10 20 40 80, for d loss / d x_T: 2 to 4
-minutes on 2 CPU cores (quiet to loaded), most of it compiling. --all measures every
-valid pair of every public strategy instead (248 today: `adjoint_jax.bench.valid_pairs()`); truncated backprop is
+from a converged float64 solve) at --steps 10 20 40 80, for d loss / d x_T: 2 to 7
+minutes on 2 quiet CPU cores (2.2 on one machine, 6.5 on a 2-core AMD EPYC), most
+of it compiling. --all measures every valid pair of every public strategy instead
+(248 today: `adjoint_jax.bench.valid_pairs()`); truncated backprop is
 measured with --adjoints 'Truncated(last=1)' --wrt params.
 
 Strategies are given as their repr, e.g. --samplers 'DPMSolver2()'

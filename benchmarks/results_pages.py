@@ -23,9 +23,10 @@ from collections.abc import Callable
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 DOCS = os.path.join(ROOT, "docs")
-# Where a JSON carries no `meta` of its own: the machine every committed figure of this
-# project was measured on (the README's "Install and run" section).
-PROJECT_MACHINE = "the project machine: x86_64, 2 CPU cores, 24 GiB, no GPU (JAX on CPU)"
+# Where a JSON carries no `meta` of its own: every committed figure of this project was
+# measured on a 2-core CPU machine (which CPU model has changed between sessions).
+PROJECT_MACHINE = ("a 2-core x86_64 CPU, 24 GiB, no GPU (JAX on CPU): the project's "
+                   "machine on that date; this JSON records no more")
 
 
 @dataclasses.dataclass(frozen=True)
