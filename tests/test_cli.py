@@ -292,3 +292,10 @@ def test_overview_set_is_valid_and_has_every_family():
     for s, a in pairs:
         firsts.setdefault(repr(s), repr(a))
     assert set(firsts.values()) == {"DTO()"}
+
+
+def test_compare_docstring_lists_every_record_key():
+    from adjoint_jax.bench import _compare
+
+    returns = _compare.compare.__doc__.split("**Returns:**")[1].split("in that order")[0]
+    assert tuple(re.findall(r"`(\w+)`", returns)) == _compare.FIELDS

@@ -183,8 +183,13 @@ def compare(
         seconds.
     - `progress`: called with a short description before each measurement.
 
-    **Returns:** a list of records (dicts with the keys `FIELDS`), one per sampler ×
-    adjoint × N × input. Errors are NaN where no truth is known; `nfe_backward` is the
+    **Returns:** a list of records, one per sampler × adjoint × N × input: dicts with
+    the keys `problem`, `sampler`, `adjoint` (reprs), `steps`, `wrt`, `rel_error`,
+    `cosine` (against the continuous truth), `rel_error_discrete`, `cosine_discrete`
+    (against DTO), `slope`, `slope_discrete`, `asymptotic` (the fitted orders),
+    `nfe_forward`, `nfe_backward`, `vjp_backward`, `grad_time_s`, `sample_time_s`,
+    `ratio`, `temp_bytes`, `compile_time_s`, `dtype` and `batch` (the CSV's columns,
+    in that order). Errors are NaN where no truth is known; `nfe_backward` is the
     number of model evaluations of the gradient minus that of the sampler alone,
     `vjp_backward` the number of model VJPs; `ratio` is gradient time / sampling
     time; `temp_bytes` is XLA's compiled temporary memory of the jitted gradient.
