@@ -10,7 +10,6 @@ The site's build hook (`docs/_hooks.py`) calls `pages()`; to print one page:
 
 import dataclasses
 import datetime
-import io
 import json
 import math
 import os
@@ -36,7 +35,7 @@ class Page:
     data: str  # the JSON, relative to docs/
     command: str
     claim: str  # what the benchmark checks, one or two sentences
-    render: Callable[[dict | list, str], str]  # (the JSON, its folder) -> markdown
+    render: Callable[[dict | list], str]  # the JSON -> markdown
     figures: tuple[str, ...] = ()  # relative to docs/
     extra: tuple[str, ...] = ()  # further JSON of the same page (re-runs), rendered alike
     note: str = ""  # what is known about the data beyond its JSON (a caveat)
@@ -74,8 +73,7 @@ def provenance(page: Page, data) -> str:
 
 
 # ---- renderers ----------------------------------------------------------------------
-def _compare(data, folder) -> str:
-    sys.path.insert(0, ROOT)
+def _compare(data) -> str:
     from adjoint_jax.bench._report import markdown_tables
 
     return markdown_tables(data)
@@ -87,7 +85,7 @@ def _benchmark(name: str):
     return __import__(name)
 
 
-def _peers(data, folder) -> str:
+def _peers(data) -> str:
     peers = _benchmark("peers")
     rows = [{k: (math.nan if v is None else v) for k, v in r.items()}
             for r in data["rows"]]
@@ -99,11 +97,11 @@ def _peers(data, folder) -> str:
             return f.read()
 
 
-def _frontier(data, folder) -> str:
+def _frontier(data) -> str:
     return _benchmark("frontier")._markdown(data["adaptive"], data["rex"])
 
 
-def _scale(data, folder) -> str:
+def _scale(data) -> str:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "scale.md")
         _benchmark("scale").write_markdown(data, path)
@@ -112,7 +110,7 @@ def _scale(data, folder) -> str:
 
 
 def _diffusers(kind: str):
-    def render(data, folder) -> str:
+    def render(data) -> str:
         report = _benchmark("pipeline_report")
         table = (report.markdown if kind == "pipelines" else report.options_markdown)
         return report.INTRO[kind] + "\n\n" + table(data["rows"])
@@ -130,7 +128,7 @@ def _cell(key: str, v) -> str:
     return str(v).replace("|", "\\|")
 
 
-def _rows_table(data, folder) -> str:
+def _rows_table(data) -> str:
     """A study of `examples/` (`rows`, one per method, and the run's settings)."""
     settings = {k: v for k, v in data.items()
                 if not isinstance(v, (list, dict)) and k != "table"}
@@ -255,14 +253,13 @@ def _load(rel: str):
 
 def render(page: Page) -> str:
     data = _load(page.data)
-    folder = os.path.dirname(os.path.join(DOCS, page.data))
     parts = [f"# {page.title}", "", page.claim, "", provenance(page, data), ""]
     if page.note:
         parts += [f"!!! note\n    {page.note}", ""]
-    parts += [page.render(data, folder)]
+    parts += [page.render(data)]
     for rel in page.extra:
         parts += ["", f"## Re-run: `{rel}`", "",
-                  page.render(_load(rel), folder)]
+                  page.render(_load(rel))]
     if page.figures:  # each opens at full size when clicked
         parts += ["", "## Figures", "", "Drawn by the same command; click for full size.",
                   ""]
@@ -293,8 +290,6 @@ def pages() -> dict[str, str]:
 
 if __name__ == "__main__":
     wanted = sys.argv[1:] or [p.slug for p in PAGES]
-    buf = io.StringIO()
     for p in PAGES:
         if p.slug in wanted:
-            buf.write(render(p) + "\n")
-    print(buf.getvalue())
+            print(render(p))

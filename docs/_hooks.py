@@ -21,16 +21,14 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import results_pages  # noqa: E402
 
 
-# Figures an example writes into a results folder rather than docs/examples/<name>/.
-_FIGURES_ELSEWHERE = {
-    "reward_finetune": ("estimators/reward_finetune.png",),
-    "noise_optimisation": ("estimators/noise_optimisation.png",),
-    "implicit_adjoint_matching": ("estimators/implicit_adjoint_matching.png",),
-}
-_RESULTS_OF = {
-    "reward_finetune": "reward-finetune",
-    "noise_optimisation": "noise-optimisation",
-    "implicit_adjoint_matching": "implicit-adjoint-matching",
+# The studies: they write their table, JSON and figure into docs/estimators/<name>.*,
+# which has a results page, results/<name with dashes>.md.
+_STUDIES = ("reward_finetune", "noise_optimisation", "implicit_adjoint_matching")
+# Where the figure's command is not `--out <its folder>`: train_digits writes its
+# weights into --out and the figure where --png says.
+_FIGURE_COMMANDS = {
+    "train_digits": "python examples/train_digits.py --out /tmp/digits "
+                    "--png docs/examples/train_digits/digits_samples.png",
 }
 
 
@@ -43,7 +41,7 @@ def _examples() -> list[str]:
 def _figures(name: str) -> list[str]:
     own = sorted(glob.glob(os.path.join(ROOT, "docs", "examples", name, "*.png")))
     own = [os.path.relpath(p, os.path.join(ROOT, "docs")) for p in own]
-    return own + list(_FIGURES_ELSEWHERE.get(name, ()))
+    return own + ([f"estimators/{name}.png"] if name in _STUDIES else [])
 
 
 def example_page(name: str) -> str:
@@ -52,22 +50,21 @@ def example_page(name: str) -> str:
         source = f.read()
     doc = ast.get_docstring(ast.parse(source)) or ""
     title, _, body = doc.partition("\n")
-    out_dir = f"docs/examples/{name}" if name not in _FIGURES_ELSEWHERE else "docs/estimators"
+    out_dir = "docs/estimators" if name in _STUDIES else f"docs/examples/{name}"
+    command = _FIGURE_COMMANDS.get(name, f"python examples/{name}.py --out {out_dir}")
     lines = [f"# `{name}.py`", "", title.strip(), body.strip(), "",
              "## Run it", "", "```bash", "pip install -e \".[examples]\"",
              f"python examples/{name}.py --help", f"python examples/{name}.py", "```", ""]
     figures = _figures(name)
     if figures:
         lines += ["## Its figure", "",
-                  f"Written by `python examples/{name}.py --out {out_dir}` "
-                  "(the committed figure below)."
-                  if name not in ("train_digits",) else
-                  "Written by the command above (the committed figure below).", ""]
+                  f"Written by `{command}` (the committed figure below).", ""]
         lines += [f"![{name}](../{f})" for f in figures] + [""]
     else:
         lines += ["This example prints its results and writes no figure.", ""]
-    if name in _RESULTS_OF:
-        lines += [f"Measured results: [the results page](../results/{_RESULTS_OF[name]}.md).",
+    if name in _STUDIES:
+        slug = name.replace("_", "-")
+        lines += [f"Measured results: [the results page](../results/{slug}.md).",
                   ""]
     lines += ["## Source", "", f'??? example "examples/{name}.py"', "",
               "    ```python"]

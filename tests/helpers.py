@@ -100,6 +100,25 @@ def valid_pairs(samplers=None, adjoints=None):
     return out
 
 
+# ---- zero-length steps (tests/test_zero_length_steps.py, tests/test_matrix.py) -----
+# Samplers whose coefficients depend on the number of grid steps N, which a padded
+# grid increases: `lower_order_final` (DPMSolverPP, UniPC, DEIS, DPMSolver,
+# SDEDPMSolverPP: diffusers lowers the order of the last steps when N < 15),
+# CogVideoXDPM's final step and EulerChurn's γ = min(s_churn/N, √2 − 1). A zero-length
+# step is the identity for them too (every step goes through the same engine), but
+# the padded solve is that of N + k steps, not the unpadded one.
+_N_DEPENDENT = (aj.DPMSolverPP, aj.UniPC, aj.DEIS, aj.DPMSolver, aj.SDEDPMSolverPP,
+                aj.CogVideoXDPM, aj.EulerChurn)
+
+
+def assert_padded_sample_is_the_sample(sampler, x0_pad, x0):
+    """Trailing zero-length steps change no sample (finite, and equal where the
+    sampler's coefficients do not depend on N)."""
+    assert np.all(np.isfinite(np.asarray(x0_pad)))
+    if not isinstance(sampler, _N_DEPENDENT):
+        np.testing.assert_allclose(x0_pad, x0, rtol=1e-13, atol=1e-14)
+
+
 # ---- numerics -----------------------------------------------------------------------
 # Comparisons run in NumPy (float64): eager `jnp` ops would compile one small XLA
 # executable per operation, shape and dtype, which costs more than the tests do.

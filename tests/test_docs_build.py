@@ -64,8 +64,9 @@ def test_every_example_has_a_page_with_its_figure(pages):
         page = pages[f"examples/{name}.md"]
         assert f"python examples/{name}.py" in page, name
         figures = _hooks._figures(name)
-        writes_figure = "savefig" in open(os.path.join(ROOT, "examples", f"{name}.py")).read() \
-            or "save_" in open(os.path.join(ROOT, "examples", f"{name}.py")).read()
+        with open(os.path.join(ROOT, "examples", f"{name}.py")) as f:
+            source = f.read()
+        writes_figure = "savefig" in source or "save_" in source
         assert figures or not writes_figure, f"examples/{name}.py writes a figure; commit it"
         for fig in figures:
             assert os.path.isfile(os.path.join(ROOT, "docs", fig)), fig

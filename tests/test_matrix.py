@@ -35,6 +35,7 @@ from adjoint_jax.bench import MLPProblem
 from .helpers import (
     all_adjoints,
     all_samplers,
+    assert_padded_sample_is_the_sample,
     default_key,
     diffusers_samplers,
     rel_err,
@@ -288,8 +289,6 @@ def test_matrix(pair):
 
     assert len(traces) == 1
     if samples is not None:  # one zero-length step changes no sample
-        from .test_zero_length_steps import assert_padded_sample_is_the_sample
-
         assert_padded_sample_is_the_sample(sampler, *samples)
     if not _is_first_variant(adjoint) or sampler in diffusers_samplers:
         return

@@ -15,7 +15,13 @@ import pytest
 import adjoint_jax as aj
 from adjoint_jax.bench import MLPProblem
 
-from .helpers import all_adjoints, all_samplers, default_key, rel_err
+from .helpers import (
+    all_adjoints,
+    all_samplers,
+    assert_padded_sample_is_the_sample,
+    default_key,
+    rel_err,
+)
 
 
 PB = MLPProblem.make(jax.random.key(1), dim=3, width=8, cond_dim=2)
@@ -26,16 +32,6 @@ TS = aj.time_grid(PB.schedule, 5, t_end=1e-3)
 
 def _pad(ts, k):
     return jnp.concatenate([ts, jnp.repeat(ts[-1:], k)])
-
-
-# Samplers whose coefficients depend on the number of grid steps N, which a padded
-# grid increases: `lower_order_final` (DPMSolverPP, UniPC, DEIS, DPMSolver,
-# SDEDPMSolverPP: diffusers lowers the order of the last steps when N < 15),
-# CogVideoXDPM's final step and EulerChurn's γ = min(s_churn/N, √2 − 1). A zero-length
-# step is the identity for them too (every step goes through the same engine), but
-# the padded solve is that of N + k steps, not the unpadded one.
-_N_DEPENDENT = (aj.DPMSolverPP, aj.UniPC, aj.DEIS, aj.DPMSolver, aj.SDEDPMSolverPP,
-                aj.CogVideoXDPM, aj.EulerChurn)
 
 
 def _grads(sampler, adjoint, grids):
@@ -55,14 +51,6 @@ def _grads(sampler, adjoint, grids):
 
 def _finite(tree):
     return all(bool(np.all(np.isfinite(a))) for a in jtu.tree_leaves(tree))
-
-
-def assert_padded_sample_is_the_sample(sampler, x0_pad, x0):
-    """Trailing zero-length steps change no sample (finite, and equal where the
-    sampler's coefficients do not depend on N)."""
-    assert _finite(x0_pad)
-    if not isinstance(sampler, _N_DEPENDENT):
-        np.testing.assert_allclose(x0_pad, x0, rtol=1e-13, atol=1e-14)
 
 
 def _without_matrix_dto_row():

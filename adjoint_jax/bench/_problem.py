@@ -104,6 +104,17 @@ def _f64(tree):
     return jtu.tree_map(lambda a: jnp.asarray(a, jnp.float64), tree)
 
 
+def _truth_through(flow, loss64):
+    """`truth(params, x_T, cond)`: the float64 gradient of `loss64(flow(p, x, c))`,
+    `flow` a converged reference solve of the probability-flow map."""
+
+    def truth(params, x_T, cond):
+        f = lambda p, x, c: loss64(flow(p, x, c))
+        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*_f64((params, x_T, cond)))
+
+    return truth
+
+
 def gaussian_problem(
     dim: int = 4, batch: int = 1, dtype=jnp.float64, seed: int = 0
 ) -> Problem:
@@ -174,11 +185,7 @@ def mixture_problem(
     t0, t_end = pb.schedule.t_max, 1e-3
     loss64 = _nonlinear_loss(w64)
 
-    def truth(params, x_T, cond):
-        def f(p, x, c):
-            return loss64(pb64.reference(p, x, c, t0, t_end))
-
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*_f64((params, x_T, cond)))
+    truth = _truth_through(lambda p, x, c: pb64.reference(p, x, c, t0, t_end), loss64)
 
     return Problem(
         name="mixture",
@@ -217,11 +224,9 @@ def mlp_problem(
     t0, t_end = pb.schedule.t_max, 1e-3
     loss64 = _nonlinear_loss(_weights(dim, jnp.float64))
 
-    def truth(params, x_T, cond):
-        def f(p, x, c):
-            return loss64(reference_flow(pb.model, pb.schedule, p, x, c, t0, t_end))
-
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(*_f64((params, x_T, cond)))
+    truth = _truth_through(
+        lambda p, x, c: reference_flow(pb.model, pb.schedule, p, x, c, t0, t_end), loss64
+    )
 
     return Problem(
         name="mlp",

@@ -66,9 +66,9 @@ TABLE_WIDTH = 100
 ADJOINT_WIDTH = 28
 
 
-def _layout(records: Sequence[dict]) -> tuple[str, list, list, bool]:
-    """What both tables show: (the heading, the notes, [(sampler, columns, rows)],
-    whether an order is flagged); a row's adjoint cell is empty below its first N."""
+def _layout(records: Sequence[dict]) -> tuple[str, list, list]:
+    """What both tables show: (the heading, the notes, [(sampler, columns, rows)]);
+    a row's adjoint cell is empty below its first N."""
     r0 = records[0]
     wrts = list(dict.fromkeys(r["wrt"] for r in records))
     several = len(wrts) > 1
@@ -105,7 +105,7 @@ def _layout(records: Sequence[dict]) -> tuple[str, list, list, bool]:
             ]
             rows.append(row)
         tables.append((sampler, cols, rows))
-    return heading, _notes(records, truth, flagged), tables, flagged
+    return heading, _notes(records, truth, flagged), tables
 
 
 def _notes(records, truth, flagged) -> list[str]:
@@ -160,7 +160,7 @@ def print_table(records: Sequence[dict], console=None) -> None:
     if not records:
         console.print("no records")
         return
-    heading, notes, tables, _ = _layout(records)
+    heading, notes, tables = _layout(records)
     console.print(f"[bold]{heading}[/bold]")
     for sampler, cols, rows in tables:
         table = Table(
@@ -186,7 +186,7 @@ def markdown_tables(records: Sequence[dict]) -> str:
     notes), for the documentation site's results pages."""
     if not records:
         return "No records.\n"
-    heading, notes, tables, _ = _layout(records)
+    heading, notes, tables = _layout(records)
     lines = [f"**{heading}**", ""]
     for sampler, cols, rows in tables:
         lines += [f"### `{sampler}`", "", "| " + " | ".join(cols) + " |",
