@@ -1,8 +1,10 @@
 """Time grids for the samplers."""
 
+import jax
 import jax.numpy as jnp
 from jaxtyping import Array
 
+from ._misc import is_concrete
 from ._schedule import AbstractSchedule
 
 
@@ -35,7 +37,11 @@ def time_grid(
         √t, DDIM's "quad" spacing: finer near the data).
 
     **Returns:** an array of shape `(num_steps + 1,)`, strictly decreasing, with
-    `ts[0] == t_start` and `ts[-1] == t_end` exactly.
+    `ts[0] == t_start` and `ts[-1] == t_end` exactly. It is computed at once, also
+    when called inside `jax.jit`, unless the schedule's parameters are traced: a
+    grid built inside a jitted loss is then a constant of the program, which
+    `aj.sample` checks when tracing (not with a runtime check, whose host callback
+    would keep the program out of JAX's persistent compilation cache).
 
     For the exact grid a diffusers scheduler would use, see `aj.diffusers_timesteps`.
 
@@ -76,6 +82,15 @@ def time_grid(
             "α = 0 and the log-SNR is −∞; use `spacing='time'` (or 'quadratic'), or "
             "`aj.diffusers_timesteps` for a diffusers scheduler's grid."
         )
+    if not is_concrete(schedule):  # (its parameters are being differentiated)
+        return _spaced(schedule, num_steps, t_start, t_end, spacing)
+    # A concrete grid even inside `jit` (the arithmetic runs now): `aj.sample` then
+    # checks it eagerly and knows its endpoints statically (see the docstring).
+    with jax.ensure_compile_time_eval():
+        return _spaced(schedule, num_steps, t_start, t_end, spacing)
+
+
+def _spaced(schedule, num_steps, t_start, t_end, spacing):
     if t_end == 0.0:
         if num_steps == 1:
             return jnp.asarray([t_start, 0.0], jnp.result_type(float))

@@ -34,6 +34,7 @@ import adjoint_jax as aj  # noqa: E402
 from adjoint_jax.bench import MLPProblem  # noqa: E402
 
 
+ADJOINT_DPM = aj.AdjointDPM(solver=diffrax.Heun(), rtol=1e-3, atol=1e-3)
 # One sampler per strategy class (and each variant with its own loop).
 PAIRS = [
     (aj.DPMSolver2(), aj.DTO()),
@@ -43,8 +44,11 @@ PAIRS = [
     (aj.DPMSolver2(), aj.InterpolatedAdjoint()),
     (aj.DPMSolver2(), aj.Truncated(last=2)),
     # (Heun: diffrax's Runge–Kutta stage loop like the default Tsit5, cheaper to
-    # compile.)
-    (aj.DPMSolver2(), aj.AdjointDPM(solver=diffrax.Heun())),
+    # compile. A loose tolerance: sharded and one-device solves take the same steps
+    # whatever it is, and each step all-reduces its error norm, which 8 simulated
+    # devices on a 2-core machine pay dearly: 8 s per gradient at the float64
+    # default 1e-6, 0.3 s at 1e-3.)
+    (aj.DPMSolver2(), ADJOINT_DPM),
     (aj.BELM(), aj.ReversibleAdjoint()),
     (aj.McCallumFoster(aj.DPMSolver2()), aj.ReversibleAdjoint()),
     (aj.SDEDPMSolver1(), aj.DTO()),
@@ -151,7 +155,7 @@ def _adjoint_dpm_closure(pb, ts, x_T, cond):
     error, and the fix it suggests (the weight through `params`) against one device."""
     m = mesh((8,), ("data",), explicit=True)
     xs = jax.device_put(x_T, NamedSharding(m, P("data")))
-    kw = dict(schedule=pb.schedule, ts=ts, sampler=aj.DPMSolver2(), adjoint=aj.AdjointDPM(solver=diffrax.Heun()))
+    kw = dict(schedule=pb.schedule, ts=ts, sampler=aj.DPMSolver2(), adjoint=ADJOINT_DPM)
 
     def closing(p, x, w):
         model = lambda p, x, t, c: w * pb.model(p, x, t, c)  # noqa: E731

@@ -1,4 +1,5 @@
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -141,3 +142,36 @@ def test_time_grid_errors():
         aj.time_grid(sch, 10, t_end=1e-3, spacing="cubic")
     with pytest.raises(ValueError, match="t_end"):
         aj.time_grid(sch, 10, t_end=2.0)
+
+
+def test_time_grid_inside_jit_is_a_constant():
+    # Built inside a jitted loss, the grid is computed at once (equal to the eager
+    # one), so `aj.sample` checks it while tracing and the program holds no runtime
+    # check (a host callback, which JAX's persistent compilation cache refuses);
+    # a grid passed in as a traced argument keeps its runtime checks.
+    sch = aj.VPLinear()
+    pb_model = lambda p, x, t, c: p * x * t  # noqa: E731
+    seen = []
+
+    def loss(p, ts=None):
+        if ts is None:
+            ts = aj.time_grid(sch, 4, t_end=1e-3)
+            seen.append(ts)
+        return jnp.sum(aj.sample(pb_model, p, jnp.ones(3), None, schedule=sch, ts=ts,
+                                 sampler=aj.DPMSolver2()))
+
+    def has_callback(jaxpr):
+        return any("callback" in str(eqn.primitive)
+                   or any(has_callback(j) for j in jax.extend.core.jaxprs_in_params(eqn.params))
+                   for eqn in jaxpr.eqns)
+
+    inside = jax.make_jaxpr(jax.grad(loss))(0.5)
+    assert not isinstance(seen[0], jax.core.Tracer)
+    np.testing.assert_array_equal(seen[0], aj.time_grid(sch, 4, t_end=1e-3))
+    assert not has_callback(inside.jaxpr)
+    passed = jax.make_jaxpr(jax.grad(loss))(0.5, aj.time_grid(sch, 4, t_end=1e-3))
+    assert has_callback(passed.jaxpr)
+    # A schedule whose parameters are traced gives a traced, differentiable grid.
+    d = jax.grad(lambda b: jnp.sum(aj.time_grid(aj.VPLinear(beta_max=b), 4,
+                                                t_end=1e-3)))(20.0)
+    assert np.isfinite(d) and d != 0
