@@ -94,10 +94,7 @@ def _spaced(schedule, num_steps, t_start, t_end, spacing):
     if t_end == 0.0:
         if num_steps == 1:
             return jnp.asarray([t_start, 0.0], jnp.result_type(float))
-        inner = time_grid(
-            schedule, num_steps - 1, t_start=t_start, t_end=schedule.t_min,
-            spacing=spacing,
-        )
+        inner = _spaced(schedule, num_steps - 1, t_start, schedule.t_min, spacing)
         return jnp.concatenate([inner, jnp.zeros((1,), inner.dtype)])
     dtype = jnp.result_type(float)
     a = jnp.asarray(t_start, dtype)

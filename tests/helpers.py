@@ -3,6 +3,7 @@ shared tests: a new strategy is one line here."""
 
 import diffrax
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
@@ -176,6 +177,15 @@ def sample_kwargs(schedule, n, sampler, adjoint, key=None, t_end=1e-3):
         adjoint=adjoint,
         key=key if sampler.is_sde else None,
     )
+
+
+def all_eqns(jaxpr):
+    """Every equation of `jaxpr` and of the jaxprs nested in it (scan and while
+    bodies, custom-VJP rules, ...)."""
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            yield from all_eqns(sub)
 
 
 def default_key():

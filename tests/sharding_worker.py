@@ -34,6 +34,11 @@ import adjoint_jax as aj  # noqa: E402
 from adjoint_jax.bench import MLPProblem  # noqa: E402
 
 
+# AdjointDPM with Heun (diffrax's Runge–Kutta stage loop like the default Tsit5,
+# cheaper to compile) at a loose tolerance: sharded and one-device solves take the
+# same steps whatever it is, and each step all-reduces its error norm, which 8
+# simulated devices on a 2-core machine pay dearly (8 s per gradient at the float64
+# default 1e-6, 0.3 s at 1e-3).
 ADJOINT_DPM = aj.AdjointDPM(solver=diffrax.Heun(), rtol=1e-3, atol=1e-3)
 # One sampler per strategy class (and each variant with its own loop).
 PAIRS = [
@@ -43,11 +48,6 @@ PAIRS = [
     (aj.DPMSolver2(), aj.RecordedAdjoint(order=2)),
     (aj.DPMSolver2(), aj.InterpolatedAdjoint()),
     (aj.DPMSolver2(), aj.Truncated(last=2)),
-    # (Heun: diffrax's Runge–Kutta stage loop like the default Tsit5, cheaper to
-    # compile. A loose tolerance: sharded and one-device solves take the same steps
-    # whatever it is, and each step all-reduces its error norm, which 8 simulated
-    # devices on a 2-core machine pay dearly: 8 s per gradient at the float64
-    # default 1e-6, 0.3 s at 1e-3.)
     (aj.DPMSolver2(), ADJOINT_DPM),
     (aj.BELM(), aj.ReversibleAdjoint()),
     (aj.McCallumFoster(aj.DPMSolver2()), aj.ReversibleAdjoint()),

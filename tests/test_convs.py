@@ -14,7 +14,7 @@ from jax import lax
 import adjoint_jax as aj
 from adjoint_jax import _convs
 
-from .helpers import tree_allclose
+from .helpers import all_eqns, tree_allclose
 
 
 CANONICAL = {
@@ -33,16 +33,11 @@ def convs_fix(on: bool):
         _convs._STATE["force"] = old
 
 
-def conv_specs(jaxpr, acc=None):
+def conv_specs(jaxpr):
     """Dimension numbers (and group counts) of every convolution in `jaxpr` and the
-    jaxprs nested in it (scan and while bodies, custom-VJP rules, ...)."""
-    acc = [] if acc is None else acc
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "conv_general_dilated":
-            acc.append(eqn.params["dimension_numbers"])
-        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
-            conv_specs(sub, acc)
-    return acc
+    jaxprs nested in it."""
+    return [eqn.params["dimension_numbers"] for eqn in all_eqns(jaxpr)
+            if eqn.primitive.name == "conv_general_dilated"]
 
 
 def odd_layouts(w1, w2, w3, x):

@@ -1,10 +1,11 @@
 import jax
-import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import adjoint_jax as aj
+
+from .helpers import all_eqns
 
 
 VP = [aj.VPLinear(), aj.VPLinear(beta_min=0.5, beta_max=5.0), aj.VPCosine()]
@@ -161,9 +162,7 @@ def test_time_grid_inside_jit_is_a_constant():
                                  sampler=aj.DPMSolver2()))
 
     def has_callback(jaxpr):
-        return any("callback" in str(eqn.primitive)
-                   or any(has_callback(j) for j in jax.extend.core.jaxprs_in_params(eqn.params))
-                   for eqn in jaxpr.eqns)
+        return any("callback" in eqn.primitive.name for eqn in all_eqns(jaxpr))
 
     inside = jax.make_jaxpr(jax.grad(loss))(0.5)
     assert not isinstance(seen[0], jax.core.Tracer)
