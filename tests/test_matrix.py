@@ -3,7 +3,8 @@
 
 - the forward value is the sampler's whatever the strategy; exact strategies equal
   `aj.DTO()` and central finite differences (float64);
-- `vmap(grad)` and `grad(vmap)` equal a Python loop;
+- `vmap(grad)` equals a Python loop, and so does `grad(vmap)` (for each strategy
+  class with an ODE and an SDE sampler, and for every reversible pair);
 - a model closing over a `jit` tracer and over a `vmap` tracer works, and the
   gradient through a closed-over array equals the gradient through `params`;
 - per-step (`aj.Scheduled`) conditioning with equal values sums to the constant
@@ -17,8 +18,8 @@
 
 A new sampler or strategy is enrolled by one line in `tests/helpers.py`. (AdjointDPM,
 whose backward solve sees only the sampler's final state, runs with DPMSolver2.) Each pair
-compiles two functions with four traced solves between them (compilation, not
-running, is what costs here).
+compiles two functions with three or four traced solves between them (compilation,
+not running, is what costs here).
 """
 
 import functools
@@ -123,7 +124,7 @@ def _checks(sampler, adjoint):
                 jax.vmap(lambda w, x: loss(PB.model, w, x, cond))(ws, xs)
             ),
             argnums=(0, 1),
-        )(w_batch, x_batch)
+        )(w_batch, x_batch) if _checks_grad_of_vmap(sampler, adjoint) else None
         if adjoint != aj.DTO():
             return base, g_vmap, g_of_vmap, None
         # DTO's row also samples on the grid without its zero-length last step: the
@@ -214,6 +215,19 @@ def _is_first_variant(adjoint):
     return first == adjoint
 
 
+def _checks_grad_of_vmap(sampler, adjoint):
+    # vmap(grad), on every pair, batches every sampler's step and every strategy's
+    # backward pass. grad(vmap) batches the same functions and differs only in the
+    # order of JAX's own transformations around the engine's one custom VJP, which
+    # the samplers share: it runs with each strategy class's first variant on an
+    # ODE and an SDE sampler, and on every reversible pair (ReversibleAdjoint's
+    # backward is the sampler's own inverse step). (A trace of grad(vmap) is about a
+    # fifth of a pair's compile time.)
+    if isinstance(adjoint, aj.ReversibleAdjoint):
+        return True
+    return _is_first_variant(adjoint) and sampler in (aj.DPMSolver2(), aj.DDIM(eta=1.0))
+
+
 def _matrix_pairs():
     # A reversible sampler meets the strategies other than ReversibleAdjoint only
     # through `init`/`step`/`output`, like any sampler; so it runs with the first
@@ -289,7 +303,8 @@ def test_matrix(pair):
         (_, loop_grads), *_ = run(_index(W_BATCH, i), X_BATCH[i])
         loop = _summed(loop_grads)
         assert _leafwise_close(_index(g_vmap, i), loop, rtol=1e-9)
-        assert _leafwise_close(_index(g_of_vmap, i), loop[:2], rtol=1e-10)
+        if g_of_vmap is not None:
+            assert _leafwise_close(_index(g_of_vmap, i), loop[:2], rtol=1e-10)
 
     assert len(traces) == 1
     if samples is not None:  # one zero-length step changes no sample
