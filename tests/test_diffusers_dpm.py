@@ -6,8 +6,10 @@ SDE variants; the refusals, by name; the grids diffusers refuses that we accept.
 Both sides run the pipeline's network on Gaussian data N(μ, s²) elementwise: its
 output at the *integer timestep diffusers passes* is the exact ε / x̂_0 / v of that
 timestep's ᾱ (VP), or of σ' = (n + ½)/T (flow sigmas; the network only sees n), so
-a wrong timestep, σ, order or coefficient shows at once. Each compiled sampler is
-reused across configs (`eqx.filter_jit`: the tables are traced arrays).
+a wrong timestep, σ, order or coefficient shows at once. `aj.sample` is called
+eagerly: it checks the grid at once and compiles its loop without run-time checks
+(a program without host callbacks, which JAX's persistent compilation cache keeps;
+under `eqx.filter_jit` with the grid traced it was compiled afresh on every run).
 """
 
 import equinox as eqx
@@ -78,7 +80,6 @@ def config_of(sched) -> dict:
     return dict(sched.config) | {"_class_name": "DPMSolverMultistepScheduler"}
 
 
-@eqx.filter_jit
 def _sample(model, schedule, ts, sampler, x_T, noise):
     return aj.sample(model, None, x_T, schedule=schedule, ts=ts, sampler=sampler,
                      noise=noise)

@@ -156,7 +156,6 @@ class Bf16EDMNet(eqx.Module):
                                  c_noise.astype(jnp.bfloat16), cond)
 
 
-@eqx.filter_jit
 def _sample(model, schedule, ts, sampler, x_T):
     return aj.sample(model, None, x_T, schedule=schedule, ts=ts, sampler=sampler)
 

@@ -49,7 +49,6 @@ class EDMNet(eqx.Module):
         return edm_raw(u, c_noise, self.kind, jnp)
 
 
-@eqx.filter_jit
 def _sample(model, schedule, ts, sampler, x_T, noise):
     return aj.sample(model, None, x_T, schedule=schedule, ts=ts, sampler=sampler,
                      noise=noise)
