@@ -1,9 +1,11 @@
 """Run by `tests/test_sharding.py` in a subprocess with 8 simulated CPU devices (the
 device count must be set before JAX starts, and must not leak into other tests).
 
-    python tests/sharding_worker.py {transforms|meshes|memory|implicit}
+    python tests/sharding_worker.py [transforms] [meshes] [memory] [implicit]
 
-Prints one JSON line. Every gradient is compared with the single-device one
+Runs the named groups (all four by default: one interpreter, JAX's start-up paid
+once, and the one-device reference gradients shared between `transforms` and
+`meshes`) and prints one JSON line, a dict per group. Every gradient is compared with the single-device one
 (relative error, float64); the shardings and memory figures are reported for the
 test to assert.
 """
@@ -100,7 +102,7 @@ def put(tree, m, specs):
                         is_leaf=lambda s: isinstance(s, P))
 
 
-def transforms(pb, ts, x_T, cond):
+def transforms(pb, ts, x_T, cond, jitted):
     """pmap, shard_map and explicit mesh axes, every pair: relative error against
     one device (and, for AdjointDPM under shard_map, its refusal and the fix)."""
     out = {}
@@ -108,13 +110,13 @@ def transforms(pb, ts, x_T, cond):
     m_explicit = mesh((8,), ("data",), explicit=True)
     for pair in PAIRS:
         g = grad_fn(pb, ts, pair)
-        ref = jax.jit(g)(pb.params, x_T, cond)
+        ref = jitted[name(pair)](pb.params, x_T, cond)
         # Under pmap and shard_map each device runs its own solve on its rows: a
         # noise drawn from the key is drawn per device (its shape is the shard's),
         # and AdjointDPM controls its step sizes per shard. For those two, device
         # 0's rows are compared with a one-device solve of those rows.
         per_shard = isinstance(pair[1], aj.AdjointDPM) or pair[0].is_sde
-        ref0 = jax.jit(g)(pb.params, x_T[:2], cond)[1] if per_shard else None
+        ref0 = jitted[name(pair)](pb.params, x_T[:2], cond)[1] if per_shard else None
         row = {}
         # pmap: two example rows per device; parameter gradients summed over devices.
         gp, gx = jax.pmap(g, in_axes=(None, 0, None))(pb.params, x_T.reshape(8, 2, 3), cond)
@@ -177,7 +179,7 @@ def _adjoint_dpm_closure(pb, ts, x_T, cond):
     return {"error": error, "fix": rel(got, ref)}
 
 
-def meshes(pb, ts, x_T, cond):
+def meshes(pb, ts, x_T, cond, jitted):
     """jit with NamedSharding inputs on auto axes: the batch over `data` (8), the
     weights FSDP over `model` (8), both on a 4 × 2 mesh: relative error against
     one device, whether the gradients keep the inputs' shardings, and the
@@ -189,7 +191,7 @@ def meshes(pb, ts, x_T, cond):
         "data4_fsdp2": (mesh((4, 2), ("data", "model")), "data", "model"),
     }
     for pair in MESH_PAIRS:
-        g = jax.jit(grad_fn(pb, ts, pair))
+        g = jitted[name(pair)]
         ref = g(pb.params, x_T, cond)
         row = {}
         for cname, (m, data, model) in configs.items():
@@ -288,22 +290,30 @@ def implicit(pb, ts):
     return out
 
 
-def main(mode):
+GROUPS = ("transforms", "meshes", "memory", "implicit")
+
+
+def main(groups):
+    unknown = set(groups) - set(GROUPS)
+    if unknown:
+        raise SystemExit(f"unknown groups {sorted(unknown)}; expected some of {GROUPS}")
     pb = MLPProblem.make(jax.random.key(0), dim=3, width=16, cond_dim=2)
     ts = aj.time_grid(pb.schedule, N, t_end=1e-3)
     x_T = jax.random.normal(jax.random.key(1), (16, 3))
     cond = jnp.array([0.3, -0.5])
+    # One jitted gradient per pair, for the one-device references and the meshes.
+    jitted = {name(pair): jax.jit(grad_fn(pb, ts, pair)) for pair in PAIRS}
+    run = {
+        "transforms": lambda: transforms(pb, ts, x_T, cond, jitted),
+        "meshes": lambda: meshes(pb, ts, x_T, cond, jitted),
+        "memory": lambda: memory(ts),
+        "implicit": lambda: implicit(pb, ts),
+    }
     result = {"devices": len(jax.devices())}
-    if mode == "transforms":
-        result.update(transforms(pb, ts, x_T, cond))
-    elif mode == "meshes":
-        result.update(meshes(pb, ts, x_T, cond))
-    elif mode == "implicit":
-        result.update(implicit(pb, ts))
-    else:
-        result.update(memory(ts))
+    for group in groups:
+        result[group] = run[group]()
     print(json.dumps(result))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1:] or GROUPS)

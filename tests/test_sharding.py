@@ -6,8 +6,10 @@ per-device compiled memory divides as the shardings say; the collectives are tho
 documented in `docs/sharding.md`; `aj.ImplicitDiffusion` with its register slots
 over 4 devices equals one device and communicates by neighbour shifts only.
 
-Each group runs `tests/sharding_worker.py` in a subprocess: the device count must be
-set before JAX starts and must not leak into the other tests.
+The four groups run in one subprocess, `tests/sharding_worker.py`: the device count
+must be set before JAX starts and must not leak into the other tests. (One process
+for all four: JAX's start-up is paid once and the one-device reference gradients
+are shared; each test reads its group's results.)
 """
 
 import functools
@@ -22,13 +24,18 @@ TOL = 1e-12
 
 
 @functools.cache
-def _run(mode):
-    proc = subprocess.run([sys.executable, WORKER, mode], capture_output=True, text=True,
+def _results():
+    proc = subprocess.run([sys.executable, WORKER], capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result.pop("devices") == 8
     return result
+
+
+def _run(group):
+    # A fresh copy: the tests pop entries from their group's results.
+    return json.loads(json.dumps(_results()[group]))
 
 
 def test_pmap_shard_map_and_explicit_axes_equal_one_device():
