@@ -53,8 +53,12 @@ def getkey():
 # caches drop it, and an xdist worker compiles tens of thousands of programs: past
 # the kernel's `vm.max_map_count` (65530 by default) LLVM's next mapping fails and
 # the worker dies with a segmentation fault inside `backend_compile_and_load`. When
-# a test leaves more than half that many mappings, the compilation caches are
-# cleared (programs still in use recompile; no result changes).
+# a test leaves more than three quarters of that many mappings, the compilation caches
+# are cleared (programs still in use recompile; no result changes). The quarter left
+# (16,000 mappings by default) is over ten times what the busiest test adds (452
+# compilations, test_examples.py::test_implicit_adjoint_matching); each clear costs
+# 3-5 s (the executables' code is unmapped) and the retracing that follows, which
+# the earlier threshold of one half paid three times a run.
 def _max_map_count():
     try:
         with open("/proc/sys/vm/max_map_count") as f:
@@ -74,16 +78,28 @@ def _memory_maps():
 @pytest.fixture(autouse=True)
 def _release_compiled_code():
     yield
-    if _MAP_LIMIT is not None and _memory_maps() > _MAP_LIMIT // 2:
+    if _MAP_LIMIT is not None and _memory_maps() > 3 * _MAP_LIMIT // 4:
         jax.clear_caches()
 
 
-# The longest tests (subprocesses with simulated devices, the examples, the scale
-# benchmark) start first: pytest-xdist hands out tests in collection order, and one of
-# them arriving last would leave the other worker idle at the end of the run.
-_LONG_FIRST = ("test_sharding.py", "test_sharded_finetune.py", "test_multiprocess.py",
-               "test_scale.py", "test_examples.py")
+# Under `-n`, pytest-xdist hands out whole files (`--dist loadfile`) in the order of
+# the collection (`--no-loadscope-reorder`; by default it would order them by their
+# number of tests, which put the 4-test, 60-second sharding file near the end). The
+# heaviest files go first, longest first, so that what is left at the end of the run
+# is small files that keep both workers busy. Their test-seconds (2-core AMD EPYC,
+# warm cache, 2026-12-04): 152, 73, 64, 61, 57, 56, 47, 42, 35, 33, 31, 30, 29, 27,
+# 27, 22, 22; every other file under 22. A stale order costs wall time only.
+_HEAVY_FIRST = (
+    "test_matrix.py", "test_examples.py", "test_zero_length_steps.py",
+    "test_sharding.py", "test_robustness.py", "test_continuous_adjoints.py",
+    "test_samplers.py", "test_adjoint_dpm.py", "test_diffusers_singlestep.py",
+    "test_research_code.py", "test_reversible.py", "test_diffusers_dpm.py",
+    "test_exp_rk.py", "test_sample.py", "test_implicit_adjoint_matching.py",
+    "test_sharded_finetune.py", "test_scale.py",
+)
+_RANK = {name: i for i, name in enumerate(_HEAVY_FIRST)}
 
 
 def pytest_collection_modifyitems(items):
-    items.sort(key=lambda item: item.fspath.basename not in _LONG_FIRST)
+    # (A stable sort: each file's tests keep their order.)
+    items.sort(key=lambda item: _RANK.get(item.fspath.basename, len(_RANK)))
