@@ -5,9 +5,9 @@ device count must be set before JAX starts, and must not leak into other tests).
 
 Runs the named groups (all four by default: one interpreter, JAX's start-up paid
 once, and the one-device reference gradients shared between `transforms` and
-`meshes`) and prints one JSON line, a dict per group. Every gradient is compared with the single-device one
-(relative error, float64); the shardings and memory figures are reported for the
-test to assert.
+`meshes`) and prints one JSON line, a dict per group. Every gradient is compared
+with the single-device one (relative error, float64); the shardings and memory
+figures are reported for the test to assert.
 """
 
 import json
@@ -109,14 +109,14 @@ def transforms(pb, ts, x_T, cond, jitted):
     m_auto = mesh((8,), ("data",))
     m_explicit = mesh((8,), ("data",), explicit=True)
     for pair in PAIRS:
-        g = grad_fn(pb, ts, pair)
-        ref = jitted[name(pair)](pb.params, x_T, cond)
+        g, g_jit = grad_fn(pb, ts, pair), jitted[name(pair)]
+        ref = g_jit(pb.params, x_T, cond)
         # Under pmap and shard_map each device runs its own solve on its rows: a
         # noise drawn from the key is drawn per device (its shape is the shard's),
         # and AdjointDPM controls its step sizes per shard. For those two, device
         # 0's rows are compared with a one-device solve of those rows.
         per_shard = isinstance(pair[1], aj.AdjointDPM) or pair[0].is_sde
-        ref0 = jitted[name(pair)](pb.params, x_T[:2], cond)[1] if per_shard else None
+        ref0 = g_jit(pb.params, x_T[:2], cond)[1] if per_shard else None
         row = {}
         # pmap: two example rows per device; parameter gradients summed over devices.
         gp, gx = jax.pmap(g, in_axes=(None, 0, None))(pb.params, x_T.reshape(8, 2, 3), cond)
