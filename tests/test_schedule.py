@@ -174,3 +174,41 @@ def test_time_grid_inside_jit_is_a_constant():
     d = jax.grad(lambda b: jnp.sum(aj.time_grid(aj.VPLinear(beta_max=b), 4,
                                                 t_end=1e-3)))(20.0)
     assert np.isfinite(d) and d != 0
+
+
+class _ListSchedule(aj.AbstractSchedule):
+    """A user's schedule with an unhashable field (a list of betas, static to JAX):
+    VPLinear's formulas."""
+
+    betas: list
+    t_min: float = 1e-5
+    t_max: float = 1.0
+    alpha_zero_time: None = None
+
+    def log_alpha(self, t):
+        b0, b1 = self.betas
+        return -0.25 * t**2 * (b1 - b0) - 0.5 * t * b0
+
+    def log_sigma(self, t):
+        return 0.5 * jnp.log(-jnp.expm1(2.0 * self.log_alpha(t)))
+
+    def t_of_lam(self, lam):
+        return aj.VPLinear(beta_min=self.betas[0], beta_max=self.betas[1]).t_of_lam(lam)
+
+
+def test_user_schedule_with_unhashable_field_samples_like_the_builtin():
+    # The samplers' step coefficients are traced once per hashable schedule (a
+    # staged call); a schedule that cannot be hashed is computed inline, with the
+    # same result.
+    ref = aj.VPLinear(beta_min=0.5, beta_max=5.0)
+    mine = _ListSchedule([0.5, 5.0])
+    with pytest.raises(TypeError):
+        hash(mine)
+    model = lambda p, x, t, c: p * x * t
+    x_T = jnp.array([0.3, -1.2])
+    ts = aj.time_grid(ref, 6, t_end=1e-3)
+    kw = dict(ts=ts, sampler=aj.DPMSolver2(), adjoint=aj.DTO())
+    out = jax.value_and_grad(lambda p, s: jnp.sum(aj.sample(model, p, x_T, None,
+                                                           schedule=s, **kw)))
+    np.testing.assert_allclose(out(0.7, mine)[0], out(0.7, ref)[0], rtol=1e-14)
+    np.testing.assert_allclose(out(0.7, mine)[1], out(0.7, ref)[1], rtol=1e-14)

@@ -11,9 +11,12 @@ are NaN. Samplers read the flags `sigma_zero_end` and `alpha_zero_start` to swit
 the data-prediction form of their step.
 """
 
+import functools
+
 import equinox as eqx
+import jax
 import jax.numpy as jnp
-from jaxtyping import Array
+from jaxtyping import Array, ArrayLike
 
 from .._schedule import AbstractSchedule
 
@@ -69,7 +72,30 @@ def _logs(schedule: AbstractSchedule, u: Array, other: Array):
     return log_at(schedule.log_alpha, a_end), log_at(schedule.log_sigma, u == 0)
 
 
-def step_coeffs(schedule: AbstractSchedule, t: Array, s: Array) -> StepCoeffs:
+def step_coeffs(schedule: AbstractSchedule, t: ArrayLike, s: ArrayLike) -> StepCoeffs:
+    """The coefficients of the step t → s under `schedule` (see `StepCoeffs`)."""
+    t, s = jnp.asarray(t), jnp.asarray(s)
+    dynamic, static = eqx.partition(schedule, eqx.is_array)
+    try:
+        hash(static)
+    except TypeError:  # a schedule with an unhashable non-array field: not staged
+        return _step_coeffs(schedule, t, s)
+    return _staged_step_coeffs(dynamic, static, t, s)
+
+
+# Staged through `jit(inline=True)`: a sampler's step calls this once or more, and the
+# step is traced again by every transformation around it (the scan, the adjoints'
+# VJPs of the step, `vmap`, `grad` of all of it); ~110 scalar operations each time.
+# As a call, JAX traces it once per schedule (type and static fields), dtype and
+# shape, and caches each transformation of it; `inline` puts the operations
+# themselves in the traced program, as before (the test matrix's results are bitwise
+# unchanged), and the suite traces ~10% faster.
+@functools.partial(jax.jit, static_argnums=1, inline=True)
+def _staged_step_coeffs(dynamic, static, t, s):
+    return _step_coeffs(eqx.combine(dynamic, static), t, s)
+
+
+def _step_coeffs(schedule: AbstractSchedule, t: Array, s: Array) -> StepCoeffs:
     la_t, ls_t = _logs(schedule, t, s)
     la_s, ls_s = _logs(schedule, s, t)
     sigma_zero_end = jnp.isneginf(ls_s)
