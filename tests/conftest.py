@@ -1,3 +1,4 @@
+import gc
 import os
 
 
@@ -80,6 +81,21 @@ def _release_compiled_code():
     yield
     if _MAP_LIMIT is not None and _memory_maps() > 3 * _MAP_LIMIT // 4:
         jax.clear_caches()
+
+
+# Python's cyclic garbage collector rescans every tracked object in a full
+# collection, and a worker holds millions of them (JAX, torch and diffusers, the test
+# modules, JAX's caches of traces): full collections took ~6% of the suite's CPU time
+# (12 s of 175 s on four of the heaviest files). What exists when collection ends
+# lives to the end anyway, so it is frozen (never scanned again), and the young
+# generation is collected every 50,000 allocations instead of 700 (tracing allocates
+# and frees millions of small objects). Together: 12 s -> 2 s on those files, the
+# same peak memory (2.5 GB). Reference counting frees everything as before; only
+# cycles wait a little longer.
+def pytest_collection_finish(session):
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 20)
 
 
 # Under `-n`, pytest-xdist hands out whole files (`--dist loadfile`) in the order of
