@@ -227,3 +227,28 @@ def test_evaluation_counts_on_padded_grids():
         (f0, v0), (f1, v1) = counts(TS), counts(padded)
         per_step = sampler.evals_per_step
         assert (f1, v1) == (f0 + extra * per_step, v0 + extra * per_step)
+
+
+def test_skipped_scan_body_outputs_zeros_of_the_bodys_shapes():
+    # The backward scans skip a zero-length step with `skip_body_if_zero`, whose zeros
+    # take their shapes and dtypes from the body's trace inside `lax.cond`; with a
+    # branch run alone (`jax.disable_jit()`, a concrete condition), from `eval_shape`.
+    from adjoint_jax._adjoints._base import skip_body_if_zero
+
+    def body(c, x):
+        return c + jnp.sum(x), (2.0 * x, x[:1].astype(jnp.float32), None)
+
+    carry, x = jnp.float64(1.5), jnp.arange(3.0)
+    for zero in (True, False):
+        expected = (
+            (carry, (jnp.zeros(3), jnp.zeros(1, jnp.float32), None)) if zero
+            else body(carry, x)
+        )
+        run = lambda z: skip_body_if_zero(z, body, carry, x)
+        with jax.disable_jit():
+            eager = run(jnp.asarray(zero))
+        for got in (jax.jit(run)(zero), eager):
+            assert jtu.tree_structure(got) == jtu.tree_structure(expected)
+            for a, b in zip(jtu.tree_leaves(got), jtu.tree_leaves(expected)):
+                assert a.dtype == b.dtype and a.shape == b.shape
+                np.testing.assert_array_equal(a, b)
