@@ -2,7 +2,6 @@
 time-scheduled conditioning."""
 
 import abc
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +13,7 @@ import numpy as np
 from jaxtyping import PyTree
 
 from ._closure import closure_convert as _closure_convert
-from ._convs import has_convs, maybe_canonical_convs
+from ._convs import maybe_canonical_convs
 from ._misc import first_dtype, fn_name
 from ._schedule import AbstractSchedule
 
@@ -260,24 +259,14 @@ class ModelCall(eqx.Module):
     """
 
     static: Any
-    # False once a trace of the model showed no convolution (`knowing_convs`): it is
-    # then called as it is, not through `canonical_convs`, which would trace it once
-    # more at every call only to find none.
-    convs: bool = eqx.field(default=True, static=True)
 
     def __call__(self, theta, x, t, z):
         arrays, params = theta
         model = eqx.combine(arrays, self.static)
         t = jnp.asarray(t).astype(first_dtype(x))
-        call = maybe_canonical_convs(model) if self.convs else model
-        eps, x0 = call(params, x, t, z)
+        eps, x0 = maybe_canonical_convs(model)(params, x, t, z)
         cast = lambda tree: jtu.tree_map(lambda o, xx: o.astype(xx.dtype), tree, x)
         return cast(eps), None if x0 is None else cast(x0)
-
-    def knowing_convs(self, trace) -> "ModelCall":
-        """This call, told whether the model has convolutions by `trace`, a closed
-        jaxpr of one evaluation (`check_model_output`'s)."""
-        return dataclasses.replace(self, convs=has_convs(trace.jaxpr))
 
 
 class _Call(eqx.Module):
@@ -359,7 +348,7 @@ def closure_convert(
     t = jnp.asarray(t).astype(first_dtype(x))
     converted = _closure_convert(fn, params, x, t, z)
     new_arrays, new_static = eqx.partition(converted, eqx.is_array)
-    return ModelCall(new_static, model.convs), (new_arrays, params)
+    return ModelCall(new_static), (new_arrays, params)
 
 
 def check_model_output(model: Callable, model_call: ModelCall, theta, x, t, z):

@@ -169,7 +169,6 @@ def sample(
     theta = (model_arrays, params)
     cond0 = index_tree(cond_values, 0) if scheduled else cond_values
     has_x0, trace = check_model_output(model, model_call, theta, x_T, ts[0], cond0)
-    model_call = model_call.knowing_convs(trace)
 
     # ---- value checks: eager when concrete, `eqx.error_if` under tracing -----------
     ts, static_ends, ends_zero, starts_zero = _check_grid_values(
