@@ -107,15 +107,17 @@ def pytest_collection_finish(session):
 # number of tests, which put the 4-test, 60-second sharding file near the end). The
 # heaviest files go first, longest first, so that what is left at the end of the run
 # is small files that keep both workers busy. Their test-seconds (2-core AMD EPYC,
-# warm cache, 2026-12-04): 152, 73, 64, 61, 57, 56, 47, 42, 35, 33, 31, 30, 29, 27,
-# 27, 22, 22; every other file under 22. A stale order costs wall time only.
+# cold cache, 2026-12-04): 129, 57, 52, 46, 44, 38, 38, 37, 31, 30, 26, 25, 25, 24,
+# 22, 21, 21, 21, 20, 19; every other file under 19. A stale order costs wall time
+# only.
 _HEAVY_FIRST = (
-    "test_matrix.py", "test_examples.py", "test_zero_length_steps.py",
-    "test_sharding.py", "test_robustness.py", "test_continuous_adjoints.py",
-    "test_samplers.py", "test_adjoint_dpm.py", "test_diffusers_singlestep.py",
-    "test_research_code.py", "test_reversible.py", "test_diffusers_dpm.py",
-    "test_exp_rk.py", "test_sample.py", "test_implicit_adjoint_matching.py",
-    "test_sharded_finetune.py", "test_scale.py",
+    "test_matrix.py", "test_examples.py", "test_sharding.py",
+    "test_continuous_adjoints.py", "test_robustness.py", "test_zero_length_steps.py",
+    "test_diffusers_singlestep.py", "test_samplers.py",
+    "test_implicit_adjoint_matching.py", "test_sample.py", "test_scale.py",
+    "test_adjoint_dpm.py", "test_reversible.py", "test_research_code.py",
+    "test_reversible_float32.py", "test_exp_rk.py", "test_zoo.py", "test_truncated.py",
+    "test_diffusers_dpm.py", "test_sharded_finetune.py",
 )
 _RANK = {name: i for i, name in enumerate(_HEAVY_FIRST)}
 
