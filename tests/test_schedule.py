@@ -210,5 +210,6 @@ def test_user_schedule_with_unhashable_field_samples_like_the_builtin():
     kw = dict(ts=ts, sampler=aj.DPMSolver2(), adjoint=aj.DTO())
     out = jax.value_and_grad(lambda p, s: jnp.sum(aj.sample(model, p, x_T, None,
                                                            schedule=s, **kw)))
-    np.testing.assert_allclose(out(0.7, mine)[0], out(0.7, ref)[0], rtol=1e-14)
-    np.testing.assert_allclose(out(0.7, mine)[1], out(0.7, ref)[1], rtol=1e-14)
+    (v_mine, g_mine), (v_ref, g_ref) = out(0.7, mine), out(0.7, ref)
+    np.testing.assert_allclose(v_mine, v_ref, rtol=1e-14)
+    np.testing.assert_allclose(g_mine, g_ref, rtol=1e-14)

@@ -69,18 +69,25 @@ def block_if_zero(zero: Array, tree: PyTree) -> PyTree:
     )
 
 
-def skip_if_zero(zero: Array, step: Callable, old: PyTree, *args) -> PyTree:
-    """`step(*args)` for a step of nonzero length, `old` (of the same structure) for
-    a zero-length one, each input of `step` blocked by `block_if_zero`."""
+def _unless_zero(zero: Array, step: Callable, keep: Callable, args: tuple):
+    """`step(*args)` for a step of nonzero length, each input blocked by
+    `block_if_zero`; `keep()` for a zero-length one. (`lax.cond` traces `step`'s
+    branch first.)"""
     # Only arrays pass through the cond; the rest (a Python number in `cond`, which
     # the closure-converted model was traced with) stays static.
     dynamic, static = eqx.partition(args, eqx.is_array)
     return jax.lax.cond(
-        zero,
-        lambda _: old,
+        jnp.logical_not(zero),
         lambda d: step(*block_if_zero(zero, eqx.combine(d, static))),
+        lambda _: keep(),
         dynamic,
     )
+
+
+def skip_if_zero(zero: Array, step: Callable, old: PyTree, *args) -> PyTree:
+    """`step(*args)` for a step of nonzero length, `old` (of the same structure) for
+    a zero-length one, each input of `step` blocked by `block_if_zero`."""
+    return _unless_zero(zero, step, lambda: old, args)
 
 
 class _BlockedModel(eqx.Module):
@@ -95,29 +102,31 @@ class _BlockedModel(eqx.Module):
         return block_if_zero(self.zero, self.model(theta, x, t, z))
 
 
+def _spec(tree: PyTree) -> PyTree:
+    return jtu.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
+
+
 def skip_body_if_zero(zero: Array, body: Callable, carry: PyTree, *args):
     """For a scan body `body(carry, *args) -> (carry, out)`: the body for a step of
     nonzero length, `(carry, zeros like out)` for a zero-length one (its inputs
     blocked by `block_if_zero`, as in `skip_if_zero`)."""
-    # The zeros need `out`'s shapes. `lax.cond` traces its true branch first: the
-    # body's trace records them and the other branch reads them, rather than an
+    # The zeros need `out`'s shapes. `lax.cond` traces the body's branch first: its
+    # trace records them and the other branch reads them, rather than an
     # `eval_shape` tracing the whole body (model, step, VJP) once more (~12% of the
     # test matrix's tracing). Should the branches be traced in the other order, or
     # one alone (`jax.disable_jit`), `eval_shape` supplies them as before.
-    dynamic, static = eqx.partition((carry, *args), eqx.is_array)
     shapes = []
-    spec = lambda tree: jtu.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
-    def step(d):
-        new_carry, out = body(*block_if_zero(zero, eqx.combine(d, static)))
-        shapes.append(spec(out))
+    def step(*a):
+        new_carry, out = body(*a)
+        shapes.append(_spec(out))
         return new_carry, out
 
-    def keep(_):
-        out = shapes[0] if shapes else spec(jax.eval_shape(body, carry, *args)[1])
+    def keep():
+        out = shapes[0] if shapes else _spec(jax.eval_shape(body, carry, *args)[1])
         return carry, jtu.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), out)
 
-    return jax.lax.cond(jnp.logical_not(zero), step, keep, dynamic)
+    return _unless_zero(zero, step, keep, (carry, *args))
 
 
 class Solve(eqx.Module):
